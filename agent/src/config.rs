@@ -1,0 +1,245 @@
+//! Agent configuration in two stages: [`RawConfig`] is the TOML file as written (unknown keys
+//! refused); [`Config`] is validated, with paths resolved against the file's folder and the
+//! trusted keys read. Every option and its default is in `agent/millwright-agent.example.toml`.
+
+use crate::uplink;
+use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
+use millwright_shared::{AssetId, DeviceId};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_BROKER_PORT: u16 = 1883;
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 10;
+pub const DEFAULT_BATCH_MAX: usize = 500;
+pub const DEFAULT_MAX_INFLIGHT: usize = 4;
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 10;
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 50;
+pub const DEFAULT_FLUSH_MAX_RECORDS: usize = 1000;
+pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 30;
+pub const DEFAULT_CYCLES_PER_SECOND: f64 = 1.0;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub device: String,
+    pub data_dir: PathBuf,
+    pub uplink: RawUplink,
+    pub trust: RawTrust,
+    #[serde(default)]
+    pub assets: Vec<RawAsset>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUplink {
+    pub broker: String,
+    pub client_id: Option<String>,
+    pub keep_alive_secs: Option<u64>,
+    pub batch_max: Option<usize>,
+    pub max_inflight: Option<usize>,
+    pub retry_after_secs: Option<u64>,
+    pub flush_interval_ms: Option<u64>,
+    pub flush_max_records: Option<usize>,
+    pub reconnect_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrust {
+    pub keys: Vec<PathBuf>,
+    pub threshold: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAsset {
+    pub id: String,
+    pub asset_type: String,
+    pub bundle: PathBuf,
+    pub source: RawSource,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSource {
+    Cmapss { path: PathBuf, unit: u32, cycles_per_second: Option<f64> },
+    Mqtt { topic: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: DeviceId,
+    pub data_dir: PathBuf,
+    pub uplink: UplinkConfig,
+    pub trusted: TrustedKeys,
+    pub assets: Vec<AssetConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub settings: uplink::Settings,
+    pub flush_interval: Duration,
+    pub flush_max_records: usize,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AssetConfig {
+    pub id: AssetId,
+    pub asset_type: String,
+    pub bundle: PathBuf,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Replays one unit of a C-MAPSS file; `cycles_per_second <= 0` means as fast as possible.
+    Cmapss { path: PathBuf, unit: u32, cycles_per_second: f64 },
+    /// JSON readings on a topic of the uplink broker.
+    Mqtt { topic: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Splits `host:port` or `mqtt://host:port` (port optional).
+pub fn parse_broker(broker: &str) -> Result<(String, u16), ConfigError> {
+    let rest = broker.strip_prefix("mqtt://").unwrap_or(broker);
+    let bad = || ConfigError::Invalid(format!("uplink.broker {broker:?} is not host:port"));
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
+        None => (rest, DEFAULT_BROKER_PORT),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_raw(raw, base)
+    }
+
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let device = DeviceId::new(raw.device).map_err(|e| invalid(e.to_string()))?;
+        let (host, port) = parse_broker(&raw.uplink.broker)?;
+        let u = &raw.uplink;
+        let settings = uplink::Settings {
+            batch_max: u.batch_max.unwrap_or(DEFAULT_BATCH_MAX),
+            max_inflight: u.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
+            retry_after_ms: 1000 * u.retry_after_secs.unwrap_or(DEFAULT_RETRY_AFTER_SECS) as i64,
+        };
+        if settings.batch_max == 0 || settings.max_inflight == 0 {
+            return Err(invalid(
+                "uplink.batch_max and uplink.max_inflight must be at least 1".into(),
+            ));
+        }
+        let uplink = UplinkConfig {
+            host,
+            port,
+            client_id: u.client_id.clone().unwrap_or_else(|| format!("millwright-{device}")),
+            keep_alive: Duration::from_secs(
+                u.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS).max(1),
+            ),
+            settings,
+            flush_interval: Duration::from_millis(
+                u.flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS).max(1),
+            ),
+            flush_max_records: u.flush_max_records.unwrap_or(DEFAULT_FLUSH_MAX_RECORDS).max(1),
+            reconnect_max: Duration::from_secs(
+                u.reconnect_max_secs.unwrap_or(DEFAULT_RECONNECT_MAX_SECS).max(1),
+            ),
+        };
+        if raw.trust.keys.is_empty() {
+            return Err(invalid("trust.keys must name at least one public key file".into()));
+        }
+        let mut keys = Vec::new();
+        for key in &raw.trust.keys {
+            let path = base.join(key);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            keys.push(
+                PublicKeyFile::parse(&text)
+                    .map_err(|e| invalid(format!("trusted key {}: {e}", path.display())))?,
+            );
+        }
+        let trusted = TrustedKeys::new(keys, raw.trust.threshold.unwrap_or(1));
+        let mut assets: Vec<AssetConfig> = Vec::new();
+        for a in raw.assets {
+            let id = AssetId::new(a.id).map_err(|e| invalid(e.to_string()))?;
+            if assets.iter().any(|b| b.id == id) {
+                return Err(invalid(format!("asset {id} is configured twice")));
+            }
+            let source = match a.source {
+                RawSource::Cmapss { path, unit, cycles_per_second } => Source::Cmapss {
+                    path: base.join(path),
+                    unit,
+                    cycles_per_second: cycles_per_second.unwrap_or(DEFAULT_CYCLES_PER_SECOND),
+                },
+                RawSource::Mqtt { topic } => {
+                    if topic.is_empty() || topic.contains(['+', '#']) {
+                        return Err(invalid(format!(
+                            "asset {id}: input topic {topic:?} must be a plain topic name"
+                        )));
+                    }
+                    Source::Mqtt { topic }
+                }
+            };
+            assets.push(AssetConfig {
+                id,
+                asset_type: a.asset_type,
+                bundle: base.join(a.bundle),
+                source,
+            });
+        }
+        if assets.is_empty() {
+            return Err(invalid("no [[assets]] configured".into()));
+        }
+        Ok(Config { device, data_dir: base.join(raw.data_dir), uplink, trusted, assets })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_with_or_without_scheme_and_port() {
+        assert_eq!(parse_broker("mqtt://10.0.0.5:1884").unwrap(), ("10.0.0.5".into(), 1884));
+        assert_eq!(parse_broker("broker.local").unwrap(), ("broker.local".into(), 1883));
+        assert!(parse_broker("localhost:http").is_err());
+        assert!(parse_broker("mqtt://").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_named() {
+        let err =
+            toml::from_str::<RawConfig>("device = 'a'\ndata_dir = '.'\ncolour = 1").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let raw: RawConfig = toml::from_str(
+            "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = 'h:1'\n[trust]\nkeys = ['nope.json']",
+        )
+        .unwrap();
+        let err = Config::from_raw(raw, Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/nope.json"), "{err}");
+    }
+}

@@ -1,0 +1,30 @@
+//! Millwright edge agent.
+//!
+//! Pure core (no tokio, rusqlite, rumqttc, tract or `std::fs`; no clock): [`cmapss`],
+//! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`].
+//! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
+//! [`mqtt`] (rumqttc), [`sources`] (file replay pacing), [`runtime`] (the event loop),
+//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`].
+
+pub mod alert;
+pub mod asset;
+pub mod cli;
+pub mod clock;
+pub mod cmapss;
+pub mod config;
+pub mod inference;
+pub mod mqtt;
+pub mod reading;
+pub mod replay;
+pub mod runtime;
+pub mod signal;
+pub mod sources;
+pub mod store;
+pub mod uplink;
+pub mod window;
+
+pub use config::Config;
+pub use runtime::run;
+
+/// The agent's version, reported in its status message.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,81 @@
+//! The rumqttc adapter: one connection to the uplink broker, polled by its own task, which
+//! reports connection changes and incoming messages to the agent's loop and reconnects with
+//! exponential backoff.
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Largest MQTT packet either side sends; an uplink batch of 500 records is ~80 KB.
+pub const MAX_PACKET_BYTES: usize = 4 << 20;
+
+#[derive(Debug)]
+pub enum MqttEvent {
+    Connected,
+    Disconnected(String),
+    Message { topic: String, payload: Vec<u8> },
+}
+
+/// Connection parameters for [`start`].
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub keep_alive: Duration,
+    pub reconnect_max: Duration,
+    /// Retained message the broker publishes if the connection dies.
+    pub last_will: Option<(String, Vec<u8>)>,
+}
+
+/// Starts the connection task; events arrive on `events` until the client is dropped.
+pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
+    let mut options = MqttOptions::new(connect.client_id, connect.host, connect.port);
+    options.set_keep_alive(connect.keep_alive);
+    options.set_clean_session(true);
+    options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    if let Some((topic, payload)) = connect.last_will {
+        options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+    }
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    tokio::spawn(drive(eventloop, events, connect.reconnect_max));
+    client
+}
+
+async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: Duration) {
+    let mut backoff = Duration::from_millis(200);
+    let mut connected = false;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                backoff = Duration::from_millis(200);
+                MqttEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                MqttEvent::Message { topic: p.topic, payload: p.payload.to_vec() }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => continue,
+            Err(e) => {
+                if connected {
+                    tracing::warn!(error = %e, "uplink broker connection lost");
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?backoff, "uplink broker unreachable");
+                }
+                let was_connected = std::mem::replace(&mut connected, false);
+                if events.send(MqttEvent::Disconnected(e.to_string())).await.is_err() {
+                    return;
+                }
+                if !was_connected {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(max);
+                }
+                continue;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The `millwright` command: argument parsing and dispatch. Each subcommand lives in its own
+//! module; failures print one line naming the cause and exit non-zero (64 usage, 65 bad data).
+
+mod bundle;
+mod demo;
+mod score;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "millwright",
+    version,
+    about = "Millwright: keys, model bundles, evaluation, demo"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an ed25519 release key pair: NAME.secret.json (mode 0600) and NAME.pub.json.
+    Keygen {
+        /// Folder to write the key files into.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "release")]
+        name: String,
+    },
+    /// Build a bundle from an ONNX model, a metadata TOML and golden input/output pairs; the
+    /// model must pass the agent's own loader and its golden cases before a bundle is written.
+    Bundle {
+        #[arg(long)]
+        onnx: PathBuf,
+        #[arg(long)]
+        meta: PathBuf,
+        #[arg(long)]
+        golden: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Sign with this secret key file as well (repeatable).
+        #[arg(long = "sign")]
+        sign: Vec<PathBuf>,
+    },
+    /// Add a signature to a bundle.
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Write here instead of replacing the bundle.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a bundle as a device would: signatures, hash, expiry, shapes, golden outputs.
+    Verify {
+        bundle: PathBuf,
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+    },
+    /// Show a bundle's manifest and signatures without trusting them.
+    Inspect { bundle: PathBuf },
+    /// RMSE at each unit's last cycle, from replay output and a C-MAPSS RUL file.
+    Score {
+        #[arg(long)]
+        predictions: PathBuf,
+        #[arg(long)]
+        truth: PathBuf,
+        /// Fail unless the RMSE is within --tolerance of this value.
+        #[arg(long)]
+        expect_rmse: Option<f64>,
+        #[arg(long, default_value_t = 0.01)]
+        tolerance: f64,
+    },
+    /// Start a server with its embedded broker and three agents replaying C-MAPSS units.
+    Demo(demo::DemoArgs),
+}
+
+/// A failure with its exit code.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, error: e.into() }
+    }
+}
+
+pub const EX_DATAERR: u8 = 65;
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,millwright_agent=info,millwright_server=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Keygen { out_dir, name } => bundle::keygen(&out_dir, &name),
+        Command::Bundle { onnx, meta, golden, out, sign } => {
+            bundle::build(&onnx, &meta, &golden, &out, &sign)
+        }
+        Command::Sign { bundle, key, out } => bundle::sign(&bundle, &key, out.as_deref()),
+        Command::Verify { bundle, trusted_keys, threshold } => {
+            bundle::verify(&bundle, &trusted_keys, threshold)
+        }
+        Command::Inspect { bundle } => bundle::inspect(&bundle),
+        Command::Score { predictions, truth, expect_rmse, tolerance } => {
+            score::run(&predictions, &truth, expect_rmse, tolerance)
+        }
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

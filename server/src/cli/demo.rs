@@ -1,0 +1,169 @@
+//! `millwright demo`: the server with its embedded broker and three agents replaying
+//! run-to-failure C-MAPSS engines with the signed reference model, all in one process.
+
+use super::Failure;
+use crate::config::{Config as ServerConfig, RawConfig as RawServer, RawMqtt};
+use crate::db::Db;
+use anyhow::Context as _;
+use millwright_agent::config::{RawAsset, RawConfig, RawSource, RawTrust, RawUplink};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub const BUNDLE: &str = "models/rul-cnn-fd001/rul-cnn-fd001.mwb";
+pub const PUBLIC_KEY: &str = "models/keys/demo-release.pub.json";
+pub const DATA: &str = "data/cmapss/train_FD001_units_1-6.txt";
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Embedded MQTT broker address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    /// Working folder (wiped at start).
+    #[arg(long, default_value = "demo-data")]
+    data_dir: PathBuf,
+    /// Replay speed per engine.
+    #[arg(long, default_value_t = 10.0)]
+    cycles_per_second: f64,
+}
+
+fn agent_config(
+    root: &Path,
+    args: &DemoArgs,
+    device: &str,
+    units: [u32; 2],
+) -> anyhow::Result<millwright_agent::Config> {
+    let raw = RawConfig {
+        device: device.to_owned(),
+        data_dir: args.data_dir.join(device),
+        uplink: RawUplink {
+            broker: args.mqtt.clone(),
+            client_id: None,
+            keep_alive_secs: None,
+            batch_max: None,
+            max_inflight: None,
+            retry_after_secs: None,
+            flush_interval_ms: None,
+            flush_max_records: None,
+            reconnect_max_secs: None,
+        },
+        trust: RawTrust { keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
+        assets: units
+            .iter()
+            .map(|unit| RawAsset {
+                id: format!("engine-{unit}"),
+                asset_type: "turbofan".into(),
+                bundle: PathBuf::from(BUNDLE),
+                source: RawSource::Cmapss {
+                    path: PathBuf::from(DATA),
+                    unit: *unit,
+                    cycles_per_second: Some(args.cycles_per_second),
+                },
+            })
+            .collect(),
+    };
+    Ok(millwright_agent::Config::from_raw(raw, root)?)
+}
+
+pub fn run(args: DemoArgs) -> Result<(), Failure> {
+    let root = std::env::current_dir()?;
+    for needed in [BUNDLE, PUBLIC_KEY, DATA] {
+        if !root.join(needed).exists() {
+            return Err(anyhow::anyhow!(
+                "{needed} not found: run the demo from the repository root"
+            )
+            .into());
+        }
+    }
+    if args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot clear {}", args.data_dir.display()))?;
+    }
+    let server = ServerConfig::from_raw(RawServer {
+        data_dir: Some(args.data_dir.join("server")),
+        http_listen: Some(args.http.clone()),
+        mqtt: RawMqtt { embedded_listen: Some(args.mqtt.clone()), broker: None, client_id: None },
+    })?;
+    let agents = [("gw-01", [1, 2]), ("gw-02", [3, 4]), ("gw-03", [5, 6])]
+        .into_iter()
+        .map(|(device, units)| agent_config(&root, &args, device, units))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let started = Instant::now();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let db_path = server.data_dir.join("server.sqlite");
+        let server_task = tokio::spawn(crate::run(server, stopped(stop_rx.clone())));
+        // Agents start once the server (and its broker) is up.
+        while !db_path.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut tasks = Vec::new();
+        for config in agents {
+            tasks.push(tokio::spawn(millwright_agent::run(config, stopped(stop_rx.clone()))));
+        }
+        println!("Millwright demo: 1 server (embedded broker on {}), 3 agents, 6 engines replayed at {} cycles/s", args.mqtt, args.cycles_per_second);
+        println!("  fleet:   curl http://{}/api/v1/devices", args.http);
+        println!("  latest:  curl http://{}/api/v1/devices/gw-01/latest", args.http);
+        println!("  alerts:  curl http://{}/api/v1/devices/gw-01/alerts", args.http);
+        println!("  health:  curl http://{}/api/v1/health", args.http);
+        println!("Press ctrl-c to stop.");
+        let mut first: Option<Duration> = None;
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        let ctrl_c = millwright_agent::signal::shutdown();
+        tokio::pin!(ctrl_c);
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => break,
+                _ = poll.tick(), if first.is_none() => {
+                    if let Ok(db) = Db::open_reader(&db_path)
+                        && db.totals().is_ok_and(|(_, p, _)| p > 0)
+                    {
+                        let t = started.elapsed();
+                        first = Some(t);
+                        println!("first prediction stored by the server {:.2} s after start", t.as_secs_f64());
+                    }
+                }
+                _ = every.tick() => print_summary(&db_path),
+            }
+        }
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = server_task.await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+fn print_summary(db_path: &Path) {
+    let Ok(db) = Db::open_reader(db_path) else { return };
+    let Ok(devices) = db.devices() else { return };
+    for d in devices {
+        let latest = db.latest(&d.device).unwrap_or_default();
+        let assets: Vec<String> = latest
+            .iter()
+            .filter_map(|a| {
+                a.prediction.as_ref().map(|p| {
+                    format!("{} cycle {} RUL {:.0} [{}]", a.asset, p.cycle, p.value, a.level)
+                })
+            })
+            .collect();
+        println!(
+            "{} {}: {} predictions, {} alerts | {}",
+            d.device,
+            if d.online { "online" } else { "offline" },
+            d.predictions,
+            d.alerts,
+            assets.join(" | ")
+        );
+    }
+}

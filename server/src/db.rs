@@ -1,0 +1,362 @@
+//! The server's SQLite store: devices, predictions and alerts.
+//!
+//! Idempotent on (device, seq) per stream table: a resent record is ignored, and the ack covers
+//! it again. [`Db::store`] returns only after the transaction is committed (WAL,
+//! `synchronous=FULL`), so an ack never precedes durability.
+
+use crate::ingest::Accepted;
+use millwright_shared::DeviceId;
+use millwright_shared::wire::{Ack, DeviceStatus, RecordBody};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+use std::path::Path;
+
+pub struct Db {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    device        TEXT PRIMARY KEY,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    online        INTEGER NOT NULL DEFAULT 0,
+    agent_version TEXT
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    device      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    asset       TEXT NOT NULL,
+    cycle       INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    release     INTEGER NOT NULL,
+    value       REAL NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS predictions_by_asset ON predictions (device, asset, cycle);
+CREATE TABLE IF NOT EXISTS alerts (
+    device      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    asset       TEXT NOT NULL,
+    cycle       INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    release     INTEGER NOT NULL,
+    from_level  TEXT NOT NULL,
+    to_level    TEXT NOT NULL,
+    value       REAL NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceRow {
+    pub device: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub online: bool,
+    pub agent_version: Option<String>,
+    pub predictions: u64,
+    pub alerts: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PredictionRow {
+    pub seq: u64,
+    pub asset: String,
+    pub cycle: u64,
+    pub model: String,
+    pub release: u64,
+    pub value: f64,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AlertRow {
+    pub seq: u64,
+    pub asset: String,
+    pub cycle: u64,
+    pub model: String,
+    pub release: u64,
+    pub from: String,
+    pub to: String,
+    pub value: f64,
+    pub at_ms: i64,
+}
+
+/// Per asset: the newest prediction and the newest alert (its `to` is the current level).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AssetLatest {
+    pub asset: String,
+    pub prediction: Option<PredictionRow>,
+    pub alert: Option<AlertRow>,
+    pub level: String,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> rusqlite::Result<Db> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db { conn })
+    }
+
+    /// A second connection for queries, which WAL lets run beside the writer.
+    pub fn open_reader(path: &Path) -> rusqlite::Result<Db> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Db { conn })
+    }
+
+    fn touch(tx: &Connection, device: &DeviceId, now_ms: i64) -> rusqlite::Result<()> {
+        tx.prepare_cached(
+            "INSERT INTO devices (device, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?2)
+             ON CONFLICT (device) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+        )?
+        .execute(params![device.as_str(), now_ms])?;
+        Ok(())
+    }
+
+    /// Stores a batch (ignoring records already stored) and returns the ack to send.
+    pub fn store(&mut self, batch: &Accepted, now_ms: i64) -> rusqlite::Result<Ack> {
+        let tx = self.conn.transaction()?;
+        Self::touch(&tx, &batch.device, now_ms)?;
+        {
+            let mut pred = tx.prepare_cached(
+                "INSERT OR IGNORE INTO predictions
+                 (device, seq, asset, cycle, model, release, value, at_ms, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut alert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO alerts
+                 (device, seq, asset, cycle, model, release, from_level, to_level, value, at_ms, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            let d = batch.device.as_str();
+            for r in &batch.records {
+                match &r.body {
+                    RecordBody::Prediction(p) => pred.execute(params![
+                        d,
+                        r.seq,
+                        p.asset.as_str(),
+                        p.cycle,
+                        p.model.as_str(),
+                        p.release.0,
+                        f64::from(p.value),
+                        r.at_ms,
+                        now_ms
+                    ])?,
+                    RecordBody::Alert(a) => alert.execute(params![
+                        d,
+                        r.seq,
+                        a.asset.as_str(),
+                        a.cycle,
+                        a.model.as_str(),
+                        a.release.0,
+                        a.from.as_str(),
+                        a.to.as_str(),
+                        f64::from(a.value),
+                        r.at_ms,
+                        now_ms
+                    ])?,
+                };
+            }
+        }
+        tx.commit()?;
+        Ok(Ack::from_seqs(batch.stream, batch.records.iter().map(|r| r.seq).collect()))
+    }
+
+    pub fn set_status(&mut self, status: &DeviceStatus, now_ms: i64) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        Self::touch(&tx, &status.device, now_ms)?;
+        tx.execute(
+            "UPDATE devices SET online = ?2, agent_version = ?3 WHERE device = ?1",
+            params![status.device.as_str(), status.online, status.agent_version],
+        )?;
+        tx.commit()
+    }
+
+    pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.device, d.first_seen_ms, d.last_seen_ms, d.online, d.agent_version,
+                    (SELECT COUNT(*) FROM predictions p WHERE p.device = d.device),
+                    (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device)
+             FROM devices d ORDER BY d.device",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DeviceRow {
+                device: r.get(0)?,
+                first_seen_ms: r.get(1)?,
+                last_seen_ms: r.get(2)?,
+                online: r.get(3)?,
+                agent_version: r.get(4)?,
+                predictions: r.get(5)?,
+                alerts: r.get(6)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn device(&self, device: &str) -> rusqlite::Result<Option<DeviceRow>> {
+        Ok(self.devices()?.into_iter().find(|d| d.device == device))
+    }
+
+    /// Predictions of a device in sequence order, after `after_seq`, optionally of one asset.
+    pub fn predictions(
+        &self,
+        device: &str,
+        asset: Option<&str>,
+        after_seq: u64,
+        limit: u64,
+    ) -> rusqlite::Result<Vec<PredictionRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, asset, cycle, model, release, value, at_ms FROM predictions
+             WHERE device = ?1 AND seq > ?2 AND (?3 IS NULL OR asset = ?3)
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![device, after_seq, asset, limit], prediction_row)?;
+        rows.collect()
+    }
+
+    pub fn alerts(
+        &self,
+        device: &str,
+        after_seq: u64,
+        limit: u64,
+    ) -> rusqlite::Result<Vec<AlertRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, asset, cycle, model, release, from_level, to_level, value, at_ms
+             FROM alerts WHERE device = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![device, after_seq, limit], alert_row)?;
+        rows.collect()
+    }
+
+    /// The newest prediction and alert of every asset of a device.
+    pub fn latest(&self, device: &str) -> rusqlite::Result<Vec<AssetLatest>> {
+        let mut assets: Vec<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT DISTINCT asset FROM predictions WHERE device = ?1
+                 UNION SELECT DISTINCT asset FROM alerts WHERE device = ?1",
+            )?
+            .query_map([device], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        assets.sort();
+        let mut out = Vec::new();
+        for asset in assets {
+            let prediction = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, asset, cycle, model, release, value, at_ms FROM predictions
+                     WHERE device = ?1 AND asset = ?2 ORDER BY cycle DESC, seq DESC LIMIT 1",
+                )?
+                .query_row([device, &asset], prediction_row)
+                .optional()?;
+            let alert = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, asset, cycle, model, release, from_level, to_level, value, at_ms
+                     FROM alerts WHERE device = ?1 AND asset = ?2 ORDER BY seq DESC LIMIT 1",
+                )?
+                .query_row([device, &asset], alert_row)
+                .optional()?;
+            let level = alert.as_ref().map_or("ok".to_owned(), |a| a.to.clone());
+            out.push(AssetLatest { asset, prediction, alert, level });
+        }
+        Ok(out)
+    }
+
+    /// Counts for the health endpoint.
+    pub fn totals(&self) -> rusqlite::Result<(u64, u64, u64)> {
+        self.conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM predictions),
+                    (SELECT COUNT(*) FROM alerts)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+}
+
+fn prediction_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PredictionRow> {
+    Ok(PredictionRow {
+        seq: r.get(0)?,
+        asset: r.get(1)?,
+        cycle: r.get(2)?,
+        model: r.get(3)?,
+        release: r.get(4)?,
+        value: r.get(5)?,
+        at_ms: r.get(6)?,
+    })
+}
+
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
+    Ok(AlertRow {
+        seq: r.get(0)?,
+        asset: r.get(1)?,
+        cycle: r.get(2)?,
+        model: r.get(3)?,
+        release: r.get(4)?,
+        from: r.get(5)?,
+        to: r.get(6)?,
+        value: r.get(7)?,
+        at_ms: r.get(8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use millwright_shared::wire::{Prediction, Record, Stream};
+    use millwright_shared::{AssetId, ModelName, Release};
+
+    fn accepted(seqs: &[u64]) -> Accepted {
+        Accepted {
+            device: DeviceId::new("gw1").unwrap(),
+            stream: Stream::Predictions,
+            records: seqs
+                .iter()
+                .map(|&seq| Record {
+                    seq,
+                    at_ms: 5,
+                    body: RecordBody::Prediction(Prediction {
+                        asset: AssetId::new("u1").unwrap(),
+                        cycle: 29 + seq,
+                        model: ModelName::new("m").unwrap(),
+                        release: Release(1),
+                        value: seq as f32 * 1.5,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn storing_a_batch_twice_keeps_one_copy_and_acks_both_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let ack = db.store(&accepted(&[1, 2, 3]), 10).unwrap();
+        assert_eq!(ack.ranges, vec![(1, 3)]);
+        let again = db.store(&accepted(&[2, 3, 4]), 20).unwrap();
+        assert_eq!(again.ranges, vec![(2, 4)]);
+        let rows = db.predictions("gw1", None, 0, 100).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(rows[1].value, 3.0);
+        let devices = db.devices().unwrap();
+        assert_eq!(
+            (devices[0].first_seen_ms, devices[0].last_seen_ms, devices[0].predictions),
+            (10, 20, 4)
+        );
+        let latest = db.latest("gw1").unwrap();
+        assert_eq!(latest[0].prediction.as_ref().unwrap().cycle, 33);
+        assert_eq!(latest[0].level, "ok");
+    }
+}

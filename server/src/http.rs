@@ -1,0 +1,124 @@
+//! The JSON API (axum). Read-only for now; every route is under `/api/v1`.
+//!
+//! | route | returns |
+//! |---|---|
+//! | `GET /api/v1/health` | server version, broker connection, totals |
+//! | `GET /api/v1/devices` | every device with first/last seen, online, counts |
+//! | `GET /api/v1/devices/{device}` | one device |
+//! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
+//! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=` | predictions in sequence order |
+//! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=` | alerts in sequence order |
+
+use crate::db::Db;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub db: Arc<Mutex<Db>>,
+    pub broker_connected: Arc<AtomicBool>,
+}
+
+pub const MAX_PAGE: u64 = 10_000;
+
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    pub asset: Option<String>,
+    #[serde(default)]
+    pub after_seq: u64,
+    pub limit: Option<u64>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{device}", get(device))
+        .route("/api/v1/devices/{device}/latest", get(latest))
+        .route("/api/v1/devices/{device}/predictions", get(predictions))
+        .route("/api/v1/devices/{device}/alerts", get(alerts))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// Runs a query on the reader connection off the async threads.
+async fn query<T: serde::Serialize + Send + 'static>(
+    state: &ApiState,
+    f: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
+) -> Response {
+    let db = state.db.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let db = db.lock().map_err(|_| "database lock poisoned".to_owned())?;
+        f(&db).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn health(State(state): State<ApiState>) -> Response {
+    let connected = state.broker_connected.load(Ordering::Relaxed);
+    query(&state, move |db| {
+        let (devices, predictions, alerts) = db.totals()?;
+        Ok(json!({
+            "status": if connected { "ok" } else { "degraded" },
+            "version": crate::VERSION,
+            "broker_connected": connected,
+            "devices": devices,
+            "predictions": predictions,
+            "alerts": alerts,
+        }))
+    })
+    .await
+}
+
+async fn devices(State(state): State<ApiState>) -> Response {
+    query(&state, |db| db.devices()).await
+}
+
+async fn device(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
+    let db = state.db.clone();
+    let found =
+        tokio::task::spawn_blocking(move || db.lock().ok().map(|db| db.device(&device))).await;
+    match found {
+        Ok(Some(Ok(Some(row)))) => Json(row).into_response(),
+        Ok(Some(Ok(None))) => error(StatusCode::NOT_FOUND, "no such device"),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "query failed"),
+    }
+}
+
+async fn latest(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
+    query(&state, move |db| db.latest(&device)).await
+}
+
+async fn predictions(
+    State(state): State<ApiState>,
+    Path(device): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
+    query(&state, move |db| db.predictions(&device, page.asset.as_deref(), page.after_seq, limit))
+        .await
+}
+
+async fn alerts(
+    State(state): State<ApiState>,
+    Path(device): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
+    query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
+}

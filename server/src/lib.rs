@@ -1,0 +1,20 @@
+//! Millwright fleet server and the central team's CLI.
+//!
+//! Pure core: [`ingest`] (what an uplink message means and whether to accept it).
+//! Shell: [`db`] (SQLite), [`broker`] (embedded rumqttd), [`http`] (axum JSON API),
+//! [`runtime`] (the MQTT ingest loop and wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright` command).
+
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod http;
+pub mod ingest;
+pub mod runtime;
+
+pub use config::Config;
+pub use runtime::run;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

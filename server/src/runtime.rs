@@ -1,0 +1,151 @@
+//! Wiring and the ingest loop: embedded broker (optional), HTTP API, and one MQTT client whose
+//! messages are validated ([`crate::ingest`]), stored ([`crate::db`]) and acknowledged.
+
+use crate::config::{Broker, Config};
+use crate::db::Db;
+use crate::{http, ingest};
+use anyhow::Context as _;
+use millwright_agent::mqtt::{self, MqttEvent};
+use millwright_shared::topics::{self, Incoming};
+use millwright_shared::wire::{self, DeviceStatus};
+use rumqttc::{AsyncClient, QoS};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Everything that wakes the ingest loop.
+#[derive(Debug)]
+enum Event {
+    Mqtt(MqttEvent),
+    Shutdown,
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Where the server's MQTT client connects.
+fn broker_address(broker: &Broker) -> anyhow::Result<(String, u16)> {
+    match broker {
+        #[cfg(feature = "embedded-broker")]
+        Broker::Embedded(listen) => {
+            crate::broker::start(*listen)?;
+            let ip = if listen.ip().is_unspecified() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                listen.ip()
+            };
+            tracing::info!(%listen, "embedded MQTT broker listening");
+            Ok((ip.to_string(), listen.port()))
+        }
+        #[cfg(not(feature = "embedded-broker"))]
+        Broker::Embedded(_) => anyhow::bail!("this build has no embedded broker"),
+        Broker::External { host, port } => Ok((host.clone(), *port)),
+    }
+}
+
+/// Runs the server until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let path = config.data_dir.join("server.sqlite");
+    let mut db = Db::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = Db::open_reader(&path)?;
+    let (host, port) = tokio::task::block_in_place(|| broker_address(&config.broker))?;
+
+    let broker_connected = Arc::new(AtomicBool::new(false));
+    let api = http::router(http::ApiState {
+        db: Arc::new(Mutex::new(reader)),
+        broker_connected: broker_connected.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    let http_addr: SocketAddr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, api).await {
+            tracing::error!("http server stopped: {e}");
+        }
+    });
+    tracing::info!(%http_addr, "HTTP API listening");
+
+    let (tx, mut rx) = mpsc::channel(4096);
+    let client = mqtt::start(
+        mqtt::Connect {
+            client_id: config.client_id.clone(),
+            host: host.clone(),
+            port,
+            keep_alive: Duration::from_secs(10),
+            reconnect_max: Duration::from_secs(5),
+            last_will: None,
+        },
+        tx,
+    );
+    tracing::info!(broker = %format!("{host}:{port}"), "server started");
+
+    tokio::pin!(shutdown);
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = &mut shutdown => Event::Shutdown,
+            Some(e) = rx.recv() => Event::Mqtt(e),
+        };
+        match event {
+            Event::Shutdown => break,
+            Event::Mqtt(MqttEvent::Connected) => {
+                broker_connected.store(true, Ordering::Relaxed);
+                tracing::info!("connected to broker");
+                for filter in [topics::UPLINK_FILTER, topics::STATUS_FILTER] {
+                    let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+                }
+            }
+            Event::Mqtt(MqttEvent::Disconnected(_)) => {
+                broker_connected.store(false, Ordering::Relaxed)
+            }
+            Event::Mqtt(MqttEvent::Message { topic, payload }) => {
+                on_message(&mut db, &client, &topic, &payload).await
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn on_message(db: &mut Db, client: &AsyncClient, topic: &str, payload: &[u8]) {
+    match topics::parse(topic) {
+        Some(Incoming::Uplink { device, stream }) => {
+            let batch = match ingest::accept(&device, stream, payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(%device, topic, "rejected uplink message: {e}");
+                    return;
+                }
+            };
+            let stored = tokio::task::block_in_place(|| db.store(&batch, now_ms()));
+            match stored {
+                Ok(ack) => {
+                    let _ = client
+                        .publish(topics::ack(&device), QoS::AtLeastOnce, false, wire::encode(&ack))
+                        .await;
+                }
+                Err(e) => tracing::error!(%device, "cannot store batch (not acknowledged): {e}"),
+            }
+        }
+        Some(Incoming::Status { device }) => match DeviceStatus::decode(payload) {
+            Ok(status) if status.device == device => {
+                if let Err(e) = tokio::task::block_in_place(|| db.set_status(&status, now_ms())) {
+                    tracing::error!(%device, "cannot store device status: {e}");
+                }
+            }
+            Ok(status) => {
+                tracing::warn!(%device, claimed = %status.device, "status claims another device's identity")
+            }
+            Err(e) => tracing::warn!(%device, "rejected status message: {e}"),
+        },
+        None => tracing::debug!(topic, "ignoring message on an unknown topic"),
+    }
+}

@@ -1,0 +1,69 @@
+//! The MQTT topic scheme. Every topic starts with `millwright/v1/{device}` so a broker ACL can
+//! confine each device to its own subtree.
+//!
+//! | topic | direction | payload |
+//! |---|---|---|
+//! | `millwright/v1/{device}/up/{stream}` | agent → server | [`crate::wire::UplinkBatch`] |
+//! | `millwright/v1/{device}/ack` | server → agent | [`crate::wire::Ack`] |
+//! | `millwright/v1/{device}/status` | agent → server, retained, also the last will | [`crate::wire::DeviceStatus`] |
+
+use crate::ids::DeviceId;
+use crate::wire::Stream;
+
+pub const ROOT: &str = "millwright/v1";
+
+/// Where the server subscribes for uplink batches of every device.
+pub const UPLINK_FILTER: &str = "millwright/v1/+/up/+";
+/// Where the server subscribes for device status of every device.
+pub const STATUS_FILTER: &str = "millwright/v1/+/status";
+
+pub fn uplink(device: &DeviceId, stream: Stream) -> String {
+    format!("{ROOT}/{device}/up/{}", stream.as_str())
+}
+
+pub fn ack(device: &DeviceId) -> String {
+    format!("{ROOT}/{device}/ack")
+}
+
+pub fn status(device: &DeviceId) -> String {
+    format!("{ROOT}/{device}/status")
+}
+
+/// A topic the server receives, parsed back into what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Uplink { device: DeviceId, stream: Stream },
+    Status { device: DeviceId },
+}
+
+/// Parses a topic under [`ROOT`]; `None` for anything that is not ours.
+pub fn parse(topic: &str) -> Option<Incoming> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+    let mut levels = rest.split('/');
+    let device = DeviceId::new(levels.next()?).ok()?;
+    let incoming = match (levels.next()?, levels.next()) {
+        ("up", Some(stream)) => Incoming::Uplink { device, stream: Stream::parse(stream)? },
+        ("status", None) => return Some(Incoming::Status { device }),
+        _ => return None,
+    };
+    levels.next().is_none().then_some(incoming)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip_through_the_parser() {
+        let d = DeviceId::new("gw1").unwrap();
+        assert_eq!(
+            parse(&uplink(&d, Stream::Predictions)),
+            Some(Incoming::Uplink { device: d.clone(), stream: Stream::Predictions })
+        );
+        assert_eq!(parse(&status(&d)), Some(Incoming::Status { device: d.clone() }));
+        assert_eq!(parse("millwright/v1/gw1/up/unknown"), None);
+        assert_eq!(parse("millwright/v1/gw1/up/pred/extra"), None);
+        assert_eq!(parse("other/v1/gw1/status"), None);
+        assert_eq!(parse(&ack(&d)), None);
+    }
+}

@@ -1,0 +1,244 @@
+//! Versioned wire messages, JSON on MQTT. Every message carries `v` ([`WIRE_VERSION`]);
+//! receivers reject other versions with a named error instead of guessing.
+//!
+//! Delivery contract: the agent numbers records per (device, stream) from 1 without gaps;
+//! the server stores each (device, stream, seq) once and answers with an [`Ack`] only after the
+//! records are durable; the agent deletes a record from its outbox only on that ack.
+
+use crate::ids::{AssetId, DeviceId, ModelName, Release};
+use serde::{Deserialize, Serialize};
+
+pub const WIRE_VERSION: u32 = 1;
+
+/// The numbered streams a device sends; each has its own sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Stream {
+    #[serde(rename = "pred")]
+    Predictions,
+    #[serde(rename = "alert")]
+    Alerts,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 2] = [Stream::Predictions, Stream::Alerts];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Predictions => "pred",
+            Stream::Alerts => "alert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stream> {
+        Stream::ALL.into_iter().find(|stream| stream.as_str() == s)
+    }
+}
+
+/// Agent → server: records of one stream, in sequence order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkBatch {
+    pub v: u32,
+    pub device: DeviceId,
+    pub stream: Stream,
+    pub records: Vec<Record>,
+}
+
+/// One outbox record as sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub seq: u64,
+    /// When the agent produced the record, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RecordBody {
+    Prediction(Prediction),
+    Alert(Alert),
+}
+
+impl RecordBody {
+    pub fn stream(&self) -> Stream {
+        match self {
+            RecordBody::Prediction(_) => Stream::Predictions,
+            RecordBody::Alert(_) => Stream::Alerts,
+        }
+    }
+
+    pub fn asset(&self) -> &AssetId {
+        match self {
+            RecordBody::Prediction(p) => &p.asset,
+            RecordBody::Alert(a) => &a.asset,
+        }
+    }
+}
+
+/// The model's output for the window ending at `cycle`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prediction {
+    pub asset: AssetId,
+    pub cycle: u64,
+    pub model: ModelName,
+    pub release: Release,
+    pub value: f32,
+}
+
+/// Health levels of an asset, ordered from good to bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Ok,
+    Warning,
+    Alarm,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warning => "warning",
+            Level::Alarm => "alarm",
+        }
+    }
+}
+
+/// An asset's health level changed (raised or cleared) at `cycle`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alert {
+    pub asset: AssetId,
+    pub cycle: u64,
+    pub model: ModelName,
+    pub release: Release,
+    pub from: Level,
+    pub to: Level,
+    pub value: f32,
+}
+
+/// Server → agent: these sequence numbers of `stream` are stored durably.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub v: u32,
+    pub stream: Stream,
+    /// Inclusive ranges `[first, last]`.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Ack {
+    /// Builds an ack from sequence numbers in any order, merging runs into ranges.
+    pub fn from_seqs(stream: Stream, mut seqs: Vec<u64>) -> Ack {
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for seq in seqs {
+            match ranges.last_mut() {
+                Some((_, last)) if *last + 1 == seq => *last = seq,
+                _ => ranges.push((seq, seq)),
+            }
+        }
+        Ack { v: WIRE_VERSION, stream, ranges }
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.ranges.iter().any(|&(first, last)| first <= seq && seq <= last)
+    }
+}
+
+/// Agent → server, retained; the broker publishes the `online: false` form as the last will.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStatus {
+    pub v: u32,
+    pub device: DeviceId,
+    pub online: bool,
+    pub agent_version: String,
+}
+
+/// Why a payload is not a message we accept.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is not valid JSON for this message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("wire version {found} is not supported (this build speaks {WIRE_VERSION})")]
+    Version { found: u32 },
+}
+
+fn check_version(v: u32) -> Result<(), DecodeError> {
+    if v == WIRE_VERSION { Ok(()) } else { Err(DecodeError::Version { found: v }) }
+}
+
+impl UplinkBatch {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let batch: Self = serde_json::from_slice(payload)?;
+        check_version(batch.v)?;
+        Ok(batch)
+    }
+}
+
+impl Ack {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let ack: Self = serde_json::from_slice(payload)?;
+        check_version(ack.v)?;
+        Ok(ack)
+    }
+}
+
+impl DeviceStatus {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let status: Self = serde_json::from_slice(payload)?;
+        check_version(status.v)?;
+        Ok(status)
+    }
+}
+
+/// Serializes a wire message. These types hold only strings, integers and floats, so this
+/// cannot fail except on non-finite floats, which become `null` in serde_json.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    serde_json::to_vec(message).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_merges_sequence_numbers_into_ranges() {
+        let ack = Ack::from_seqs(Stream::Alerts, vec![5, 1, 2, 3, 7, 8, 2]);
+        assert_eq!(ack.ranges, vec![(1, 3), (5, 5), (7, 8)]);
+        assert!(ack.contains(2) && ack.contains(8) && !ack.contains(4) && !ack.contains(9));
+    }
+
+    #[test]
+    fn batches_round_trip_and_other_versions_are_refused() {
+        let batch = UplinkBatch {
+            v: WIRE_VERSION,
+            device: DeviceId::new("gw1").unwrap(),
+            stream: Stream::Predictions,
+            records: vec![Record {
+                seq: 1,
+                at_ms: 1_700_000_000_000,
+                body: RecordBody::Prediction(Prediction {
+                    asset: AssetId::new("unit-1").unwrap(),
+                    cycle: 31,
+                    model: ModelName::new("rul").unwrap(),
+                    release: Release(1),
+                    value: 112.5,
+                }),
+            }],
+        };
+        let bytes = encode(&batch);
+        assert_eq!(UplinkBatch::decode(&bytes).unwrap(), batch);
+        let v2 = String::from_utf8(bytes).unwrap().replace("\"v\":1", "\"v\":2");
+        assert!(matches!(
+            UplinkBatch::decode(v2.as_bytes()),
+            Err(DecodeError::Version { found: 2 })
+        ));
+        assert!(matches!(UplinkBatch::decode(b"not json"), Err(DecodeError::Json(_))));
+    }
+}

@@ -1,0 +1,5 @@
+//! The e2e build of the agent binary: the same entry point, built with the test binary.
+
+fn main() -> std::process::ExitCode {
+    millwright_agent::cli::main()
+}

@@ -1,0 +1,456 @@
+//! The end-to-end harness: real processes (Mosquitto, `millwright-server`, `millwright-agent`)
+//! on free ports with temporary folders, and the faults the scenarios inject (broker stops,
+//! SIGKILL, garbage input). Every process is killed when its handle drops.
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use millwright_shared as shared;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub const BUNDLE: &str = "models/rul-cnn-fd001/rul-cnn-fd001.mwb";
+pub const PUBLIC_KEY: &str = "models/keys/demo-release.pub.json";
+pub const TEST_DATA: &str = "data/cmapss/test_FD001_units_1-15.txt";
+
+pub fn repo_file(rel: &str) -> PathBuf {
+    repo_root().join(rel)
+}
+
+/// Scenarios that run whole fleets take this lock so they do not starve each other of the
+/// machine's cores (timeouts stay meaningful).
+pub fn fleet_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Path of one of the daemons or the CLI (`millwright-agent`, `millwright-server`,
+/// `millwright`), as built by cargo for this test run beside the test binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/e2e-<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(format!("e2e-{name}"));
+    assert!(path.exists(), "{} is missing: cargo builds it before the e2e tests", path.display());
+    path
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    wait_until(timeout, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+}
+
+/// A child process that is killed (SIGKILL) when dropped; its output goes to `log`.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        Ok(Proc { child: Some(child), log })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("not running") };
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Mosquitto broker on a free loopback port.
+pub struct Mosquitto {
+    pub port: u16,
+    conf: PathBuf,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nlog_type all\nlog_dest stderr\n"
+            ),
+        )?;
+        let mut m = Mosquitto { port, conf, dir: dir.to_owned(), proc: None };
+        m.restart()?;
+        Ok(m)
+    }
+
+    fn exe() -> anyhow::Result<PathBuf> {
+        ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
+    }
+
+    /// Starts (again) on the same port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let proc = Proc::spawn(
+            Command::new(Self::exe()?).arg("-c").arg(&self.conf),
+            self.dir.join("mosquitto.log"),
+        )?;
+        self.proc = Some(proc);
+        if !wait_for_port(self.port, Duration::from_secs(10)) {
+            bail!("mosquitto did not listen on {}", self.port);
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// Where a server's MQTT traffic goes.
+pub enum BrokerChoice {
+    Embedded,
+    External(u16),
+}
+
+/// A `millwright-server` process.
+pub struct Server {
+    pub http_port: u16,
+    /// The port agents connect to (embedded or external broker).
+    pub mqtt_port: u16,
+    pub proc: Proc,
+    pub dir: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path, broker: BrokerChoice) -> anyhow::Result<Server> {
+        let http_port = free_port();
+        let data = dir.join("server");
+        let mut cmd = Command::new(bin("millwright-server"));
+        cmd.arg("--data-dir").arg(&data).arg("--http").arg(format!("127.0.0.1:{http_port}"));
+        let mqtt_port = match broker {
+            BrokerChoice::Embedded => {
+                let port = free_port();
+                cmd.arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
+                port
+            }
+            BrokerChoice::External(port) => {
+                cmd.arg("--broker").arg(format!("127.0.0.1:{port}"));
+                port
+            }
+        };
+        let proc = Proc::spawn(&mut cmd, dir.join("server.log"))?;
+        let server = Server { http_port, mqtt_port, proc, dir: data };
+        let up = wait_until(Duration::from_secs(20), || {
+            server.get("/api/v1/health").is_ok_and(|h| h["broker_connected"] == true)
+        });
+        if !up {
+            bail!("server did not become healthy; log:\n{}", server.proc.log_text());
+        }
+        Ok(server)
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
+        Ok(ureq::get(&url).timeout(Duration::from_secs(5)).call()?.into_json()?)
+    }
+
+    /// Every prediction stored for `device`, in sequence order.
+    pub fn predictions(&self, device: &str) -> anyhow::Result<Vec<StoredPrediction>> {
+        let mut all: Vec<StoredPrediction> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |p| p.seq);
+            let page: Vec<StoredPrediction> = serde_json::from_value(self.get(&format!(
+                "/api/v1/devices/{device}/predictions?after_seq={after}&limit=10000"
+            ))?)?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    pub fn prediction_count(&self, device: &str) -> u64 {
+        self.get(&format!("/api/v1/devices/{device}"))
+            .ok()
+            .and_then(|d| d["predictions"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct StoredPrediction {
+    pub seq: u64,
+    pub asset: String,
+    pub cycle: u64,
+    pub value: f64,
+    pub release: u64,
+}
+
+/// One line of `millwright-agent replay` output.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ExpectedPrediction {
+    pub asset: String,
+    pub cycle: u64,
+    pub value: f32,
+}
+
+/// An agent's input: which C-MAPSS units it replays, and how fast.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub device: String,
+    pub units: Vec<u32>,
+    pub cycles_per_second: f64,
+    /// Extra assets fed from MQTT topics: (asset id, topic).
+    pub mqtt_assets: Vec<(String, String)>,
+}
+
+impl AgentSpec {
+    pub fn replaying(
+        device: &str,
+        units: impl IntoIterator<Item = u32>,
+        cycles_per_second: f64,
+    ) -> Self {
+        AgentSpec {
+            device: device.into(),
+            units: units.into_iter().collect(),
+            cycles_per_second,
+            mqtt_assets: Vec::new(),
+        }
+    }
+}
+
+/// A `millwright-agent` process with its config and data folder.
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub proc: Proc,
+}
+
+impl Agent {
+    pub fn start(root: &Path, spec: AgentSpec, broker_port: u16) -> anyhow::Result<Agent> {
+        let dir = root.join(&spec.device);
+        std::fs::create_dir_all(&dir)?;
+        let mut toml = format!(
+            "device = {:?}\ndata_dir = {:?}\n\n[uplink]\nbroker = \"127.0.0.1:{broker_port}\"\n\
+             keep_alive_secs = 2\nretry_after_secs = 3\nreconnect_max_secs = 1\n\n\
+             [trust]\nkeys = [{:?}]\n",
+            spec.device,
+            dir.join("data"),
+            repo_file(PUBLIC_KEY)
+        );
+        for unit in &spec.units {
+            toml += &format!(
+                "\n[[assets]]\nid = \"unit-{unit}\"\nasset_type = \"turbofan\"\nbundle = {:?}\n\
+                 source = {{ kind = \"cmapss\", path = {:?}, unit = {unit}, cycles_per_second = {} }}\n",
+                repo_file(BUNDLE),
+                repo_file(TEST_DATA),
+                spec.cycles_per_second
+            );
+        }
+        for (asset, topic) in &spec.mqtt_assets {
+            toml += &format!(
+                "\n[[assets]]\nid = {asset:?}\nasset_type = \"turbofan\"\nbundle = {:?}\n\
+                 source = {{ kind = \"mqtt\", topic = {topic:?} }}\n",
+                repo_file(BUNDLE)
+            );
+        }
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml)?;
+        let proc = Self::spawn(&dir, &config)?;
+        Ok(Agent { spec, dir, config, proc })
+    }
+
+    fn spawn(dir: &Path, config: &Path) -> anyhow::Result<Proc> {
+        Proc::spawn(
+            Command::new(bin("millwright-agent")).arg("run").arg("--config").arg(config),
+            dir.join("agent.log"),
+        )
+    }
+
+    /// Starts the agent again with the same config and data folder.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc = Self::spawn(&self.dir, &self.config)?;
+        Ok(())
+    }
+
+    /// The agent's `status.json` (written every second).
+    pub fn status(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.dir.join("data/status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// What the server must end up holding for this agent's replayed units.
+    pub fn expected(&self) -> anyhow::Result<Vec<ExpectedPrediction>> {
+        let all = expected_predictions()?;
+        let assets: Vec<String> = self.spec.units.iter().map(|u| format!("unit-{u}")).collect();
+        Ok(all.iter().filter(|p| assets.contains(&p.asset)).cloned().collect())
+    }
+}
+
+/// The reference: `millwright-agent replay` over the committed test data, computed once.
+pub fn expected_predictions() -> anyhow::Result<&'static [ExpectedPrediction]> {
+    static EXPECTED: OnceLock<Result<Vec<ExpectedPrediction>, String>> = OnceLock::new();
+    let result = EXPECTED.get_or_init(|| {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = dir.path().join("expected.jsonl");
+        let output = Command::new(bin("millwright-agent"))
+            .arg("replay")
+            .arg("--bundle")
+            .arg(repo_file(BUNDLE))
+            .arg("--trusted-key")
+            .arg(repo_file(PUBLIC_KEY))
+            .arg("--cmapss")
+            .arg(repo_file(TEST_DATA))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+        text.lines().map(|l| serde_json::from_str(l).map_err(|e| e.to_string())).collect()
+    });
+    result.as_deref().map_err(|e| anyhow::anyhow!("reference replay failed: {e}"))
+}
+
+/// Checks the server holds exactly `expected` for `device`: sequence numbers 1..=n without a
+/// gap, one prediction per (asset, cycle), values bit-equal to the reference replay.
+pub fn check_exactly_once(server: &Server, agent: &Agent) -> anyhow::Result<usize> {
+    let expected = agent.expected()?;
+    let stored = server.predictions(&agent.spec.device)?;
+    let seqs: Vec<u64> = stored.iter().map(|p| p.seq).collect();
+    let want: Vec<u64> = (1..=stored.len() as u64).collect();
+    if seqs != want {
+        bail!("{}: sequence numbers are not 1..={} without gaps", agent.spec.device, stored.len());
+    }
+    let mut got: Vec<(String, u64, f32)> =
+        stored.iter().map(|p| (p.asset.clone(), p.cycle, p.value as f32)).collect();
+    got.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut exp: Vec<(String, u64, f32)> =
+        expected.iter().map(|p| (p.asset.clone(), p.cycle, p.value)).collect();
+    exp.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let keys = |v: &[(String, u64, f32)]| v.iter().map(|p| (p.0.clone(), p.1)).collect::<Vec<_>>();
+    let mut dedup = keys(&got);
+    dedup.dedup();
+    if dedup.len() != got.len() {
+        bail!("{}: {} duplicate predictions", agent.spec.device, got.len() - dedup.len());
+    }
+    if keys(&got) != keys(&exp) {
+        bail!(
+            "{}: server holds {} predictions, expected {} (missing or extra (asset, cycle) pairs)",
+            agent.spec.device,
+            got.len(),
+            exp.len()
+        );
+    }
+    for (g, e) in got.iter().zip(&exp) {
+        if g.2.to_bits() != e.2.to_bits() {
+            bail!(
+                "{} {} cycle {}: server value {} != agent value {}",
+                agent.spec.device,
+                g.0,
+                g.1,
+                g.2,
+                e.2
+            );
+        }
+    }
+    Ok(got.len())
+}
+
+/// Waits until the server holds at least as many predictions as the agent should produce.
+pub fn wait_for_all(server: &Server, agents: &[&Agent], timeout: Duration) -> anyhow::Result<()> {
+    let targets: Vec<(String, u64)> = agents
+        .iter()
+        .map(|a| Ok((a.spec.device.clone(), a.expected()?.len() as u64)))
+        .collect::<anyhow::Result<_>>()?;
+    let done = wait_until(timeout, || {
+        targets.iter().all(|(device, n)| server.prediction_count(device) >= *n)
+    });
+    if !done {
+        let counts: Vec<String> = targets
+            .iter()
+            .map(|(d, n)| format!("{d}: {}/{n}", server.prediction_count(d)))
+            .collect();
+        bail!("timed out waiting for predictions ({})", counts.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! End-to-end scenarios: real brokers, real server and agent processes, real model and data.
+//! The harness is the `millwright_tests` library.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic with its message is the failure report")]
+
+mod e2e {
+    mod bundle_refusals;
+    mod delivery;
+    mod faults;
+    mod reference_model;
+    mod tidy;
+}

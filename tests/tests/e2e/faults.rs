@@ -1,0 +1,214 @@
+//! Faults: the broker stops mid-run, an agent is SIGKILLed mid-run, garbage arrives on an input
+//! topic. Nothing acknowledged is lost or duplicated and the agent keeps running.
+
+use millwright_tests::*;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use std::time::{Duration, Instant};
+
+fn dump(server: &Server, agents: &[&Agent]) -> String {
+    let mut s = String::new();
+    for a in agents {
+        s += &format!("--- {} log:\n{}\n", a.spec.device, a.proc.log_text());
+    }
+    s + &format!("--- server log:\n{}", server.proc.log_text())
+}
+
+#[test]
+fn a_broker_outage_of_ten_seconds_loses_and_duplicates_nothing() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path()).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let spec =
+                AgentSpec::replaying(&format!("outage-gw{i}"), (1..=5).map(|u| u + 5 * i), 15.0);
+            Agent::start(dir.path(), spec, mosquitto.port).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Agent> = agents.iter().collect();
+    let flowing = wait_until(Duration::from_secs(30), || {
+        agents.iter().all(|a| server.prediction_count(&a.spec.device) > 0)
+    });
+    assert!(flowing, "predictions never started flowing\n{}", dump(&server, &refs));
+
+    mosquitto.stop();
+    let stopped = Instant::now();
+    let before: Vec<u64> = agents.iter().map(|a| server.prediction_count(&a.spec.device)).collect();
+    std::thread::sleep(Duration::from_secs(10));
+    // The agents noticed, kept inferring and buffered in their outboxes.
+    for a in &agents {
+        let status = a.status().expect("status.json");
+        assert_eq!(status["uplink_connected"], false, "{status}");
+        assert!(status["backlog"]["pred"].as_u64().unwrap() > 0, "{status}");
+    }
+    let during: Vec<u64> = agents.iter().map(|a| server.prediction_count(&a.spec.device)).collect();
+    assert_eq!(before, during, "nothing can arrive while the broker is down");
+    mosquitto.restart().unwrap();
+    println!("broker down for {:.1} s", stopped.elapsed().as_secs_f64());
+
+    if let Err(e) = wait_for_all(&server, &refs, Duration::from_secs(120)) {
+        panic!("{e}\n{}", dump(&server, &refs));
+    }
+    let mut total = 0;
+    for a in &agents {
+        total += check_exactly_once(&server, a)
+            .unwrap_or_else(|e| panic!("{e}\n{}", dump(&server, &refs)));
+        let backlog = a.status().unwrap()["backlog"]["pred"].as_u64();
+        assert!(
+            wait_until(Duration::from_secs(10), || a.status().unwrap()["backlog"]["pred"] == 0),
+            "{backlog:?}"
+        );
+    }
+    println!("{total} predictions stored exactly once across a broker outage");
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_resumes_from_its_outbox() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let mut agent =
+        Agent::start(dir.path(), AgentSpec::replaying("killed-gw", 1..=5, 25.0), server.mqtt_port)
+            .unwrap();
+    let expected = agent.expected().unwrap().len() as u64;
+    let some =
+        wait_until(Duration::from_secs(30), || server.prediction_count("killed-gw") > expected / 4);
+    assert!(some, "no progress before the kill\n{}", dump(&server, &[&agent]));
+    agent.proc.kill();
+    let at_kill = server.prediction_count("killed-gw");
+    assert!(at_kill < expected, "the kill came after the run finished ({at_kill}/{expected})");
+    println!("SIGKILL after {at_kill}/{expected} predictions were acknowledged");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.restart().unwrap();
+    if let Err(e) = wait_for_all(&server, &[&agent], Duration::from_secs(90)) {
+        panic!("{e}\n{}", dump(&server, &[&agent]));
+    }
+    let n = check_exactly_once(&server, &agent)
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&server, &[&agent])));
+    assert_eq!(n as u64, expected);
+    let status = agent.proc.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "SIGTERM exit status {status}");
+}
+
+#[test]
+fn garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    // A gateway's local sensor bus is typically Mosquitto.
+    let mosquitto = Mosquitto::start(dir.path()).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    let mut spec = AgentSpec::replaying("garbage-gw", [], 0.0);
+    spec.mqtt_assets.push(("press-1".into(), "plant/press-1/readings".into()));
+    let mut agent = Agent::start(dir.path(), spec, server.mqtt_port).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .status()
+            .is_some_and(|s| s["uplink_connected"] == true)),
+        "agent never connected\n{}",
+        agent.proc.log_text()
+    );
+    // The input subscription is sent on connect; give its SUBACK a moment.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let topic = "plant/press-1/readings";
+    let mut options = MqttOptions::new("garbage-sender", "127.0.0.1", server.mqtt_port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 100);
+    // Each publish waits for the broker's PUBACK, so the sender itself loses nothing.
+    let mut publish = |payload: Vec<u8>| {
+        client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("sender connection: {e}"),
+            }
+        }
+    };
+    let features = [
+        "s2", "s3", "s4", "s7", "s8", "s9", "s11", "s12", "s13", "s14", "s15", "s17", "s20", "s21",
+    ];
+    let garbage: Vec<Vec<u8>> = vec![
+        b"\x00\xff not json at all".to_vec(),
+        b"{\"cycle\": 1, \"values\": {\"s2\": NaN}}".to_vec(),
+        b"{\"cycle\": 1}".to_vec(),
+        b"{\"cycle\": 1, \"values\": {\"s2\": 642.0}}".to_vec(),
+        b"{\"cycle\": 1, \"values\": {\"s2\": \"NaN\"}}".to_vec(),
+        br#"{"cycle": "one", "values": {}}"#.to_vec(),
+    ];
+    let mut all_strings = serde_json::Map::new();
+    for f in features {
+        all_strings.insert(f.into(), serde_json::Value::String("hot".into()));
+    }
+    let mut nan_one = serde_json::Map::new();
+    for f in features {
+        nan_one.insert(
+            f.into(),
+            serde_json::json!(if f == "s7" {
+                serde_json::json!("NaN")
+            } else {
+                serde_json::json!(550.0)
+            }),
+        );
+    }
+    let mut garbage = garbage;
+    garbage
+        .push(serde_json::to_vec(&serde_json::json!({"cycle": 1, "values": all_strings})).unwrap());
+    garbage.push(serde_json::to_vec(&serde_json::json!({"cycle": 1, "values": nan_one})).unwrap());
+    for g in &garbage {
+        publish(g.clone());
+    }
+    // Then 40 valid readings from unit 2 of the test data (49 cycles): 11 full windows.
+    let text = std::fs::read_to_string(repo_file(TEST_DATA)).unwrap();
+    let columns = millwright_agent::cmapss::feature_indices(features).unwrap();
+    let rows = millwright_agent::cmapss::parse(&text).unwrap();
+    for row in rows.iter().filter(|r| r.unit == 2).take(40) {
+        let mut values = serde_json::Map::new();
+        for (name, &c) in features.iter().zip(&columns) {
+            values.insert((*name).into(), serde_json::json!(row.values[c]));
+        }
+        let reading = serde_json::json!({"cycle": row.cycle, "values": values});
+        publish(serde_json::to_vec(&reading).unwrap());
+    }
+    let arrived =
+        wait_until(Duration::from_secs(30), || server.prediction_count("garbage-gw") >= 11);
+    assert!(
+        arrived,
+        "valid readings after the garbage were not processed\nstatus: {:?}\n{}\n--- mosquitto log:\n{}",
+        agent.status(),
+        dump(&server, &[&agent]),
+        mosquitto.log_text()
+    );
+    let stored = server.predictions("garbage-gw").unwrap();
+    assert_eq!(stored.len(), 11);
+    let reference: Vec<&ExpectedPrediction> =
+        expected_predictions().unwrap().iter().filter(|p| p.asset == "unit-2").take(11).collect();
+    for (s, e) in stored.iter().zip(reference) {
+        assert_eq!(
+            (s.cycle, s.value as f32),
+            (e.cycle, e.value),
+            "MQTT input gives the replay's values"
+        );
+    }
+    let counted = wait_until(Duration::from_secs(5), || {
+        agent.status().is_some_and(|s| {
+            s["counters"]["readings_rejected"]
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum::<u64>())
+                == garbage.len() as u64
+        })
+    });
+    let status = agent.status().unwrap();
+    assert!(counted, "rejections not counted: {status}");
+    let rejected = &status["counters"]["readings_rejected"];
+    println!("rejected readings by kind: {rejected}");
+    for kind in
+        ["not_json", "no_values", "missing_feature", "non_finite", "not_a_number", "bad_cycle"]
+    {
+        assert!(rejected[kind].as_u64().unwrap_or(0) >= 1, "no {kind} counted: {rejected}");
+    }
+    assert!(agent.proc.log_text().contains("rejected reading"), "rejections are logged");
+    let exit = agent.proc.terminate(Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "agent exit after SIGTERM: {exit}");
+}
