@@ -45,13 +45,7 @@ const EX_DATAERR: u8 = 65;
 
 /// Parses the command line and runs the agent or a replay.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init("info,rumqttc=warn");
     match Cli::parse().command {
         Command::Run { config } => run(config),
         Command::Replay { bundle, trusted_keys, threshold, cmapss, out } => {

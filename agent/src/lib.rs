@@ -4,7 +4,7 @@
 //! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`].
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
 //! [`mqtt`] (rumqttc), [`sources`] (file replay pacing), [`runtime`] (the event loop),
-//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`].
+//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`].
 
 pub mod alert;
 pub mod asset;
@@ -13,6 +13,7 @@ pub mod clock;
 pub mod cmapss;
 pub mod config;
 pub mod inference;
+pub mod logging;
 pub mod mqtt;
 pub mod reading;
 pub mod replay;

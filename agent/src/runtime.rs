@@ -90,18 +90,14 @@ struct Agent {
 }
 
 /// Verifies and loads every distinct bundle the assets name.
-fn load_models(
-    config: &Config,
-    trusted: &TrustedKeys,
-    cursors: &HashMap<AssetId, Cursor>,
-) -> (Vec<Model>, Vec<Asset>) {
+fn load_models(config: &Config, cursors: &HashMap<AssetId, Cursor>) -> (Vec<Model>, Vec<Asset>) {
     let mut models: Vec<Model> = Vec::new();
     let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
     let mut assets = Vec::new();
     for a in &config.assets {
         let index = match by_path.get(&a.bundle) {
             Some(&i) => i,
-            None => match load_bundle(&a.bundle, trusted) {
+            None => match load_bundle(&a.bundle, &config.trusted) {
                 Ok(model) => {
                     models.push(model);
                     by_path.insert(a.bundle.clone(), models.len() - 1);
@@ -159,7 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir.join("outbox.sqlite"))?;
     let cursors = store.cursors()?;
-    let (models, assets) = load_models(&config, &config.trusted, &cursors);
+    let (models, assets) = load_models(&config, &cursors);
     if assets.is_empty() {
         anyhow::bail!("no asset could start (see the errors above)");
     }

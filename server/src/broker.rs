@@ -43,10 +43,36 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<()> {
         }
     })?;
     for _ in 0..100 {
-        if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(100)).is_ok() {
+        if mqtt_handshake(listen).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     anyhow::bail!("embedded broker did not start listening on {listen}")
+}
+
+/// A complete MQTT 3.1.1 CONNECT / CONNACK / DISCONNECT exchange, so readiness probes do not
+/// show up in the broker's log as aborted connections.
+fn mqtt_handshake(listen: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    const CONNECT: [u8; 22] = [
+        0x10, 20, // CONNECT, remaining length
+        0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0,
+        10, // protocol, level 4, clean session, keep-alive
+        0, 8, b'm', b'w', b'-', b'p', b'r', b'o', b'b', b'e', // client id
+    ];
+    let addr = if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(&CONNECT)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        return Err(std::io::Error::other("broker refused the probe"));
+    }
+    stream.write_all(&[0xE0, 0])
 }

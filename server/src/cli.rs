@@ -95,13 +95,9 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 pub const EX_DATAERR: u8 = 65;
 
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,millwright_agent=info,millwright_server=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    millwright_agent::logging::init(
+        "warn,millwright_agent=info,millwright_server=info,rumqttd::router::routing=off",
+    );
     let result = match Cli::parse().command {
         Command::Keygen { out_dir, name } => bundle::keygen(&out_dir, &name),
         Command::Bundle { onnx, meta, golden, out, sign } => {

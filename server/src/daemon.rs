@@ -29,13 +29,9 @@ const EX_USAGE: u8 = 64;
 
 /// Parses the command line and runs the server until SIGTERM or ctrl-c.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // rumqttd 0.20 logs every ordinary client DISCONNECT as a routing ERROR ("no-connection id
+    // N is already gone"); that target is muted unless RUST_LOG asks for it.
+    millwright_agent::logging::init("info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn");
     let cli = Cli::parse();
     let config = match load(cli) {
         Ok(c) => c,
