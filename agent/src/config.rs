@@ -231,6 +231,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_valid_options() {
+        let raw: RawConfig =
+            toml::from_str(include_str!("../millwright-agent.example.toml")).unwrap();
+        assert_eq!(raw.assets.len(), 2);
+        assert!(matches!(raw.assets[1].source, RawSource::Mqtt { .. }));
+    }
+
+    #[test]
     fn unknown_keys_and_missing_files_are_named() {
         let err =
             toml::from_str::<RawConfig>("device = 'a'\ndata_dir = '.'\ncolour = 1").unwrap_err();

@@ -100,3 +100,24 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let raw: RawConfig =
+            toml::from_str(include_str!("../millwright-server.example.toml")).unwrap();
+        let config = Config::from_raw(raw).unwrap();
+        assert_eq!(config.http_listen.port(), 8080);
+        assert!(matches!(config.broker, Broker::Embedded(_)));
+    }
+
+    #[test]
+    fn a_bad_address_is_named() {
+        let raw = RawConfig { http_listen: Some("localhost".into()), ..Default::default() };
+        let err = Config::from_raw(raw).unwrap_err().to_string();
+        assert!(err.contains("http_listen \"localhost\""), "{err}");
+    }
+}

@@ -5,6 +5,7 @@
 
 mod e2e {
     mod bundle_refusals;
+    mod config_errors;
     mod delivery;
     mod faults;
     mod reference_model;
