@@ -86,7 +86,6 @@ struct Agent {
     pending: Vec<NewRecord>,
     pending_cursors: HashMap<AssetId, Cursor>,
     counters: Counters,
-    sources_running: usize,
 }
 
 /// Verifies and loads every distinct bundle the assets name.
@@ -178,7 +177,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
 
     let (source_tx, mut source_rx) = mpsc::channel(1024);
-    let mut sources_running = 0;
     for (index, asset) in assets.iter().enumerate() {
         let Some(a) = config.assets.iter().find(|a| &a.id == asset.state.id()) else { continue };
         if let Source::Cmapss { path, unit, cycles_per_second } = &a.source {
@@ -194,7 +192,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 },
                 source_tx.clone(),
             );
-            sources_running += 1;
         }
     }
     drop(source_tx);
@@ -209,7 +206,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pending: Vec::new(),
         pending_cursors: HashMap::new(),
         counters: Counters::default(),
-        sources_running,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -229,7 +225,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             biased;
             _ = &mut shutdown => Event::Shutdown,
             Some(e) = mqtt_rx.recv() => Event::Mqtt(e),
-            _ = flush.tick() => Event::Flush,
+            // Only armed while records wait, so an idle agent does not wake 20 times a second.
+            _ = flush.tick(), if !agent.pending.is_empty() => Event::Flush,
             _ = tick.tick() => Event::Tick,
             Some(e) = source_rx.recv(), if room => Event::Source(e),
         };
@@ -249,11 +246,9 @@ impl Agent {
                 self.on_reading(asset, cycle, values)
             }
             Event::Source(SourceEvent::Done { asset }) => {
-                self.sources_running -= 1;
                 tracing::info!(asset = %self.assets[asset].state.id(), "replay finished");
             }
             Event::Source(SourceEvent::Failed { asset, error }) => {
-                self.sources_running -= 1;
                 tracing::error!(asset = %self.assets[asset].state.id(), "input source failed: {error}");
             }
             Event::Mqtt(MqttEvent::Connected) => self.on_connected(),
@@ -264,11 +259,7 @@ impl Agent {
                 self.uplink.on_disconnected();
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => self.on_message(&topic, &payload),
-            Event::Flush => {
-                if !self.pending.is_empty() {
-                    self.flush();
-                }
-            }
+            Event::Flush => self.flush(),
             Event::Tick => {
                 if self.uplink.on_tick(clock::now_ms()) {
                     self.counters.resends += 1;
@@ -315,6 +306,9 @@ impl Agent {
     /// Commits pending records and cursors in one transaction. On failure (a full disk, say)
     /// they stay pending and the next flush tries again; inputs pause while too much is pending.
     fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
         let cursors: Vec<_> = self.pending_cursors.iter().map(|(a, c)| (a.clone(), *c)).collect();
         match self.store.append(&self.pending, &cursors) {
             Ok(()) => {
@@ -451,9 +445,7 @@ impl Agent {
     }
 
     async fn shut_down(&mut self) {
-        if !self.pending.is_empty() {
-            self.flush();
-        }
+        self.flush();
         self.write_status();
         let device = &self.config.device;
         let _ = self.client.try_publish(
