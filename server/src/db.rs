@@ -185,13 +185,21 @@ impl Db {
     }
 
     pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRow>> {
+        self.device_rows(None)
+    }
+
+    pub fn device(&self, device: &str) -> rusqlite::Result<Option<DeviceRow>> {
+        Ok(self.device_rows(Some(device))?.pop())
+    }
+
+    fn device_rows(&self, only: Option<&str>) -> rusqlite::Result<Vec<DeviceRow>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT d.device, d.first_seen_ms, d.last_seen_ms, d.online, d.agent_version,
                     (SELECT COUNT(*) FROM predictions p WHERE p.device = d.device),
                     (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device)
-             FROM devices d ORDER BY d.device",
+             FROM devices d WHERE ?1 IS NULL OR d.device = ?1 ORDER BY d.device",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([only], |r| {
             Ok(DeviceRow {
                 device: r.get(0)?,
                 first_seen_ms: r.get(1)?,
@@ -203,10 +211,6 @@ impl Db {
             })
         })?;
         rows.collect()
-    }
-
-    pub fn device(&self, device: &str) -> rusqlite::Result<Option<DeviceRow>> {
-        Ok(self.devices()?.into_iter().find(|d| d.device == device))
     }
 
     /// Predictions of a device in sequence order, after `after_seq`, optionally of one asset.
