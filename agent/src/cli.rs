@@ -4,7 +4,6 @@
 use crate::config::Config;
 use crate::{replay, runtime};
 use clap::{Parser, Subcommand};
-use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -93,16 +92,7 @@ fn replay_cmd(
     out: PathBuf,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let mut trusted = Vec::new();
-    for key in &keys {
-        let text = std::fs::read_to_string(key)
-            .with_context(|| format!("cannot read trusted key {}", key.display()))?;
-        trusted.push(
-            PublicKeyFile::parse(&text)
-                .with_context(|| format!("trusted key {}", key.display()))?,
-        );
-    }
-    let trusted = TrustedKeys::new(trusted, threshold);
+    let trusted = crate::config::load_trusted(&keys, threshold)?;
     let mut model = runtime::load_bundle(&bundle, &trusted)?;
     let text = std::fs::read_to_string(&cmapss)
         .with_context(|| format!("cannot read {}", cmapss.display()))?;

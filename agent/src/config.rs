@@ -128,6 +128,21 @@ pub fn parse_broker(broker: &str) -> Result<(String, u16), ConfigError> {
     Ok((host.to_owned(), port))
 }
 
+/// Reads the public key files a verifier trusts; `threshold` distinct ones must sign.
+pub fn load_trusted(paths: &[PathBuf], threshold: usize) -> Result<TrustedKeys, ConfigError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        keys.push(
+            PublicKeyFile::parse(&text).map_err(|e| {
+                ConfigError::Invalid(format!("trusted key {}: {e}", path.display()))
+            })?,
+        );
+    }
+    Ok(TrustedKeys::new(keys, threshold))
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -172,17 +187,8 @@ impl Config {
         if raw.trust.keys.is_empty() {
             return Err(invalid("trust.keys must name at least one public key file".into()));
         }
-        let mut keys = Vec::new();
-        for key in &raw.trust.keys {
-            let path = base.join(key);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            keys.push(
-                PublicKeyFile::parse(&text)
-                    .map_err(|e| invalid(format!("trusted key {}: {e}", path.display())))?,
-            );
-        }
-        let trusted = TrustedKeys::new(keys, raw.trust.threshold.unwrap_or(1));
+        let keys: Vec<PathBuf> = raw.trust.keys.iter().map(|k| base.join(k)).collect();
+        let trusted = load_trusted(&keys, raw.trust.threshold.unwrap_or(1))?;
         let mut assets: Vec<AssetConfig> = Vec::new();
         for a in raw.assets {
             let id = AssetId::new(a.id).map_err(|e| invalid(e.to_string()))?;

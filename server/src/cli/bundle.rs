@@ -47,17 +47,6 @@ pub fn load_secret(path: &Path) -> anyhow::Result<(KeyId, SigningKey)> {
         .with_context(|| format!("secret key {}", path.display()))
 }
 
-pub fn load_trusted(paths: &[std::path::PathBuf], threshold: usize) -> anyhow::Result<TrustedKeys> {
-    let mut keys = Vec::new();
-    for path in paths {
-        keys.push(
-            PublicKeyFile::parse(&read_text(path)?)
-                .with_context(|| format!("trusted key {}", path.display()))?,
-        );
-    }
-    Ok(TrustedKeys::new(keys, threshold))
-}
-
 pub fn keygen(out_dir: &Path, name: &str) -> Result<(), Failure> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -176,7 +165,7 @@ pub fn verify(
     trusted: &[std::path::PathBuf],
     threshold: usize,
 ) -> Result<(), Failure> {
-    let trusted = load_trusted(trusted, threshold)?;
+    let trusted = millwright_agent::config::load_trusted(trusted, threshold)?;
     let bytes = read(path)?;
     let verified = bundle::verify(&bytes, &trusted, OffsetDateTime::now_utc()).map_err(|e| {
         data_error(anyhow::Error::new(e).context(format!("bundle {} rejected", path.display())))
