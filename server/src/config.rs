@@ -1,6 +1,7 @@
 //! Server configuration: a TOML file ([`RawConfig`], unknown keys refused) and command-line
 //! overrides, validated into [`Config`]. Every option is in `server/millwright-server.example.toml`.
 
+pub use millwright_agent::config::ConfigError;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,16 +45,6 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub broker: Broker,
     pub client_id: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 impl RawConfig {

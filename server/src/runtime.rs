@@ -5,6 +5,7 @@ use crate::config::{Broker, Config};
 use crate::db::Db;
 use crate::{http, ingest};
 use anyhow::Context as _;
+use millwright_agent::clock::now_ms;
 use millwright_agent::mqtt::{self, MqttEvent};
 use millwright_shared::topics::{self, Incoming};
 use millwright_shared::wire::{self, DeviceStatus};
@@ -21,10 +22,6 @@ use tokio::sync::mpsc;
 enum Event {
     Mqtt(MqttEvent),
     Shutdown,
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// Where the server's MQTT client connects.

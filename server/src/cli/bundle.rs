@@ -3,6 +3,7 @@
 use super::{EX_DATAERR, Failure};
 use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
+use millwright_agent::clock;
 use millwright_agent::inference::Model;
 use millwright_shared::bundle::{self, RawBundle};
 use millwright_shared::keys::{KeyId, PublicKeyFile, SecretKeyFile, TrustedKeys};
@@ -116,7 +117,8 @@ pub fn build(
         .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", meta.display())))?;
     let golden: GoldenFile = serde_json::from_str(&read_text(golden)?)
         .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", golden.display())))?;
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::now_utc());
+    let now = clock::now();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         model: meta.model,
@@ -167,7 +169,7 @@ pub fn verify(
 ) -> Result<(), Failure> {
     let trusted = millwright_agent::config::load_trusted(trusted, threshold)?;
     let bytes = read(path)?;
-    let verified = bundle::verify(&bytes, &trusted, OffsetDateTime::now_utc()).map_err(|e| {
+    let verified = bundle::verify(&bytes, &trusted, clock::now()).map_err(|e| {
         data_error(anyhow::Error::new(e).context(format!("bundle {} rejected", path.display())))
     })?;
     let model = Model::load(&verified).map_err(|e| {
