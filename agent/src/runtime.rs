@@ -177,22 +177,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
 
     let (source_tx, mut source_rx) = mpsc::channel(1024);
+    let mut replays: BTreeMap<PathBuf, Vec<CmapssReplay>> = BTreeMap::new();
     for (index, asset) in assets.iter().enumerate() {
         let Some(a) = config.assets.iter().find(|a| &a.id == asset.state.id()) else { continue };
         if let Source::Cmapss { path, unit, cycles_per_second } = &a.source {
             let columns = cmapss::feature_indices(asset.features.iter().map(String::as_str))?;
-            sources::spawn_cmapss(
-                CmapssReplay {
-                    asset: index,
-                    path: path.clone(),
-                    unit: *unit,
-                    cycles_per_second: *cycles_per_second,
-                    columns,
-                    resume_after: cursors.get(asset.state.id()).map(|c| c.cycle),
-                },
-                source_tx.clone(),
-            );
+            replays.entry(path.clone()).or_default().push(CmapssReplay {
+                asset: index,
+                unit: *unit,
+                cycles_per_second: *cycles_per_second,
+                columns,
+                resume_after: cursors.get(asset.state.id()).map(|c| c.cycle),
+            });
         }
+    }
+    for (path, replays) in replays {
+        sources::spawn_cmapss(path, replays, source_tx.clone());
     }
     drop(source_tx);
 

@@ -1,7 +1,9 @@
-//! Input sources that are files: C-MAPSS replay, one task per asset, paced in cycles per second.
+//! Input sources that are files: C-MAPSS replay. Each file is read and parsed once; each asset
+//! replaying one of its units gets a task paced in cycles per second.
 
-use crate::cmapss;
+use crate::cmapss::{self, Row};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -12,10 +14,10 @@ pub enum SourceEvent {
     Failed { asset: usize, error: String },
 }
 
+/// One asset replaying one unit of a C-MAPSS file.
 #[derive(Debug, Clone)]
 pub struct CmapssReplay {
     pub asset: usize,
-    pub path: PathBuf,
     pub unit: u32,
     pub cycles_per_second: f64,
     /// Column indices of the model's features.
@@ -24,25 +26,53 @@ pub struct CmapssReplay {
     pub resume_after: Option<u64>,
 }
 
-pub fn spawn_cmapss(replay: CmapssReplay, events: mpsc::Sender<SourceEvent>) {
+/// Reads and parses `path` once, then replays one unit per entry of `replays`.
+pub fn spawn_cmapss(path: PathBuf, replays: Vec<CmapssReplay>, events: mpsc::Sender<SourceEvent>) {
     tokio::spawn(async move {
-        let asset = replay.asset;
-        let event = match run_cmapss(replay, &events).await {
-            Ok(()) => SourceEvent::Done { asset },
-            Err(error) => SourceEvent::Failed { asset, error },
+        let rows = match read(&path).await {
+            Ok(rows) => Arc::new(rows),
+            Err(error) => {
+                for r in replays {
+                    let _ = events
+                        .send(SourceEvent::Failed { asset: r.asset, error: error.clone() })
+                        .await;
+                }
+                return;
+            }
         };
-        let _ = events.send(event).await;
+        for replay in replays {
+            let (rows, events, path) = (rows.clone(), events.clone(), path.clone());
+            tokio::spawn(async move {
+                let asset = replay.asset;
+                let event = match run_unit(&rows, replay, &events).await {
+                    Ok(()) => SourceEvent::Done { asset },
+                    Err(unit) => SourceEvent::Failed {
+                        asset,
+                        error: format!("{} has no unit {unit}", path.display()),
+                    },
+                };
+                let _ = events.send(event).await;
+            });
+        }
     });
 }
 
-async fn run_cmapss(r: CmapssReplay, events: &mpsc::Sender<SourceEvent>) -> Result<(), String> {
-    let text = tokio::fs::read_to_string(&r.path)
+async fn read(path: &std::path::Path) -> Result<Vec<Row>, String> {
+    let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|e| format!("cannot read {}: {e}", r.path.display()))?;
-    let rows = cmapss::parse(&text).map_err(|e| format!("{}: {e}", r.path.display()))?;
-    let rows: Vec<_> = rows.into_iter().filter(|row| row.unit == r.unit).collect();
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    cmapss::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Sends the unit's rows; `Err(unit)` if the file has none.
+async fn run_unit(
+    rows: &[Row],
+    r: CmapssReplay,
+    events: &mpsc::Sender<SourceEvent>,
+) -> Result<(), u32> {
+    let rows: Vec<&Row> = rows.iter().filter(|row| row.unit == r.unit).collect();
     if rows.is_empty() {
-        return Err(format!("{} has no unit {}", r.path.display(), r.unit));
+        return Err(r.unit);
     }
     let mut pace = (r.cycles_per_second > 0.0).then(|| {
         let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r.cycles_per_second));
