@@ -30,7 +30,7 @@ pub struct RawConfig {
     pub assets: Vec<RawAsset>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUplink {
     pub broker: String,

@@ -337,12 +337,7 @@ impl Agent {
                 let _ = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
             }
         }
-        let _ = self.client.try_publish(
-            topics::status(device),
-            QoS::AtLeastOnce,
-            true,
-            status_payload(device, true),
-        );
+        self.publish_status(true);
         self.pump();
     }
 
@@ -376,6 +371,13 @@ impl Agent {
                 tracing::warn!(asset = %self.assets[index].state.id(), topic, kind = e.kind(), "rejected reading: {e}");
             }
         }
+    }
+
+    /// The retained status message; its `online: false` form is also the last will.
+    fn publish_status(&self, online: bool) {
+        let device = &self.config.device;
+        let payload = status_payload(device, online);
+        let _ = self.client.try_publish(topics::status(device), QoS::AtLeastOnce, true, payload);
     }
 
     /// Sends outbox records while the uplink window has room.
@@ -447,13 +449,7 @@ impl Agent {
     async fn shut_down(&mut self) {
         self.flush();
         self.write_status();
-        let device = &self.config.device;
-        let _ = self.client.try_publish(
-            topics::status(device),
-            QoS::AtLeastOnce,
-            true,
-            status_payload(device, false),
-        );
+        self.publish_status(false);
         let _ = self.client.try_disconnect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         tracing::info!(

@@ -39,17 +39,7 @@ fn agent_config(
     let raw = RawConfig {
         device: device.to_owned(),
         data_dir: args.data_dir.join(device),
-        uplink: RawUplink {
-            broker: args.mqtt.clone(),
-            client_id: None,
-            keep_alive_secs: None,
-            batch_max: None,
-            max_inflight: None,
-            retry_after_secs: None,
-            flush_interval_ms: None,
-            flush_max_records: None,
-            reconnect_max_secs: None,
-        },
+        uplink: RawUplink { broker: args.mqtt.clone(), ..Default::default() },
         trust: RawTrust { keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
         assets: units
             .iter()
