@@ -7,6 +7,20 @@ use millwright_shared::manifest::{AlertThresholds, Manifest, OutputKind};
 use millwright_shared::wire::{Alert, Level, Prediction, RecordBody};
 use millwright_shared::{AssetId, ModelName, Release};
 
+/// The features an asset reads: the drift profile's (a superset of the model's inputs) when the
+/// bundle has one, else the model's inputs; and where each model input sits among them.
+pub fn monitored_features(manifest: &Manifest) -> (Vec<String>, Vec<usize>) {
+    let names: Vec<String> = match &manifest.drift {
+        Some(profile) => profile.features.iter().map(|f| f.name.clone()).collect(),
+        None => manifest.feature_names().map(str::to_owned).collect(),
+    };
+    let inputs = manifest
+        .feature_names()
+        .map(|input| names.iter().position(|n| n == input).unwrap_or_default())
+        .collect();
+    (names, inputs)
+}
+
 /// How far an asset has got, stored with the records it produced so a restart resumes exactly
 /// there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +156,7 @@ mod tests {
             },
             asset_type: "t".into(),
             golden: Golden { tolerance: 1e-4, cases: vec![] },
+            drift: None,
         }
     }
 
@@ -154,7 +169,7 @@ mod tests {
         match outcome {
             Outcome::Produced { records, cursor } => match &records[0] {
                 RecordBody::Prediction(p) => vec![(cursor.cycle, p.value, records.len())],
-                RecordBody::Alert(_) => vec![],
+                RecordBody::Alert(_) | RecordBody::Drift(_) => vec![],
             },
             _ => vec![],
         }

@@ -1,9 +1,10 @@
 //! The `millwright-agent` command line: run the agent from a config file, or replay recorded
 //! data offline.
 
-use crate::config::Config;
+use crate::config::{Config, RawDrift};
 use crate::{replay, runtime};
 use clap::{Parser, Subcommand};
+use millwright_shared::drift::Metric;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,7 +36,37 @@ enum Command {
         cmapss: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        drift: DriftArgs,
     },
+}
+
+/// Drift reports from a replay (the bundle needs a drift profile).
+#[derive(clap::Args)]
+struct DriftArgs {
+    /// Also write drift reports here, one JSON line per report.
+    #[arg(long)]
+    drift_out: Option<PathBuf>,
+    /// Readings per drift report for each unit.
+    #[arg(long, default_value_t = 50)]
+    drift_interval: u64,
+    /// Finite values a feature needs for a verdict (default 30).
+    #[arg(long)]
+    drift_min_samples: Option<u64>,
+    /// Severity metric: shift, psi, js or ks (default shift).
+    #[arg(long, value_parser = parse_metric)]
+    drift_metric: Option<Metric>,
+    /// Warn threshold (default by metric).
+    #[arg(long)]
+    drift_warn: Option<f64>,
+    /// Drift threshold (default by metric).
+    #[arg(long)]
+    drift_threshold: Option<f64>,
+}
+
+fn parse_metric(s: &str) -> Result<Metric, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("{s:?} is not one of shift, psi, js, ks"))
 }
 
 /// Exit codes after sysexits.h.
@@ -47,8 +78,8 @@ pub fn main() -> ExitCode {
     crate::logging::init("info,rumqttc=warn");
     match Cli::parse().command {
         Command::Run { config } => run(config),
-        Command::Replay { bundle, trusted_keys, threshold, cmapss, out } => {
-            match replay_cmd(bundle, trusted_keys, threshold, cmapss, out) {
+        Command::Replay { bundle, trusted_keys, threshold, cmapss, out, drift } => {
+            match replay_cmd(bundle, trusted_keys, threshold, cmapss, out, drift) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -90,35 +121,76 @@ fn replay_cmd(
     threshold: usize,
     cmapss: PathBuf,
     out: PathBuf,
+    drift: DriftArgs,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let settings = RawDrift {
+        min_samples: drift.drift_min_samples,
+        metric: drift.drift_metric,
+        warn: drift.drift_warn,
+        drift: drift.drift_threshold,
+        ..RawDrift::default()
+    }
+    .settings()?;
     let trusted = crate::config::load_trusted(&keys, threshold)?;
     let mut model = runtime::load_bundle(&bundle, &trusted)?;
     let text = std::fs::read_to_string(&cmapss)
         .with_context(|| format!("cannot read {}", cmapss.display()))?;
-    let tmp = out.with_extension("partial");
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
-    );
-    let summary = replay::replay(&mut model, &text, &mut file);
-    let summary = match summary.and_then(|s| {
-        use std::io::Write as _;
-        file.flush()?;
-        Ok(s)
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&tmp, &out).with_context(|| format!("cannot write {}", out.display()))?;
+    let mut predictions = AtomicFile::create(&out)?;
+    let mut drift_file = drift.drift_out.as_deref().map(AtomicFile::create).transpose()?;
+    let drift_out = drift_file.as_mut().map(|f| replay::DriftOut {
+        out: &mut f.writer,
+        settings,
+        interval: drift.drift_interval.max(1),
+    });
+    let summary = replay::replay(&mut model, &text, &mut predictions.writer, drift_out)?;
+    predictions.commit()?;
+    if let Some(f) = drift_file {
+        f.commit()?;
+    }
     eprintln!(
-        "replayed {} units: {} predictions, {} inference failures -> {}",
+        "replayed {} units: {} predictions, {} inference failures, {} drift reports -> {}",
         summary.units,
         summary.predictions,
         summary.inference_failures,
+        summary.drift_reports,
         out.display()
     );
     Ok(())
+}
+
+/// Output written to `<path>.partial` and renamed into place only when complete; dropped
+/// uncommitted, the partial file is removed.
+struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: std::io::BufWriter<std::fs::File>,
+}
+
+impl AtomicFile {
+    fn create(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let tmp = path.with_extension("partial");
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(AtomicFile { path: path.to_owned(), tmp, writer: std::io::BufWriter::new(file) })
+    }
+
+    fn commit(mut self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        use std::io::Write as _;
+        self.writer.flush()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }

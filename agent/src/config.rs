@@ -3,6 +3,7 @@
 //! trusted keys read. Every option and its default is in `agent/millwright-agent.example.toml`.
 
 use crate::uplink;
+use millwright_shared::drift::{DriftSettings, Metric};
 use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
 use millwright_shared::{AssetId, DeviceId};
 use serde::Deserialize;
@@ -18,16 +19,57 @@ pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 50;
 pub const DEFAULT_FLUSH_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 30;
 pub const DEFAULT_CYCLES_PER_SECOND: f64 = 1.0;
+pub const DEFAULT_DRIFT_INTERVAL_SECS: u64 = 3600;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub device: String,
+    /// The plant or site the gateway belongs to; drift is aggregated per site.
+    pub site: Option<String>,
     pub data_dir: PathBuf,
     pub uplink: RawUplink,
     pub trust: RawTrust,
     #[serde(default)]
+    pub drift: RawDrift,
+    #[serde(default)]
     pub assets: Vec<RawAsset>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDrift {
+    pub interval_secs: Option<u64>,
+    pub min_samples: Option<u64>,
+    pub metric: Option<Metric>,
+    pub warn: Option<f64>,
+    pub drift: Option<f64>,
+    pub hysteresis: Option<f64>,
+    pub out_of_range_share: Option<f64>,
+    pub out_of_range_drift: Option<f64>,
+}
+
+impl RawDrift {
+    /// Settings with the metric's conventional thresholds where none are given.
+    pub fn settings(&self) -> Result<DriftSettings, ConfigError> {
+        let mut s = DriftSettings::for_metric(self.metric.unwrap_or(Metric::Shift));
+        s.min_samples = self.min_samples.unwrap_or(s.min_samples).max(1);
+        s.warn = self.warn.unwrap_or(s.warn);
+        s.drift = self.drift.unwrap_or(s.drift);
+        s.hysteresis = self.hysteresis.unwrap_or(s.hysteresis);
+        s.out_of_range_share = self.out_of_range_share.unwrap_or(s.out_of_range_share);
+        s.out_of_range_drift = self.out_of_range_drift.unwrap_or(s.out_of_range_drift);
+        let finite = [s.warn, s.drift, s.hysteresis, s.out_of_range_share, s.out_of_range_drift]
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite || s.warn <= 0.0 || s.drift < s.warn || s.hysteresis < 0.0 {
+            return Err(ConfigError::Invalid(format!(
+                "drift: need 0 < warn ({}) <= drift ({}) and hysteresis ({}) >= 0",
+                s.warn, s.drift, s.hysteresis
+            )));
+        }
+        Ok(s)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,7 +112,9 @@ pub enum RawSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub device: DeviceId,
+    pub site: Option<String>,
     pub data_dir: PathBuf,
+    pub drift: DriftConfig,
     pub uplink: UplinkConfig,
     pub trusted: TrustedKeys,
     pub assets: Vec<AssetConfig>,
@@ -86,6 +130,13 @@ pub struct UplinkConfig {
     pub flush_interval: Duration,
     pub flush_max_records: usize,
     pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DriftConfig {
+    /// How often each asset closes a drift interval and sends its report.
+    pub interval: Duration,
+    pub settings: DriftSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -220,7 +271,21 @@ impl Config {
         if assets.is_empty() {
             return Err(invalid("no [[assets]] configured".into()));
         }
-        Ok(Config { device, data_dir: base.join(raw.data_dir), uplink, trusted, assets })
+        let drift = DriftConfig {
+            interval: Duration::from_secs(
+                raw.drift.interval_secs.unwrap_or(DEFAULT_DRIFT_INTERVAL_SECS).max(1),
+            ),
+            settings: raw.drift.settings()?,
+        };
+        Ok(Config {
+            device,
+            site: raw.site,
+            data_dir: base.join(raw.data_dir),
+            drift,
+            uplink,
+            trusted,
+            assets,
+        })
     }
 }
 

@@ -16,6 +16,7 @@ pub mod inference;
 pub mod logging;
 pub mod mqtt;
 pub mod reading;
+pub mod reference;
 pub mod replay;
 pub mod runtime;
 pub mod signal;

@@ -1,14 +1,24 @@
 //! Sensor readings arriving as JSON on a local MQTT topic:
 //! `{"cycle": 42, "values": {"s2": 642.1, "s3": 1589.7, ...}}`. `cycle` is optional (the agent
-//! then counts on from the last one); every feature the model needs must be present and finite.
+//! then counts on from the last one). A prediction needs every model feature present and
+//! finite; drift monitoring also counts the readings that lack one.
 
 use serde_json::Value;
+
+/// One feature's value as it arrived.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sample {
+    Value(f32),
+    Missing,
+    NotANumber,
+    NonFinite,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     pub cycle: Option<u64>,
-    /// In the model's feature order.
-    pub values: Vec<f32>,
+    /// One sample per requested feature, in that order.
+    pub samples: Vec<Sample>,
 }
 
 /// Why a payload was not accepted as a reading. `kind()` names the counter it is counted under.
@@ -52,28 +62,54 @@ pub fn parse<'a>(
         None | Some(Value::Null) => None,
         Some(c) => Some(c.as_u64().ok_or(ReadingError::BadCycle)?),
     };
-    let values = features
+    let samples = features
         .into_iter()
-        .map(|name| {
-            let value = values.get(name).ok_or_else(|| ReadingError::Missing(name.to_owned()))?;
-            match value {
-                Value::Number(n) => {
-                    let x = n.as_f64().ok_or_else(|| ReadingError::NotANumber(name.to_owned()))?;
-                    let x = x as f32;
-                    if x.is_finite() {
-                        Ok(x)
-                    } else {
-                        Err(ReadingError::NonFinite(name.to_owned()))
-                    }
-                }
-                Value::String(s) if s.parse::<f64>().is_ok_and(|x| !x.is_finite()) => {
-                    Err(ReadingError::NonFinite(name.to_owned()))
-                }
-                _ => Err(ReadingError::NotANumber(name.to_owned())),
+        .map(|name| match values.get(name) {
+            None => Sample::Missing,
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(x) if (x as f32).is_finite() => Sample::Value(x as f32),
+                Some(_) => Sample::NonFinite,
+                None => Sample::NotANumber,
+            },
+            Some(Value::String(s)) if s.parse::<f64>().is_ok_and(|x| !x.is_finite()) => {
+                Sample::NonFinite
             }
+            Some(_) => Sample::NotANumber,
         })
-        .collect::<Result<Vec<f32>, _>>()?;
-    Ok(Reading { cycle, values })
+        .collect();
+    Ok(Reading { cycle, samples })
+}
+
+impl Reading {
+    /// The values at `indices` (the model's inputs), all finite, or why not; `names` are the
+    /// requested features' names, for the error.
+    pub fn values(&self, indices: &[usize], names: &[String]) -> Result<Vec<f32>, ReadingError> {
+        indices
+            .iter()
+            .map(|&i| {
+                let name = || names.get(i).cloned().unwrap_or_default();
+                match self.samples.get(i) {
+                    Some(Sample::Value(v)) => Ok(*v),
+                    Some(Sample::NonFinite) => Err(ReadingError::NonFinite(name())),
+                    Some(Sample::NotANumber) => Err(ReadingError::NotANumber(name())),
+                    Some(Sample::Missing) | None => Err(ReadingError::Missing(name())),
+                }
+            })
+            .collect()
+    }
+
+    /// What drift monitoring sees: a value, NaN for a non-finite one, `None` where the reading
+    /// had no usable number.
+    pub fn for_drift(&self) -> Vec<Option<f32>> {
+        self.samples
+            .iter()
+            .map(|s| match s {
+                Sample::Value(v) => Some(*v),
+                Sample::NonFinite => Some(f32::NAN),
+                Sample::Missing | Sample::NotANumber => None,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -82,16 +118,23 @@ mod tests {
 
     const F: [&str; 2] = ["s2", "s3"];
 
+    fn model_values(p: &[u8]) -> Result<Vec<f32>, ReadingError> {
+        let names: Vec<String> = F.iter().map(|s| s.to_string()).collect();
+        parse(p, F)?.values(&[0, 1], &names)
+    }
+
     #[test]
     fn accepts_a_complete_reading_in_feature_order() {
         let r = parse(br#"{"cycle": 7, "values": {"s3": 2.5, "s2": 1, "extra": "x"}}"#, F).unwrap();
-        assert_eq!(r, Reading { cycle: Some(7), values: vec![1.0, 2.5] });
+        assert_eq!(r.cycle, Some(7));
+        assert_eq!(r.values(&[0, 1], &[]).unwrap(), vec![1.0, 2.5]);
+        assert_eq!(r.values(&[1], &[]).unwrap(), vec![2.5]);
         assert_eq!(parse(br#"{"values": {"s3": 2, "s2": 1}}"#, F).unwrap().cycle, None);
     }
 
     #[test]
     fn names_each_kind_of_garbage() {
-        let kind = |p: &[u8]| parse(p, F).unwrap_err().kind();
+        let kind = |p: &[u8]| model_values(p).unwrap_err().kind();
         assert_eq!(kind(b"\xff\xfe garbage"), "not_json");
         assert_eq!(kind(br#"{"values": {"s2": NaN, "s3": 1}}"#), "not_json");
         assert_eq!(kind(br#"[1, 2]"#), "no_values");
@@ -101,5 +144,13 @@ mod tests {
         assert_eq!(kind(br#"{"values": {"s2": "NaN", "s3": 1}}"#), "non_finite");
         assert_eq!(kind(br#"{"values": {"s2": 1e999, "s3": 1}}"#), "not_json");
         assert_eq!(kind(br#"{"values": {"s2": 1e300, "s3": 1}}"#), "non_finite");
+    }
+
+    #[test]
+    fn drift_sees_missing_and_non_finite_values_apart() {
+        let r = parse(br#"{"values": {"s2": "NaN", "s4": "hot"}}"#, ["s2", "s3", "s4"]).unwrap();
+        let d = r.for_drift();
+        assert!(d[0].is_some_and(f32::is_nan));
+        assert_eq!((d[1], d[2]), (None, None));
     }
 }

@@ -4,7 +4,7 @@
 //! variant of [`Event`]. Inference runs inline (a window takes microseconds); SQLite commits are
 //! grouped every `flush_interval` or `flush_max_records`.
 
-use crate::asset::{AssetState, Cursor, Outcome};
+use crate::asset::{self, AssetState, Cursor, Outcome};
 use crate::config::{Config, Source};
 use crate::inference::Model;
 use crate::mqtt::{self, MqttEvent};
@@ -13,8 +13,12 @@ use crate::store::{NewRecord, Store};
 use crate::uplink::{PRIORITY, Uplink};
 use crate::{clock, cmapss, reading};
 use anyhow::Context as _;
+use millwright_shared::drift::monitor::ReportMeta;
+use millwright_shared::drift::{DriftMonitor, DriftReport, Quality, Severity};
 use millwright_shared::keys::TrustedKeys;
-use millwright_shared::wire::{self, Ack, DeviceStatus, Stream, UplinkBatch, WIRE_VERSION};
+use millwright_shared::wire::{
+    self, Ack, DeviceStatus, RecordBody, Stream, UplinkBatch, WIRE_VERSION,
+};
 use millwright_shared::{AssetId, DeviceId, bundle, topics};
 use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
@@ -37,8 +41,23 @@ enum Event {
 struct Asset {
     state: AssetState,
     model: usize,
+    /// Features read from the source: the drift profile's, or the model's inputs.
     features: Vec<String>,
+    /// Position of each model input in `features`.
+    inputs: Vec<usize>,
     input_topic: Option<String>,
+    drift: Option<DriftMonitor>,
+    /// Start of the current drift interval.
+    drift_from_ms: i64,
+    /// The last drift verdicts, for the status file and local drift alerts.
+    drift_status: BTreeMap<String, FeatureStatus>,
+}
+
+/// A feature's last drift verdict and data-quality flags.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct FeatureStatus {
+    severity: Severity,
+    flags: Vec<Quality>,
 }
 
 /// Counters kept since start, written to `status.json` in the data directory.
@@ -56,6 +75,8 @@ pub struct Counters {
     pub reconnects: u64,
     pub store_errors: u64,
     pub bad_acks: u64,
+    pub drift_reports: u64,
+    pub drift_alerts: u64,
 }
 
 /// What `status.json` holds: the seam for the local status page and `millwright-agent status`.
@@ -66,14 +87,16 @@ struct Status<'a> {
     uplink_connected: bool,
     backlog: BTreeMap<&'static str, u64>,
     oldest_unacked_at_ms: Option<i64>,
-    assets: Vec<AssetStatus>,
+    assets: Vec<AssetStatus<'a>>,
     counters: &'a Counters,
 }
 
 #[derive(Debug, Serialize)]
-struct AssetStatus {
+struct AssetStatus<'a> {
     asset: AssetId,
     level: wire::Level,
+    /// Per monitored feature, the last drift verdict (empty before the first report).
+    drift: &'a BTreeMap<String, FeatureStatus>,
 }
 
 struct Agent {
@@ -121,11 +144,20 @@ fn load_models(config: &Config, cursors: &HashMap<AssetId, Cursor>) -> (Vec<Mode
             Source::Mqtt { topic } => Some(topic.clone()),
             Source::Cmapss { .. } => None,
         };
+        let (features, inputs) = asset::monitored_features(manifest);
+        let drift = manifest
+            .drift
+            .clone()
+            .map(|profile| DriftMonitor::new(std::sync::Arc::new(profile), config.drift.settings));
         assets.push(Asset {
             state: AssetState::new(a.id.clone(), manifest, cursors.get(&a.id).copied()),
             model: index,
-            features: manifest.feature_names().map(str::to_owned).collect(),
+            features,
+            inputs,
             input_topic,
+            drift,
+            drift_from_ms: clock::now_ms(),
+            drift_status: BTreeMap::new(),
         });
     }
     (models, assets)
@@ -243,7 +275,8 @@ impl Agent {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Source(SourceEvent::Reading { asset, cycle, values }) => {
-                self.on_reading(asset, cycle, values)
+                let row = self.assets[asset].inputs.iter().map(|&i| values[i]).collect();
+                self.on_reading(asset, cycle, values.into_iter().map(Some).collect(), Some(row))
             }
             Event::Source(SourceEvent::Done { asset }) => {
                 tracing::info!(asset = %self.assets[asset].state.id(), "replay finished");
@@ -265,6 +298,7 @@ impl Agent {
                     self.counters.resends += 1;
                     tracing::info!("acks overdue; resending the outbox");
                 }
+                self.close_drift_intervals(clock::now_ms(), false);
                 self.pump();
                 self.write_status();
             }
@@ -272,13 +306,34 @@ impl Agent {
         }
     }
 
-    fn on_reading(&mut self, index: usize, cycle: Option<u64>, values: Vec<f32>) {
-        self.counters.readings += 1;
+    /// One reading: `observed` holds every monitored feature (for drift), `row` the model's
+    /// inputs, or `None` when the reading was refused for the model (already counted).
+    fn on_reading(
+        &mut self,
+        index: usize,
+        cycle: Option<u64>,
+        observed: Vec<Option<f32>>,
+        row: Option<Vec<f32>>,
+    ) {
         let asset = &mut self.assets[index];
         let model = &mut self.models[asset.model];
         let cycle = cycle.unwrap_or_else(|| asset.state.next_cycle());
-        match asset.state.on_reading(cycle, values, |w| model.predict(w)) {
-            Outcome::Produced { records, cursor } => {
+        let outcome = row.map(|row| {
+            self.counters.readings += 1;
+            asset.state.on_reading(cycle, row, |w| model.predict(w))
+        });
+        if let Some(drift) = &mut asset.drift
+            && !matches!(outcome, Some(Outcome::Warmup))
+        {
+            drift.observe(cycle, &observed);
+            if let Some(Outcome::Produced { records, .. }) = &outcome
+                && let Some(RecordBody::Prediction(p)) = records.first()
+            {
+                drift.observe_output(p.value);
+            }
+        }
+        match outcome {
+            Some(Outcome::Produced { records, cursor }) => {
                 let at_ms = clock::now_ms();
                 for body in records {
                     match body.stream() {
@@ -287,18 +342,64 @@ impl Agent {
                             self.counters.alerts += 1;
                             tracing::warn!(asset = %asset.state.id(), cycle, level = ?asset.state.level(), "asset health changed");
                         }
+                        Stream::Drift => {}
                     }
                     self.pending.push(NewRecord { at_ms, body });
                 }
                 self.pending_cursors.insert(asset.state.id().clone(), cursor);
             }
-            Outcome::InferenceFailed(error) => {
+            Some(Outcome::InferenceFailed(error)) => {
                 self.counters.inference_failures += 1;
                 tracing::warn!(asset = %asset.state.id(), cycle, "{error}");
             }
-            Outcome::Filling | Outcome::Warmup => {}
+            Some(Outcome::Filling | Outcome::Warmup) | None => {}
         }
         if self.pending.len() >= self.config.uplink.flush_max_records {
+            self.flush();
+        }
+    }
+
+    /// Closes every asset's drift interval that is due (all of them when `force`), queues the
+    /// reports in the outbox and raises local drift alerts for verdicts that got worse.
+    fn close_drift_intervals(&mut self, now_ms: i64, force: bool) {
+        let interval_ms = i64::try_from(self.config.drift.interval.as_millis()).unwrap_or(i64::MAX);
+        let mut queued = false;
+        for asset in &mut self.assets {
+            let Some(monitor) = &mut asset.drift else { continue };
+            if !force && now_ms - asset.drift_from_ms < interval_ms {
+                continue;
+            }
+            if monitor.samples() == 0 {
+                asset.drift_from_ms = now_ms;
+                continue;
+            }
+            let manifest = self.models[asset.model].manifest();
+            let report = monitor.report(ReportMeta {
+                asset: asset.state.id().clone(),
+                model: manifest.model.clone(),
+                release: manifest.release,
+                site: self.config.site.clone(),
+                from_ms: asset.drift_from_ms,
+                to_ms: now_ms,
+            });
+            asset.drift_from_ms = now_ms;
+            self.counters.drift_alerts += local_drift_alerts(&asset.drift_status, &report);
+            asset.drift_status = report
+                .features
+                .iter()
+                .map(|f| {
+                    let severity = match (f.severity, asset.drift_status.get(&f.name)) {
+                        (Severity::Insufficient, Some(previous)) => previous.severity,
+                        (severity, _) => severity,
+                    };
+                    (f.name.clone(), FeatureStatus { severity, flags: f.flags.clone() })
+                })
+                .collect();
+            self.counters.drift_reports += 1;
+            self.pending.push(NewRecord { at_ms: now_ms, body: RecordBody::Drift(report) });
+            queued = true;
+        }
+        if queued {
             self.flush();
         }
     }
@@ -363,13 +464,26 @@ impl Agent {
         else {
             return;
         };
-        let features = self.assets[index].features.iter().map(String::as_str);
-        match reading::parse(payload, features) {
-            Ok(r) => self.on_reading(index, r.cycle, r.values),
+        let asset = &self.assets[index];
+        let parsed = reading::parse(payload, asset.features.iter().map(String::as_str));
+        let (reading, row) = match parsed {
+            Ok(r) => {
+                let row = r.values(&asset.inputs, &asset.features);
+                (Some(r), row)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        let row = match row {
+            Ok(row) => Some(row),
             Err(e) => {
                 *self.counters.readings_rejected.entry(e.kind().to_owned()).or_default() += 1;
-                tracing::warn!(asset = %self.assets[index].state.id(), topic, kind = e.kind(), "rejected reading: {e}");
+                tracing::warn!(asset = %asset.state.id(), topic, kind = e.kind(), "rejected reading: {e}");
+                None
             }
+        };
+        // A reading refused for the model still counts for drift and data quality.
+        if let Some(reading) = reading {
+            self.on_reading(index, reading.cycle, reading.for_drift(), row);
         }
     }
 
@@ -434,7 +548,11 @@ impl Agent {
             assets: self
                 .assets
                 .iter()
-                .map(|a| AssetStatus { asset: a.state.id().clone(), level: a.state.level() })
+                .map(|a| AssetStatus {
+                    asset: a.state.id().clone(),
+                    level: a.state.level(),
+                    drift: &a.drift_status,
+                })
                 .collect(),
             counters: &self.counters,
         };
@@ -447,6 +565,7 @@ impl Agent {
     }
 
     async fn shut_down(&mut self) {
+        self.close_drift_intervals(clock::now_ms(), true);
         self.flush();
         self.write_status();
         self.publish_status(false);
@@ -458,4 +577,33 @@ impl Agent {
             "agent stopped; unacknowledged records stay in the outbox"
         );
     }
+}
+
+/// Logs each feature whose drift verdict or data-quality flags got worse since the last
+/// report; returns how many.
+fn local_drift_alerts(previous: &BTreeMap<String, FeatureStatus>, report: &DriftReport) -> u64 {
+    let mut raised = 0;
+    for f in &report.features {
+        let before = previous.get(&f.name);
+        let worse = f.severity >= Severity::Warn && before.is_none_or(|b| f.severity > b.severity);
+        let new_flags: Vec<&str> = f
+            .flags
+            .iter()
+            .filter(|q| before.is_none_or(|b| !b.flags.contains(q)))
+            .map(|q| q.as_str())
+            .collect();
+        if worse || !new_flags.is_empty() {
+            raised += 1;
+            tracing::warn!(
+                asset = %report.asset,
+                feature = %f.name,
+                severity = f.severity.as_str(),
+                shift = ?f.shift,
+                psi = ?f.psi,
+                flags = ?new_flags,
+                "drift alert"
+            );
+        }
+    }
+    raised
 }

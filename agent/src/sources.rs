@@ -20,7 +20,7 @@ pub struct CmapssReplay {
     pub asset: usize,
     pub unit: u32,
     pub cycles_per_second: f64,
-    /// Column indices of the model's features.
+    /// Column indices of the asset's monitored features.
     pub columns: Vec<usize>,
     /// Rows up to this cycle were processed before a restart: send them unpaced.
     pub resume_after: Option<u64>,

@@ -7,8 +7,13 @@
 
 use millwright_shared::wire::{Ack, Stream};
 
-/// Sending order: alerts are small and urgent, so they go first.
-pub const PRIORITY: [Stream; 2] = [Stream::Alerts, Stream::Predictions];
+/// Sending order: alerts are small and urgent, so they go first; drift evidence ranks above raw
+/// telemetry.
+pub const PRIORITY: [Stream; 3] = [Stream::Alerts, Stream::Drift, Stream::Predictions];
+
+/// Drift reports are a few kilobytes each; this many per message keeps messages well under the
+/// broker's packet limit.
+pub const DRIFT_BATCH_MAX: usize = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -44,13 +49,14 @@ pub struct Request {
 pub struct Uplink {
     settings: Settings,
     connected: bool,
-    streams: [StreamState; 2],
+    streams: [StreamState; 3],
 }
 
 fn index(stream: Stream) -> usize {
     match stream {
         Stream::Predictions => 0,
         Stream::Alerts => 1,
+        Stream::Drift => 2,
     }
 }
 
@@ -80,7 +86,10 @@ impl Uplink {
         (self.connected && s.inflight.len() < self.settings.max_inflight).then_some(Request {
             stream,
             after: s.sent_upto,
-            limit: self.settings.batch_max,
+            limit: match stream {
+                Stream::Drift => self.settings.batch_max.min(DRIFT_BATCH_MAX),
+                Stream::Predictions | Stream::Alerts => self.settings.batch_max,
+            },
         })
     }
 

@@ -44,6 +44,12 @@ enum Command {
         /// Sign with this secret key file as well (repeatable).
         #[arg(long = "sign")]
         sign: Vec<PathBuf>,
+        /// Build the drift reference profile from this training data (C-MAPSS text).
+        #[arg(long)]
+        training_data: Option<PathBuf>,
+        /// Quantile bins per feature in the drift profile.
+        #[arg(long, default_value_t = millwright_shared::drift::profile::DEFAULT_BINS)]
+        drift_bins: usize,
     },
     /// Add a signature to a bundle.
     Sign {
@@ -100,8 +106,11 @@ pub fn main() -> ExitCode {
     );
     let result = match Cli::parse().command {
         Command::Keygen { out_dir, name } => bundle::keygen(&out_dir, &name),
-        Command::Bundle { onnx, meta, golden, out, sign } => {
-            bundle::build(&onnx, &meta, &golden, &out, &sign)
+        Command::Bundle { onnx, meta, golden, out, sign, training_data, drift_bins } => {
+            let training = training_data
+                .as_deref()
+                .map(|path| bundle::TrainingData { path, bins: drift_bins });
+            bundle::build(&onnx, &meta, &golden, &out, &sign, training)
         }
         Command::Sign { bundle, key, out } => bundle::sign(&bundle, &key, out.as_deref()),
         Command::Verify { bundle, trusted_keys, threshold } => {

@@ -1,6 +1,7 @@
 //! Server configuration: a TOML file ([`RawConfig`], unknown keys refused) and command-line
 //! overrides, validated into [`Config`]. Every option is in `server/millwright-server.example.toml`.
 
+use crate::drift::Policy;
 pub use millwright_agent::config::ConfigError;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -17,6 +18,29 @@ pub struct RawConfig {
     pub http_listen: Option<String>,
     #[serde(default)]
     pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub models: RawModels,
+    #[serde(default)]
+    pub drift: RawFleetDrift,
+}
+
+/// Bundles whose manifests the server knows (for drift reference profiles).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    #[serde(default)]
+    pub bundles: Vec<PathBuf>,
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    pub threshold: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleetDrift {
+    pub persist_reports: Option<usize>,
+    pub min_devices: Option<usize>,
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +69,12 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub broker: Broker,
     pub client_id: String,
+    /// Signed bundles to read reference profiles from, and the keys that must sign them.
+    pub bundles: Vec<PathBuf>,
+    pub trusted: Option<millwright_shared::keys::TrustedKeys>,
+    pub retraining: Policy,
+    /// POSTed every retraining event as JSON, if set.
+    pub webhook: Option<String>,
 }
 
 impl RawConfig {
@@ -80,7 +110,35 @@ impl Config {
                 ));
             }
         };
+        let trusted = if raw.models.bundles.is_empty() {
+            None
+        } else if raw.models.trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "models.bundles needs models.trusted_keys to verify them".into(),
+            ));
+        } else {
+            Some(millwright_agent::config::load_trusted(
+                &raw.models.trusted_keys,
+                raw.models.threshold.unwrap_or(1),
+            )?)
+        };
+        if let Some(url) = &raw.drift.webhook
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "drift.webhook {url:?} is not an http(s) URL"
+            )));
+        }
+        let defaults = Policy::default();
+        let retraining = Policy {
+            persist_reports: raw.drift.persist_reports.unwrap_or(defaults.persist_reports).max(1),
+            min_devices: raw.drift.min_devices.unwrap_or(defaults.min_devices).max(1),
+        };
         Ok(Config {
+            bundles: raw.models.bundles,
+            trusted,
+            retraining,
+            webhook: raw.drift.webhook,
             data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("millwright-server-data")),
             http_listen: addr(
                 "http_listen",

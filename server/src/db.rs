@@ -1,4 +1,4 @@
-//! The server's SQLite store: devices, predictions and alerts.
+//! The server's SQLite store: devices, predictions and alerts (drift: [`crate::drift_db`]).
 //!
 //! Idempotent on (device, seq) per stream table: a resent record is ignored, and the ack covers
 //! it again. [`Db::store`] returns only after the transaction is committed (WAL,
@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::path::Path;
 
 pub struct Db {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 const SCHEMA: &str = "
@@ -103,6 +103,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::drift_db::SCHEMA)?;
         Ok(Db { conn })
     }
 
@@ -167,6 +168,10 @@ impl Db {
                         r.at_ms,
                         now_ms
                     ])?,
+                    RecordBody::Drift(report) => {
+                        crate::drift_db::insert(&tx, d, r.seq, r.at_ms, report, now_ms)?;
+                        1
+                    }
                 };
             }
         }

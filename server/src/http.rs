@@ -8,13 +8,19 @@
 //! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
 //! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=` | predictions in sequence order |
 //! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=` | alerts in sequence order |
+//! | `GET /api/v1/drift?by=feature\|site\|device\|bucket&bucket_s=&model=&release=&site=&device=&feature=&from_ms=&to_ms=` | fleet drift: merged histograms and their scores per group |
+//! | `GET /api/v1/drift/drifting?model=&release=&site=` | assets whose latest report has a feature at warn/drift or a data-quality flag, and the sites they are at |
+//! | `GET /api/v1/drift/events` | "retraining recommended" events with their evidence |
 
 use crate::db::Db;
+use crate::drift::{self, GroupBy, Profiles};
+use crate::drift_db::Filter;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use millwright_shared::drift::DriftSettings;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +30,35 @@ use std::sync::{Arc, Mutex};
 pub struct ApiState {
     pub db: Arc<Mutex<Db>>,
     pub broker_connected: Arc<AtomicBool>,
+    pub profiles: Arc<Profiles>,
+}
+
+/// Query of the drift routes (flat: form decoding cannot type flattened fields).
+#[derive(Debug, Deserialize)]
+pub struct DriftQuery {
+    pub by: Option<GroupBy>,
+    pub bucket_s: Option<i64>,
+    pub model: Option<String>,
+    pub release: Option<u64>,
+    pub site: Option<String>,
+    pub device: Option<String>,
+    pub feature: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+impl DriftQuery {
+    fn filter(&self) -> Filter {
+        Filter {
+            model: self.model.clone(),
+            release: self.release,
+            site: self.site.clone(),
+            device: self.device.clone(),
+            feature: self.feature.clone(),
+            from_ms: self.from_ms,
+            to_ms: self.to_ms,
+        }
+    }
 }
 
 pub const MAX_PAGE: u64 = 10_000;
@@ -44,6 +79,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}/latest", get(latest))
         .route("/api/v1/devices/{device}/predictions", get(predictions))
         .route("/api/v1/devices/{device}/alerts", get(alerts))
+        .route("/api/v1/drift", get(fleet_drift))
+        .route("/api/v1/drift/drifting", get(drifting))
+        .route("/api/v1/drift/events", get(retraining_events))
         .with_state(state)
 }
 
@@ -121,4 +159,37 @@ async fn alerts(
 ) -> Response {
     let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
     query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
+}
+
+async fn fleet_drift(State(state): State<ApiState>, Query(q): Query<DriftQuery>) -> Response {
+    let profiles = state.profiles.clone();
+    let by = q.by.unwrap_or(GroupBy::Feature);
+    let bucket_ms = q.bucket_s.unwrap_or(3600).max(1) * 1000;
+    query(&state, move |db| {
+        let rows = db.drift_rows(&q.filter())?;
+        Ok(drift::summarize(&rows, by, bucket_ms, &profiles, &DriftSettings::default()))
+    })
+    .await
+}
+
+async fn drifting(State(state): State<ApiState>, Query(q): Query<DriftQuery>) -> Response {
+    query(&state, move |db| {
+        let latest = db.drift_latest(&q.filter(), 1)?;
+        let assets = drift::drifting(&latest);
+        let mut sites: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+            Default::default();
+        for a in &assets {
+            sites.entry(&a.site).or_default().insert(&a.device);
+        }
+        let sites: Vec<_> = sites
+            .into_iter()
+            .map(|(site, devices)| json!({ "site": site, "devices": devices }))
+            .collect();
+        Ok(json!({ "assets": assets, "sites": sites }))
+    })
+    .await
+}
+
+async fn retraining_events(State(state): State<ApiState>) -> Response {
+    query(&state, |db| db.retraining_events()).await
 }

@@ -1,7 +1,8 @@
 //! Millwright fleet server and the central team's CLI.
 //!
-//! Pure core: [`ingest`] (what an uplink message means and whether to accept it).
-//! Shell: [`db`] (SQLite), [`broker`] (embedded rumqttd), [`http`] (axum JSON API),
+//! Pure core: [`ingest`] (what an uplink message means and whether to accept it), [`drift`]
+//! (fleet drift: merged histograms, drifting assets, the retraining policy).
+//! Shell: [`db`] (SQLite), [`drift_db`] (drift reports and events in SQLite), [`broker`] (embedded rumqttd), [`http`] (axum JSON API),
 //! [`runtime`] (the MQTT ingest loop and wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright` command).
 
 #[cfg(feature = "embedded-broker")]
@@ -10,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod drift;
+pub mod drift_db;
 pub mod http;
 pub mod ingest;
 pub mod runtime;

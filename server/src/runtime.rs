@@ -1,15 +1,20 @@
 //! Wiring and the ingest loop: embedded broker (optional), HTTP API, and one MQTT client whose
-//! messages are validated ([`crate::ingest`]), stored ([`crate::db`]) and acknowledged.
+//! messages are validated ([`crate::ingest`]), stored ([`crate::db`]) and acknowledged. Stored
+//! drift reports are checked against the retraining policy ([`crate::drift`]).
 
 use crate::config::{Broker, Config};
 use crate::db::Db;
+use crate::drift::{self, Policy, Profiles, RetrainingEvent};
+use crate::drift_db::Filter;
 use crate::{http, ingest};
 use anyhow::Context as _;
 use millwright_agent::clock::now_ms;
 use millwright_agent::mqtt::{self, MqttEvent};
 use millwright_shared::topics::{self, Incoming};
-use millwright_shared::wire::{self, DeviceStatus};
+use millwright_shared::wire::{self, DeviceStatus, RecordBody, Stream};
+use millwright_shared::{ModelName, bundle};
 use rumqttc::{AsyncClient, QoS};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +49,38 @@ fn broker_address(broker: &Broker) -> anyhow::Result<(String, u16)> {
     }
 }
 
+/// What the ingest loop needs besides the database and the MQTT client.
+struct Ingest {
+    policy: Policy,
+    webhook: Option<String>,
+}
+
+/// Verifies the configured bundles and keeps their drift reference profiles. A bundle that
+/// fails is logged and left out; the server runs without its scores.
+pub fn load_profiles(config: &Config) -> Profiles {
+    let mut profiles = HashMap::new();
+    let Some(trusted) = &config.trusted else { return Profiles(profiles) };
+    for path in &config.bundles {
+        let verified = std::fs::read(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Ok(bundle::verify(&bytes, trusted, millwright_agent::clock::now())?));
+        match verified {
+            Ok(v) => {
+                let m = v.manifest();
+                match &m.drift {
+                    Some(profile) => {
+                        tracing::info!(model = %m.model, release = m.release.0, "drift reference loaded");
+                        profiles.insert((m.model.to_string(), m.release.0), profile.clone());
+                    }
+                    None => tracing::warn!(bundle = %path.display(), "bundle has no drift profile"),
+                }
+            }
+            Err(e) => tracing::error!(bundle = %path.display(), "bundle rejected: {e:#}"),
+        }
+    }
+    Profiles(profiles)
+}
+
 /// Runs the server until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -57,7 +94,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let api = http::router(http::ApiState {
         db: Arc::new(Mutex::new(reader)),
         broker_connected: broker_connected.clone(),
+        profiles: Arc::new(load_profiles(&config)),
     });
+    let ingest = Ingest { policy: config.retraining, webhook: config.webhook.clone() };
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_listen))?;
@@ -103,7 +142,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 broker_connected.store(false, Ordering::Relaxed)
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => {
-                on_message(&mut db, &client, &topic, &payload).await
+                on_message(&mut db, &client, &ingest, &topic, &payload).await
             }
         }
     }
@@ -112,7 +151,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-async fn on_message(db: &mut Db, client: &AsyncClient, topic: &str, payload: &[u8]) {
+async fn on_message(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &Ingest,
+    topic: &str,
+    payload: &[u8],
+) {
     match topics::parse(topic) {
         Some(Incoming::Uplink { device, stream }) => {
             let batch = match ingest::accept(&device, stream, payload) {
@@ -128,6 +173,19 @@ async fn on_message(db: &mut Db, client: &AsyncClient, topic: &str, payload: &[u
                     let _ = client
                         .publish(topics::ack(&device), QoS::AtLeastOnce, false, wire::encode(&ack))
                         .await;
+                    if stream == Stream::Drift {
+                        let releases: BTreeSet<(ModelName, u64)> = batch
+                            .records
+                            .iter()
+                            .filter_map(|r| match &r.body {
+                                RecordBody::Drift(d) => Some((d.model.clone(), d.release.0)),
+                                _ => None,
+                            })
+                            .collect();
+                        for (model, release) in releases {
+                            check_retraining(db, client, ingest, model.as_str(), release).await;
+                        }
+                    }
                 }
                 Err(e) => tracing::error!(%device, "cannot store batch (not acknowledged): {e}"),
             }
@@ -144,5 +202,54 @@ async fn on_message(db: &mut Db, client: &AsyncClient, topic: &str, payload: &[u
             Err(e) => tracing::warn!(%device, "rejected status message: {e}"),
         },
         None => tracing::debug!(topic, "ignoring message on an unknown topic"),
+    }
+}
+
+/// Raises a retraining event when a release's drift has persisted past the policy: stored,
+/// published (retained) on MQTT and POSTed to the webhook if one is configured.
+async fn check_retraining(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &Ingest,
+    model: &str,
+    release: u64,
+) {
+    let policy = ingest.policy;
+    let raised = tokio::task::block_in_place(|| {
+        let filter =
+            Filter { model: Some(model.to_owned()), release: Some(release), ..Default::default() };
+        let recent = db.drift_latest(&filter, policy.persist_reports)?;
+        let evidence = drift::persistent(&recent, &policy);
+        if evidence.is_empty() {
+            return Ok(None);
+        }
+        let reason = format!(
+            "drift persisted for {} consecutive reports on at least {} device(s)",
+            policy.persist_reports, policy.min_devices
+        );
+        db.raise_retraining(model, release, evidence, &reason, now_ms())
+    });
+    let event = match raised {
+        Ok(Some(event)) => event,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(model, release, "cannot evaluate the retraining policy: {e}");
+            return;
+        }
+    };
+    let features: Vec<&str> = event.features.iter().map(|f| f.feature.as_str()).collect();
+    tracing::warn!(model, release, ?features, id = event.id, "retraining recommended");
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    let _ = client.publish(topics::RETRAINING, QoS::AtLeastOnce, true, body).await;
+    if let Some(url) = ingest.webhook.clone() {
+        tokio::task::spawn_blocking(move || post_webhook(&url, &event));
+    }
+}
+
+fn post_webhook(url: &str, event: &RetrainingEvent) {
+    let result = ureq::post(url).timeout(Duration::from_secs(10)).send_json(event);
+    match result {
+        Ok(_) => tracing::info!(url, id = event.id, "retraining event posted to the webhook"),
+        Err(e) => tracing::error!(url, id = event.id, "webhook failed: {e}"),
     }
 }

@@ -288,6 +288,7 @@ mod tests {
                 tolerance: 1e-4,
                 cases: vec![GoldenCase { input: vec![1.0, 2.0], output: vec![0.1] }],
             },
+            drift: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! in and get values or typed errors out; `now` is always a parameter.
 
 pub mod bundle;
+pub mod drift;
 pub mod ids;
 pub mod keys;
 pub mod manifest;

@@ -1,6 +1,7 @@
 //! The bundle manifest: what a model is, what it eats and emits, and how to recognise it.
 //! The manifest's exact bytes are what release keys sign.
 
+use crate::drift::DriftProfile;
 use crate::ids::{ModelName, Release};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -28,6 +29,10 @@ pub struct Manifest {
     /// The kind of machine the model is for (e.g. "turbofan"); assets declare theirs.
     pub asset_type: String,
     pub golden: Golden,
+    /// The training-data reference drift is measured against; its features are the ones the
+    /// agent monitors (a superset of the model's inputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftProfile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +123,10 @@ pub enum ManifestError {
     NoGolden,
     #[error("onnx sha256 {0:?} is not 64 lower-case hex digits")]
     Digest(String),
+    #[error("drift profile does not cover model input {0:?}")]
+    DriftMissingInput(String),
+    #[error("drift profile of {feature:?} is inconsistent: {problem}")]
+    DriftProfile { feature: String, problem: &'static str },
 }
 
 impl Manifest {
@@ -148,6 +157,29 @@ impl Manifest {
                     found: golden.input.len(),
                     expected: self.input_len(),
                 });
+            }
+        }
+        if let Some(profile) = &self.drift {
+            for name in self.feature_names() {
+                if profile.feature(name).is_none() {
+                    return Err(ManifestError::DriftMissingInput(name.to_owned()));
+                }
+            }
+            for f in profile.features.iter().chain(&profile.output) {
+                let problem = if f.proportions.len() != f.edges.len() + 1 {
+                    Some("needs one more proportion than edges")
+                } else if !f.edges.windows(2).all(|w| w[0] < w[1])
+                    || !f.edges.iter().all(|e| e.is_finite())
+                {
+                    Some("edges are not finite and strictly ascending")
+                } else if !f.proportions.iter().all(|p| p.is_finite() && *p >= 0.0) {
+                    Some("proportions are not finite shares")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(ManifestError::DriftProfile { feature: f.name.clone(), problem });
+                }
             }
         }
         let digest = &self.onnx.sha256;

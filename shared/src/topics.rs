@@ -6,6 +6,7 @@
 //! | `millwright/v1/{device}/up/{stream}` | agent → server | [`crate::wire::UplinkBatch`] |
 //! | `millwright/v1/{device}/ack` | server → agent | [`crate::wire::Ack`] |
 //! | `millwright/v1/{device}/status` | agent → server, retained, also the last will | [`crate::wire::DeviceStatus`] |
+//! | `millwright/v1/events/retraining` | server → subscribers, retained (the latest) | a retraining-recommended event (JSON) |
 
 use crate::ids::DeviceId;
 use crate::wire::Stream;
@@ -28,6 +29,9 @@ pub fn ack(device: &DeviceId) -> String {
 pub fn status(device: &DeviceId) -> String {
     format!("{ROOT}/{device}/status")
 }
+
+/// Where the server announces "retraining recommended" events.
+pub const RETRAINING: &str = "millwright/v1/events/retraining";
 
 /// A topic the server receives, parsed back into what it names.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 //! the server stores each (device, stream, seq) once and answers with an [`Ack`] only after the
 //! records are durable; the agent deletes a record from its outbox only on that ack.
 
+use crate::drift::DriftReport;
 use crate::ids::{AssetId, DeviceId, ModelName, Release};
 use serde::{Deserialize, Serialize};
 
@@ -17,15 +18,18 @@ pub enum Stream {
     Predictions,
     #[serde(rename = "alert")]
     Alerts,
+    #[serde(rename = "drift")]
+    Drift,
 }
 
 impl Stream {
-    pub const ALL: [Stream; 2] = [Stream::Predictions, Stream::Alerts];
+    pub const ALL: [Stream; 3] = [Stream::Predictions, Stream::Alerts, Stream::Drift];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Stream::Predictions => "pred",
             Stream::Alerts => "alert",
+            Stream::Drift => "drift",
         }
     }
 
@@ -59,6 +63,8 @@ pub struct Record {
 pub enum RecordBody {
     Prediction(Prediction),
     Alert(Alert),
+    /// One asset's drift report for one interval.
+    Drift(DriftReport),
 }
 
 impl RecordBody {
@@ -66,6 +72,7 @@ impl RecordBody {
         match self {
             RecordBody::Prediction(_) => Stream::Predictions,
             RecordBody::Alert(_) => Stream::Alerts,
+            RecordBody::Drift(_) => Stream::Drift,
         }
     }
 
@@ -73,6 +80,7 @@ impl RecordBody {
         match self {
             RecordBody::Prediction(p) => &p.asset,
             RecordBody::Alert(a) => &a.asset,
+            RecordBody::Drift(d) => &d.asset,
         }
     }
 }

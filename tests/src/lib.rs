@@ -199,9 +199,24 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, broker: BrokerChoice) -> anyhow::Result<Server> {
+        Self::start_with_config(dir, broker, "")
+    }
+
+    /// Starts a server with `config` (TOML: `[models]`, `[drift]` ...) as its config file.
+    pub fn start_with_config(
+        dir: &Path,
+        broker: BrokerChoice,
+        config: &str,
+    ) -> anyhow::Result<Server> {
         let http_port = free_port();
         let data = dir.join("server");
         let mut cmd = Command::new(bin("millwright-server"));
+        if !config.is_empty() {
+            let path = dir.join("server.toml");
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(&path, config)?;
+            cmd.arg("--config").arg(path);
+        }
         cmd.arg("--data-dir").arg(&data).arg("--http").arg(format!("127.0.0.1:{http_port}"));
         let mqtt_port = match broker {
             BrokerChoice::Embedded => {
@@ -278,6 +293,11 @@ pub struct AgentSpec {
     pub cycles_per_second: f64,
     /// Extra assets fed from MQTT topics: (asset id, topic).
     pub mqtt_assets: Vec<(String, String)>,
+    /// The C-MAPSS file the units come from (default: the committed test_FD001 subset).
+    pub data: Option<PathBuf>,
+    pub site: Option<String>,
+    /// Body of the agent's `[drift]` table, e.g. `interval_secs = 1`.
+    pub drift: Option<String>,
 }
 
 impl AgentSpec {
@@ -291,6 +311,9 @@ impl AgentSpec {
             units: units.into_iter().collect(),
             cycles_per_second,
             mqtt_assets: Vec::new(),
+            data: None,
+            site: None,
+            drift: None,
         }
     }
 }
@@ -315,12 +338,19 @@ impl Agent {
             dir.join("data"),
             repo_file(PUBLIC_KEY)
         );
+        if let Some(site) = &spec.site {
+            toml = format!("site = {site:?}\n{toml}");
+        }
+        if let Some(drift) = &spec.drift {
+            toml += &format!("\n[drift]\n{drift}\n");
+        }
+        let data = spec.data.clone().unwrap_or_else(|| repo_file(TEST_DATA));
         for unit in &spec.units {
             toml += &format!(
                 "\n[[assets]]\nid = \"unit-{unit}\"\nasset_type = \"turbofan\"\nbundle = {:?}\n\
                  source = {{ kind = \"cmapss\", path = {:?}, unit = {unit}, cycles_per_second = {} }}\n",
                 repo_file(BUNDLE),
-                repo_file(TEST_DATA),
+                data,
                 spec.cycles_per_second
             );
         }
@@ -453,4 +483,52 @@ pub fn wait_for_all(server: &Server, agents: &[&Agent], timeout: Duration) -> an
         bail!("timed out waiting for predictions ({})", counts.join(", "));
     }
     Ok(())
+}
+
+/// A file of the full NASA data beside the repository (`../shared/data/cmapss/`), or an error
+/// that says where it was looked for.
+pub fn shared_data(name: &str) -> anyhow::Result<PathBuf> {
+    let path = repo_root().join("../shared/data/cmapss").join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: the drift tests replay the full NASA C-MAPSS files from \
+             ../shared/data/cmapss beside the repository",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Runs `millwright-agent replay` with drift reports on `cmapss`; returns the reports (JSON)
+/// and the prediction lines.
+pub fn replay_drift(
+    cmapss: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Vec<Value>, Vec<ExpectedPrediction>)> {
+    let dir = tempfile::tempdir()?;
+    let (out, drift) = (dir.path().join("p.jsonl"), dir.path().join("d.jsonl"));
+    let output = Command::new(bin("millwright-agent"))
+        .arg("replay")
+        .arg("--bundle")
+        .arg(repo_file(BUNDLE))
+        .arg("--trusted-key")
+        .arg(repo_file(PUBLIC_KEY))
+        .arg("--cmapss")
+        .arg(cmapss)
+        .arg("--out")
+        .arg(&out)
+        .arg("--drift-out")
+        .arg(&drift)
+        .args(extra)
+        .output()?;
+    if !output.status.success() {
+        bail!("replay failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let lines = |p: &Path| -> anyhow::Result<Vec<String>> {
+        Ok(std::fs::read_to_string(p)?.lines().map(str::to_owned).collect())
+    };
+    let reports =
+        lines(&drift)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
+    let preds = lines(&out)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
+    Ok((reports, preds))
 }

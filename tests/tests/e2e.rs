@@ -7,6 +7,8 @@ mod e2e {
     mod bundle_refusals;
     mod config_errors;
     mod delivery;
+    mod drift;
+    mod drift_fleet;
     mod faults;
     mod reference_model;
     mod tidy;

@@ -84,6 +84,8 @@ pub struct BundleMeta {
     pub golden_tolerance: f32,
     pub input: InputSpec,
     pub output: OutputSpec,
+    /// Columns the drift profile covers (default: every C-MAPSS setting and sensor).
+    pub drift_features: Option<Vec<String>>,
 }
 
 /// Golden pairs as written by the training pipeline (onnxruntime outputs).
@@ -106,12 +108,19 @@ fn check_loads(raw: &RawBundle, now: OffsetDateTime) -> anyhow::Result<Model> {
     Ok(Model::load(&verified)?)
 }
 
+/// Training data to build the drift reference profile from.
+pub struct TrainingData<'a> {
+    pub path: &'a Path,
+    pub bins: usize,
+}
+
 pub fn build(
     onnx: &Path,
     meta: &Path,
     golden: &Path,
     out: &Path,
     sign_with: &[std::path::PathBuf],
+    training: Option<TrainingData<'_>>,
 ) -> Result<(), Failure> {
     let meta: BundleMeta = toml::from_str(&read_text(meta)?)
         .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", meta.display())))?;
@@ -131,10 +140,33 @@ pub fn build(
         output: meta.output,
         asset_type: meta.asset_type,
         golden: Golden { tolerance: meta.golden_tolerance, cases: golden.cases },
+        drift: None,
     };
-    let mut raw = RawBundle::unsigned(manifest, read(onnx)?);
-    check_loads(&raw, now)
+    let onnx = read(onnx)?;
+    let mut raw = RawBundle::unsigned(manifest.clone(), onnx.clone());
+    let mut model = check_loads(&raw, now)
         .map_err(|e| data_error(e.context("the agent's loader refuses this model")))?;
+    if let Some(training) = training {
+        let features = meta.drift_features.unwrap_or_else(|| {
+            millwright_agent::cmapss::COLUMNS[2..].iter().map(|c| c.to_string()).collect()
+        });
+        let text = read_text(training.path)?;
+        let rows = millwright_agent::cmapss::parse(&text)
+            .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", training.path.display())))?;
+        let name = training.path.file_name().map_or_else(
+            || training.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let profile =
+            millwright_agent::reference::build(&mut model, &rows, &features, training.bins, &name)
+                .map_err(|e| data_error(e.context("cannot build the drift profile")))?;
+        println!("drift profile: {} features, {}", profile.features.len(), profile.source);
+        let mut manifest = manifest;
+        manifest.drift = Some(profile);
+        raw = RawBundle::unsigned(manifest, onnx);
+        check_loads(&raw, now)
+            .map_err(|e| data_error(e.context("the agent's loader refuses this model")))?;
+    }
     for key in sign_with {
         raw.sign(&load_secret(key)?.1);
     }
@@ -217,6 +249,15 @@ pub fn inspect(path: &Path) -> Result<(), Failure> {
         m.output.alerts.hysteresis
     );
     println!("golden:      {} case(s), tolerance {}", m.golden.cases.len(), m.golden.tolerance);
+    match &m.drift {
+        Some(p) => println!(
+            "drift:       {} features ({}), output profile {}",
+            p.features.len(),
+            p.source,
+            if p.output.is_some() { "yes" } else { "no" }
+        ),
+        None => println!("drift:       no profile"),
+    }
     for s in &raw.signatures {
         println!("signature:   key {}", s.key_id);
     }

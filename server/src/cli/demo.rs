@@ -2,10 +2,10 @@
 //! run-to-failure C-MAPSS engines with the signed reference model, all in one process.
 
 use super::Failure;
-use crate::config::{Config as ServerConfig, RawConfig as RawServer, RawMqtt};
+use crate::config::{Config as ServerConfig, RawConfig as RawServer, RawModels, RawMqtt};
 use crate::db::Db;
 use anyhow::Context as _;
-use millwright_agent::config::{RawAsset, RawConfig, RawSource, RawTrust, RawUplink};
+use millwright_agent::config::{RawAsset, RawConfig, RawDrift, RawSource, RawTrust, RawUplink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -13,6 +13,10 @@ use tokio::sync::watch;
 pub const BUNDLE: &str = "models/rul-cnn-fd001/rul-cnn-fd001.mwb";
 pub const PUBLIC_KEY: &str = "models/keys/demo-release.pub.json";
 pub const DATA: &str = "data/cmapss/train_FD001_units_1-6.txt";
+/// Engines under operating conditions the model was not trained on: the drifting site.
+pub const DRIFTING_DATA: &str = "data/cmapss/train_FD002_units_1-2.txt";
+/// Seconds per drift report in the demo (an hour by default on real gateways).
+const DRIFT_INTERVAL_SECS: u64 = 10;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -30,25 +34,41 @@ pub struct DemoArgs {
     cycles_per_second: f64,
 }
 
+/// One demo gateway: its id, site, data file and the units it replays.
+struct Gateway {
+    device: &'static str,
+    site: &'static str,
+    data: &'static str,
+    units: [u32; 2],
+}
+
+const GATEWAYS: [Gateway; 3] = [
+    Gateway { device: "gw-01", site: "plant-north", data: DATA, units: [1, 2] },
+    Gateway { device: "gw-02", site: "plant-north", data: DATA, units: [3, 4] },
+    Gateway { device: "gw-03", site: "plant-south", data: DRIFTING_DATA, units: [1, 2] },
+];
+
 fn agent_config(
     root: &Path,
     args: &DemoArgs,
-    device: &str,
-    units: [u32; 2],
+    gateway: &Gateway,
 ) -> anyhow::Result<millwright_agent::Config> {
     let raw = RawConfig {
-        device: device.to_owned(),
-        data_dir: args.data_dir.join(device),
+        device: gateway.device.to_owned(),
+        site: Some(gateway.site.to_owned()),
+        data_dir: args.data_dir.join(gateway.device),
         uplink: RawUplink { broker: args.mqtt.clone(), ..Default::default() },
         trust: RawTrust { keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
-        assets: units
+        drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
+        assets: gateway
+            .units
             .iter()
             .map(|unit| RawAsset {
                 id: format!("engine-{unit}"),
                 asset_type: "turbofan".into(),
                 bundle: PathBuf::from(BUNDLE),
                 source: RawSource::Cmapss {
-                    path: PathBuf::from(DATA),
+                    path: PathBuf::from(gateway.data),
                     unit: *unit,
                     cycles_per_second: Some(args.cycles_per_second),
                 },
@@ -60,7 +80,7 @@ fn agent_config(
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     let root = std::env::current_dir()?;
-    for needed in [BUNDLE, PUBLIC_KEY, DATA] {
+    for needed in [BUNDLE, PUBLIC_KEY, DATA, DRIFTING_DATA] {
         if !root.join(needed).exists() {
             return Err(anyhow::anyhow!(
                 "{needed} not found: run the demo from the repository root"
@@ -76,10 +96,16 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         data_dir: Some(args.data_dir.join("server")),
         http_listen: Some(args.http.clone()),
         mqtt: RawMqtt { embedded_listen: Some(args.mqtt.clone()), broker: None, client_id: None },
+        models: RawModels {
+            bundles: vec![root.join(BUNDLE)],
+            trusted_keys: vec![root.join(PUBLIC_KEY)],
+            threshold: None,
+        },
+        drift: Default::default(),
     })?;
-    let agents = [("gw-01", [1, 2]), ("gw-02", [3, 4]), ("gw-03", [5, 6])]
-        .into_iter()
-        .map(|(device, units)| agent_config(&root, &args, device, units))
+    let agents = GATEWAYS
+        .iter()
+        .map(|gateway| agent_config(&root, &args, gateway))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -99,10 +125,15 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             tasks.push(tokio::spawn(millwright_agent::run(config, stopped(stop_rx.clone()))));
         }
         println!("Millwright demo: 1 server (embedded broker on {}), 3 agents, 6 engines replayed at {} cycles/s", args.mqtt, args.cycles_per_second);
+        println!("  gw-01, gw-02 (plant-north): FD001 engines, the conditions the model was trained on");
+        println!("  gw-03 (plant-south): FD002 engines in six other operating conditions: drift, then a retraining recommendation");
         println!("  fleet:   curl http://{}/api/v1/devices", args.http);
         println!("  latest:  curl http://{}/api/v1/devices/gw-01/latest", args.http);
         println!("  alerts:  curl http://{}/api/v1/devices/gw-01/alerts", args.http);
         println!("  health:  curl http://{}/api/v1/health", args.http);
+        println!("  drift:   curl 'http://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
+        println!("  drifting assets: curl http://{}/api/v1/drift/drifting", args.http);
+        println!("  retraining:      curl http://{}/api/v1/drift/events", args.http);
         println!("Press ctrl-c to stop.");
         let mut first: Option<Duration> = None;
         let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -137,6 +168,30 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
 fn print_summary(db_path: &Path) {
     let Ok(db) = Db::open_reader(db_path) else { return };
     let Ok(devices) = db.devices() else { return };
+    if let Ok(latest) = db.drift_latest(&Default::default(), 1) {
+        let drifting = crate::drift::drifting(&latest);
+        let drift: std::collections::BTreeSet<String> = drifting
+            .iter()
+            .filter(|d| d.severity == millwright_shared::drift::Severity::Drift)
+            .map(|d| format!("{}/{}", d.device, d.asset))
+            .collect();
+        if !drift.is_empty() {
+            println!(
+                "drift: {} feature(s) drifting on {}",
+                drifting.len(),
+                drift.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    for e in db.retraining_events().unwrap_or_default() {
+        let features: Vec<&str> = e.features.iter().map(|f| f.feature.as_str()).collect();
+        println!(
+            "retraining recommended for {} release {}: {}",
+            e.model,
+            e.release,
+            features.join(", ")
+        );
+    }
     for d in devices {
         let latest = db.latest(&d.device).unwrap_or_default();
         let assets: Vec<String> = latest

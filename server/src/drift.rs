@@ -1,0 +1,341 @@
+//! Fleet drift, pure: group stored per-interval feature reports, add their histograms up and
+//! score the sums against the release's reference profile (never an average of device scores);
+//! list what is drifting now; and decide when drift has persisted long enough to recommend
+//! retraining.
+
+use millwright_shared::drift::{DriftProfile, DriftSettings, FeatureDrift, Merged, Severity};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// One feature of one stored report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureRow {
+    pub model: String,
+    pub release: u64,
+    pub device: String,
+    pub site: String,
+    pub asset: String,
+    pub seq: u64,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub feature: FeatureDrift,
+}
+
+/// Reference profiles by (model, release), from the bundles the server knows.
+#[derive(Debug, Clone, Default)]
+pub struct Profiles(pub HashMap<(String, u64), DriftProfile>);
+
+impl Profiles {
+    pub fn get(&self, model: &str, release: u64) -> Option<&DriftProfile> {
+        self.0.get(&(model.to_owned(), release))
+    }
+}
+
+/// What fleet summaries are grouped by, besides model, release and feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// The whole fleet.
+    Feature,
+    Site,
+    Device,
+    /// Time buckets of the interval start.
+    Bucket,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub model: String,
+    pub release: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket_ms: Option<i64>,
+    pub feature: String,
+    pub reports: u64,
+    pub devices: usize,
+    /// Values counted across the group.
+    pub n: u64,
+    pub counts: Vec<u64>,
+    /// Scores of the merged histogram; absent when the reference profile is unknown.
+    pub psi: Option<f64>,
+    pub js: Option<f64>,
+    pub ks: Option<f64>,
+    pub shift: Option<f64>,
+    /// The merged metric's verdict (no hysteresis: a fresh look at the whole group).
+    pub severity: Severity,
+    /// Device-interval verdicts in the group at `warn` and at `drift`.
+    pub warn_reports: u64,
+    pub drift_reports: u64,
+    pub missing: u64,
+    pub non_finite: u64,
+    pub out_of_range: u64,
+    /// Data-quality flags raised in the group's reports, by kind.
+    pub flags: BTreeMap<String, u64>,
+}
+
+type Key = (String, u64, Option<String>, Option<String>, Option<i64>, String);
+
+/// Merges `rows` per group and scores each group against its reference.
+pub fn summarize(
+    rows: &[FeatureRow],
+    by: GroupBy,
+    bucket_ms: i64,
+    profiles: &Profiles,
+    settings: &DriftSettings,
+) -> Vec<Summary> {
+    let mut groups: BTreeMap<Key, (Merged, BTreeSet<&str>, [u64; 2], BTreeMap<String, u64>)> =
+        BTreeMap::new();
+    for r in rows {
+        let key: Key = (
+            r.model.clone(),
+            r.release,
+            matches!(by, GroupBy::Site).then(|| r.site.clone()),
+            matches!(by, GroupBy::Device).then(|| r.device.clone()),
+            matches!(by, GroupBy::Bucket)
+                .then(|| r.from_ms - r.from_ms.rem_euclid(bucket_ms.max(1))),
+            r.feature.name.clone(),
+        );
+        let group = groups.entry(key).or_default();
+        if group.0.add(&r.feature).is_err() {
+            // A report whose bins disagree with its release's others is skipped, not merged.
+            continue;
+        }
+        group.1.insert(&r.device);
+        match r.feature.severity {
+            Severity::Warn => group.2[0] += 1,
+            Severity::Drift => group.2[1] += 1,
+            Severity::Ok | Severity::Insufficient => {}
+        }
+        for flag in &r.feature.flags {
+            *group.3.entry(flag.as_str().to_owned()).or_default() += 1;
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((model, release, site, device, bucket_ms, feature), (m, devices, v, flags))| {
+            let scores = profiles
+                .get(&model, release)
+                .and_then(|p| {
+                    p.feature(&feature).or(p.output.as_ref().filter(|o| o.name == feature))
+                })
+                .and_then(|p| m.scores(p));
+            let severity = match scores {
+                Some(s) if m.n >= settings.min_samples => {
+                    let metric = match settings.metric {
+                        millwright_shared::drift::Metric::Shift => s.shift.map_or(0.0, f64::abs),
+                        millwright_shared::drift::Metric::Psi => s.psi,
+                        millwright_shared::drift::Metric::Js => s.js,
+                        millwright_shared::drift::Metric::Ks => s.ks,
+                    };
+                    settings.next_severity(Severity::Ok, metric)
+                }
+                _ => Severity::Insufficient,
+            };
+            Summary {
+                model,
+                release,
+                site,
+                device,
+                bucket_ms,
+                feature,
+                reports: m.reports,
+                devices: devices.len(),
+                n: m.n,
+                counts: m.counts,
+                psi: scores.map(|s| s.psi),
+                js: scores.map(|s| s.js),
+                ks: scores.map(|s| s.ks),
+                shift: scores.and_then(|s| s.shift),
+                severity,
+                warn_reports: v[0],
+                drift_reports: v[1],
+                missing: m.missing,
+                non_finite: m.non_finite,
+                out_of_range: m.out_of_range,
+                flags,
+            }
+        })
+        .collect()
+}
+
+/// A feature of an asset whose latest report is not clean.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Drifting {
+    pub model: String,
+    pub release: u64,
+    pub site: String,
+    pub device: String,
+    pub asset: String,
+    pub feature: String,
+    pub severity: Severity,
+    pub flags: Vec<String>,
+    pub shift: Option<f64>,
+    pub psi: Option<f64>,
+    pub to_ms: i64,
+}
+
+/// From the latest report of each (device, asset): features at `warn` or worse or with
+/// data-quality flags.
+pub fn drifting(latest: &[FeatureRow]) -> Vec<Drifting> {
+    latest
+        .iter()
+        .filter(|r| r.feature.severity >= Severity::Warn || !r.feature.flags.is_empty())
+        .map(|r| Drifting {
+            model: r.model.clone(),
+            release: r.release,
+            site: r.site.clone(),
+            device: r.device.clone(),
+            asset: r.asset.clone(),
+            feature: r.feature.name.clone(),
+            severity: r.feature.severity,
+            flags: r.feature.flags.iter().map(|q| q.as_str().to_owned()).collect(),
+            shift: r.feature.shift,
+            psi: r.feature.psi,
+            to_ms: r.to_ms,
+        })
+        .collect()
+}
+
+/// When drift counts as persistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Consecutive latest reports of an asset at `drift` for one feature.
+    pub persist_reports: usize,
+    /// Distinct devices that must show it.
+    pub min_devices: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { persist_reports: 3, min_devices: 1 }
+    }
+}
+
+/// The evidence for one feature's persistent drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub feature: String,
+    /// Start of the earliest interval of the persistent runs.
+    pub since_ms: i64,
+    pub devices: Vec<String>,
+    pub sites: Vec<String>,
+}
+
+/// Features of one release whose drift persisted per `policy`. `recent` holds, per (device,
+/// asset), its newest reports (at least `persist_reports` of them where there are that many).
+pub fn persistent(recent: &[FeatureRow], policy: &Policy) -> Vec<Evidence> {
+    // (feature, device, asset) -> reports newest first
+    let mut runs: BTreeMap<(&str, &str, &str), Vec<&FeatureRow>> = BTreeMap::new();
+    for r in recent {
+        runs.entry((&r.feature.name, &r.device, &r.asset)).or_default().push(r);
+    }
+    let mut by_feature: BTreeMap<&str, (i64, BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for ((feature, device, _), mut reports) in runs {
+        reports.sort_by(|a, b| b.seq.cmp(&a.seq));
+        let run: Vec<&&FeatureRow> = reports
+            .iter()
+            .take(policy.persist_reports)
+            .take_while(|r| r.feature.severity == Severity::Drift)
+            .collect();
+        if policy.persist_reports == 0 || run.len() < policy.persist_reports {
+            continue;
+        }
+        let since = run.iter().map(|r| r.from_ms).min().unwrap_or_default();
+        let entry = by_feature.entry(feature).or_insert((since, BTreeSet::new(), BTreeSet::new()));
+        entry.0 = entry.0.min(since);
+        entry.1.insert(device.to_owned());
+        entry.2.insert(run[0].site.clone());
+    }
+    by_feature
+        .into_iter()
+        .filter(|(_, (_, devices, _))| devices.len() >= policy.min_devices.max(1))
+        .map(|(feature, (since_ms, devices, sites))| Evidence {
+            feature: feature.to_owned(),
+            since_ms,
+            devices: devices.into_iter().collect(),
+            sites: sites.into_iter().collect(),
+        })
+        .collect()
+}
+
+/// A "retraining recommended" event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrainingEvent {
+    pub id: i64,
+    pub model: String,
+    pub release: u64,
+    pub raised_ms: i64,
+    pub reason: String,
+    pub features: Vec<Evidence>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(device: &str, seq: u64, severity: Severity, counts: Vec<u64>) -> FeatureRow {
+        FeatureRow {
+            model: "m".into(),
+            release: 1,
+            device: device.into(),
+            site: format!("site-{}", &device[..1]),
+            asset: "a".into(),
+            seq,
+            from_ms: seq as i64 * 1000,
+            to_ms: seq as i64 * 1000 + 999,
+            feature: FeatureDrift {
+                name: "s2".into(),
+                severity,
+                flags: vec![],
+                n: counts.iter().sum(),
+                sum: 0.0,
+                counts,
+                missing: 0,
+                non_finite: 0,
+                out_of_range: 0,
+                longest_run: 1,
+                shift: None,
+                psi: None,
+                js: None,
+                ks: None,
+            },
+        }
+    }
+
+    #[test]
+    fn persistence_needs_consecutive_latest_drift_reports_on_enough_devices() {
+        use Severity::*;
+        let rows = vec![
+            row("x1", 1, Ok, vec![1]),
+            row("x1", 2, Drift, vec![1]),
+            row("x1", 3, Drift, vec![1]),
+            row("x1", 4, Drift, vec![1]),
+            row("y1", 7, Drift, vec![1]),
+            row("y1", 8, Warn, vec![1]),
+        ];
+        let found = persistent(&rows, &Policy { persist_reports: 3, min_devices: 1 });
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].devices, vec!["x1".to_owned()]);
+        assert_eq!(found[0].since_ms, 2000);
+        assert!(persistent(&rows, &Policy { persist_reports: 3, min_devices: 2 }).is_empty());
+        assert!(persistent(&rows, &Policy { persist_reports: 4, min_devices: 1 }).is_empty());
+    }
+
+    #[test]
+    fn summaries_add_histograms_per_group() {
+        let rows = vec![
+            row("x1", 1, Severity::Ok, vec![1, 2]),
+            row("y1", 1, Severity::Drift, vec![3, 4]),
+            row("x2", 1, Severity::Ok, vec![1, 1, 1]),
+        ];
+        let s = summarize(&rows, GroupBy::Feature, 1, &Profiles::default(), &Default::default());
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].counts.clone(), s[0].devices, s[0].drift_reports), (vec![4, 6], 2, 1));
+        assert_eq!(s[0].psi, None, "no reference profile, no score");
+        let s = summarize(&rows, GroupBy::Site, 1, &Profiles::default(), &Default::default());
+        assert_eq!(s.len(), 2);
+    }
+}
