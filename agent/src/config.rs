@@ -310,6 +310,18 @@ mod tests {
     }
 
     #[test]
+    fn drift_settings_take_metric_defaults_and_refuse_inverted_thresholds() {
+        let psi = RawDrift { metric: Some(Metric::Psi), ..Default::default() }.settings().unwrap();
+        assert_eq!((psi.warn, psi.drift), (0.1, 0.25));
+        let err = RawDrift { warn: Some(3.0), drift: Some(2.0), ..Default::default() }
+            .settings()
+            .unwrap_err();
+        assert!(err.to_string().contains("warn (3) <= drift (2)"), "{err}");
+        let err = toml::from_str::<RawDrift>("metric = 'entropy'").unwrap_err().to_string();
+        assert!(err.contains("entropy") && err.contains("shift"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_and_missing_files_are_named() {
         let err =
             toml::from_str::<RawConfig>("device = 'a'\ndata_dir = '.'\ncolour = 1").unwrap_err();

@@ -396,7 +396,8 @@ impl Agent {
                 })
                 .collect();
             self.counters.drift_reports += 1;
-            self.pending.push(NewRecord { at_ms: now_ms, body: RecordBody::Drift(report) });
+            self.pending
+                .push(NewRecord { at_ms: now_ms, body: RecordBody::Drift(Box::new(report)) });
             queued = true;
         }
         if queued {
@@ -579,10 +580,10 @@ impl Agent {
     }
 }
 
-/// Logs each feature whose drift verdict or data-quality flags got worse since the last
-/// report; returns how many.
+/// Logs, in one line per report, each feature whose drift verdict or data-quality flags got
+/// worse since the last report; returns how many.
 fn local_drift_alerts(previous: &BTreeMap<String, FeatureStatus>, report: &DriftReport) -> u64 {
-    let mut raised = 0;
+    let mut raised = Vec::new();
     for f in &report.features {
         let before = previous.get(&f.name);
         let worse = f.severity >= Severity::Warn && before.is_none_or(|b| f.severity > b.severity);
@@ -593,17 +594,17 @@ fn local_drift_alerts(previous: &BTreeMap<String, FeatureStatus>, report: &Drift
             .map(|q| q.as_str())
             .collect();
         if worse || !new_flags.is_empty() {
-            raised += 1;
-            tracing::warn!(
-                asset = %report.asset,
-                feature = %f.name,
-                severity = f.severity.as_str(),
-                shift = ?f.shift,
-                psi = ?f.psi,
-                flags = ?new_flags,
-                "drift alert"
-            );
+            let shift = f.shift.map_or(String::new(), |s| format!(" shift {s:.2}"));
+            let flags = if f.flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", new_flags.join(","))
+            };
+            raised.push(format!("{} {}{shift}{flags}", f.name, f.severity.as_str()));
         }
     }
-    raised
+    if !raised.is_empty() {
+        tracing::warn!(asset = %report.asset, "drift alert: {}", raised.join("; "));
+    }
+    raised.len() as u64
 }

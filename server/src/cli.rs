@@ -3,6 +3,7 @@
 
 mod bundle;
 mod demo;
+mod drift;
 mod score;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 #[command(
     name = "millwright",
     version,
-    about = "Millwright: keys, model bundles, evaluation, demo"
+    about = "Millwright: keys, model bundles, evaluation, fleet drift, demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -84,6 +85,9 @@ enum Command {
     },
     /// Start a server with its embedded broker and three agents replaying C-MAPSS units.
     Demo(demo::DemoArgs),
+    /// Fleet drift from a running server: merged scores per feature, site, device or time
+    /// bucket; drifting assets; retraining recommendations.
+    Drift(drift::DriftArgs),
 }
 
 /// A failure with its exit code.
@@ -121,6 +125,7 @@ pub fn main() -> ExitCode {
             score::run(&predictions, &truth, expect_rmse, tolerance)
         }
         Command::Demo(args) => demo::run(args),
+        Command::Drift(args) => drift::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

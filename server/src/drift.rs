@@ -78,6 +78,16 @@ pub struct Summary {
 
 type Key = (String, u64, Option<String>, Option<String>, Option<i64>, String);
 
+/// One group being merged: the histogram, its devices, device verdicts at warn and drift, and
+/// data-quality flags by kind.
+#[derive(Default)]
+struct Group<'a> {
+    merged: Merged,
+    devices: BTreeSet<&'a str>,
+    verdicts: [u64; 2],
+    flags: BTreeMap<String, u64>,
+}
+
 /// Merges `rows` per group and scores each group against its reference.
 pub fn summarize(
     rows: &[FeatureRow],
@@ -86,8 +96,7 @@ pub fn summarize(
     profiles: &Profiles,
     settings: &DriftSettings,
 ) -> Vec<Summary> {
-    let mut groups: BTreeMap<Key, (Merged, BTreeSet<&str>, [u64; 2], BTreeMap<String, u64>)> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
     for r in rows {
         let key: Key = (
             r.model.clone(),
@@ -99,23 +108,24 @@ pub fn summarize(
             r.feature.name.clone(),
         );
         let group = groups.entry(key).or_default();
-        if group.0.add(&r.feature).is_err() {
+        if group.merged.add(&r.feature).is_err() {
             // A report whose bins disagree with its release's others is skipped, not merged.
             continue;
         }
-        group.1.insert(&r.device);
+        group.devices.insert(&r.device);
         match r.feature.severity {
-            Severity::Warn => group.2[0] += 1,
-            Severity::Drift => group.2[1] += 1,
+            Severity::Warn => group.verdicts[0] += 1,
+            Severity::Drift => group.verdicts[1] += 1,
             Severity::Ok | Severity::Insufficient => {}
         }
         for flag in &r.feature.flags {
-            *group.3.entry(flag.as_str().to_owned()).or_default() += 1;
+            *group.flags.entry(flag.as_str().to_owned()).or_default() += 1;
         }
     }
     groups
         .into_iter()
-        .map(|((model, release, site, device, bucket_ms, feature), (m, devices, v, flags))| {
+        .map(|((model, release, site, device, bucket_ms, feature), group)| {
+            let Group { merged: m, devices, verdicts: v, flags } = group;
             let scores = profiles
                 .get(&model, release)
                 .and_then(|p| {
@@ -162,7 +172,7 @@ pub fn summarize(
 }
 
 /// A feature of an asset whose latest report is not clean.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Drifting {
     pub model: String,
     pub release: u64,
@@ -234,7 +244,7 @@ pub fn persistent(recent: &[FeatureRow], policy: &Policy) -> Vec<Evidence> {
     }
     let mut by_feature: BTreeMap<&str, (i64, BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
     for ((feature, device, _), mut reports) in runs {
-        reports.sort_by(|a, b| b.seq.cmp(&a.seq));
+        reports.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let run: Vec<&&FeatureRow> = reports
             .iter()
             .take(policy.persist_reports)

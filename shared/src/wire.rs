@@ -64,7 +64,7 @@ pub enum RecordBody {
     Prediction(Prediction),
     Alert(Alert),
     /// One asset's drift report for one interval.
-    Drift(DriftReport),
+    Drift(Box<DriftReport>),
 }
 
 impl RecordBody {

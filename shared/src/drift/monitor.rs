@@ -400,7 +400,9 @@ mod tests {
 
     #[test]
     fn a_shifted_feature_drifts_and_recovers_only_past_the_hysteresis() {
-        let mut m = DriftMonitor::new(profile(), DriftSettings::default());
+        // Judge on the shift alone (values this far off also leave the training range).
+        let settings = DriftSettings { out_of_range_drift: f64::INFINITY, ..Default::default() };
+        let mut m = DriftMonitor::new(profile(), settings);
         let std = m.profile.features[0].std as f32;
         let shifted = |k: f32| move |i| [Some(ramp(i) + k * std), Some(5.0)];
         run(&mut m, 1, 50, shifted(3.5));
@@ -413,6 +415,17 @@ mod tests {
         assert_eq!(m.report(meta()).features[0].severity, Severity::Warn);
         run(&mut m, 151, 50, shifted(0.0));
         assert_eq!(m.report(meta()).features[0].severity, Severity::Ok);
+    }
+
+    #[test]
+    fn mostly_out_of_range_values_drift_whatever_the_metric() {
+        let settings = DriftSettings { warn: 1e9, drift: 1e9, ..Default::default() };
+        let mut m = DriftMonitor::new(profile(), settings);
+        run(&mut m, 1, 40, |i| [Some(if i % 3 == 0 { ramp(i) } else { 150.0 }), Some(5.0)]);
+        let r = m.report(meta());
+        assert_eq!(r.features[0].severity, Severity::Drift);
+        assert_eq!(r.features[0].flags, vec![Quality::OutOfRange]);
+        assert_eq!(r.features[1].severity, Severity::Ok);
     }
 
     #[test]

@@ -68,7 +68,7 @@ proptest! {
                     from_ms: k as i64,
                     to_ms: k as i64 + 1,
                 });
-                records.push(Record { seq: k as u64 + 1, at_ms: 0, body: RecordBody::Drift(report) });
+                records.push(Record { seq: k as u64 + 1, at_ms: 0, body: RecordBody::Drift(Box::new(report)) });
             }
             let device = DeviceId::new(format!("d{i}")).unwrap();
             db.store(&Accepted { device, stream: Stream::Drift, records }, 0).unwrap();
@@ -218,5 +218,23 @@ fn a_drifting_site_is_listed_and_retraining_is_recommended_on_mqtt_api_and_webho
     assert!(status["counters"]["drift_reports"].as_u64().unwrap() > 0, "{status}");
     assert!(status["counters"]["drift_alerts"].as_u64().unwrap() > 0, "{status}");
     assert_eq!(status["assets"][0]["drift"]["s2"]["severity"], "drift", "{status}");
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("millwright"))
+            .arg("drift")
+            .arg("--server")
+            .arg(format!("http://127.0.0.1:{}", server.http_port))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = cli(&["--by", "site", "--feature", "s2"]);
+    println!("millwright drift --by site --feature s2:\n{table}");
+    let south = table.lines().find(|l| l.contains("plant-south")).unwrap();
+    assert!(south.trim_end().ends_with("drift"), "{table}");
+    assert!(cli(&["--events"]).contains("rul-cnn-fd001"));
+    assert!(cli(&["--drifting"]).contains("gw-south"));
     drop(north);
 }
