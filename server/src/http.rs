@@ -33,32 +33,11 @@ pub struct ApiState {
     pub profiles: Arc<Profiles>,
 }
 
-/// Query of the drift routes (flat: form decoding cannot type flattened fields).
+/// How the drift summary route groups (the rest of its query is a [`Filter`]).
 #[derive(Debug, Deserialize)]
-pub struct DriftQuery {
+pub struct Grouping {
     pub by: Option<GroupBy>,
     pub bucket_s: Option<i64>,
-    pub model: Option<String>,
-    pub release: Option<u64>,
-    pub site: Option<String>,
-    pub device: Option<String>,
-    pub feature: Option<String>,
-    pub from_ms: Option<i64>,
-    pub to_ms: Option<i64>,
-}
-
-impl DriftQuery {
-    fn filter(&self) -> Filter {
-        Filter {
-            model: self.model.clone(),
-            release: self.release,
-            site: self.site.clone(),
-            device: self.device.clone(),
-            feature: self.feature.clone(),
-            from_ms: self.from_ms,
-            to_ms: self.to_ms,
-        }
-    }
 }
 
 pub const MAX_PAGE: u64 = 10_000;
@@ -161,20 +140,24 @@ async fn alerts(
     query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
 }
 
-async fn fleet_drift(State(state): State<ApiState>, Query(q): Query<DriftQuery>) -> Response {
+async fn fleet_drift(
+    State(state): State<ApiState>,
+    Query(filter): Query<Filter>,
+    Query(g): Query<Grouping>,
+) -> Response {
     let profiles = state.profiles.clone();
-    let by = q.by.unwrap_or(GroupBy::Feature);
-    let bucket_ms = q.bucket_s.unwrap_or(3600).max(1) * 1000;
+    let by = g.by.unwrap_or(GroupBy::Feature);
+    let bucket_ms = g.bucket_s.unwrap_or(3600).max(1) * 1000;
     query(&state, move |db| {
-        let rows = db.drift_rows(&q.filter())?;
+        let rows = db.drift_rows(&filter)?;
         Ok(drift::summarize(&rows, by, bucket_ms, &profiles, &DriftSettings::default()))
     })
     .await
 }
 
-async fn drifting(State(state): State<ApiState>, Query(q): Query<DriftQuery>) -> Response {
+async fn drifting(State(state): State<ApiState>, Query(filter): Query<Filter>) -> Response {
     query(&state, move |db| {
-        let latest = db.drift_latest(&q.filter(), 1)?;
+        let latest = db.drift_latest(&filter, 1)?;
         let assets = drift::drifting(&latest);
         let mut sites: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
             Default::default();

@@ -394,24 +394,29 @@ impl Agent {
     }
 }
 
+/// `millwright-agent replay` of the reference bundle over `cmapss`, predictions to `out`.
+pub fn replay_command(cmapss: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(bin("millwright-agent"));
+    cmd.arg("replay")
+        .arg("--bundle")
+        .arg(repo_file(BUNDLE))
+        .arg("--trusted-key")
+        .arg(repo_file(PUBLIC_KEY))
+        .arg("--cmapss")
+        .arg(cmapss)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 /// The reference: `millwright-agent replay` over the committed test data, computed once.
 pub fn expected_predictions() -> anyhow::Result<&'static [ExpectedPrediction]> {
     static EXPECTED: OnceLock<Result<Vec<ExpectedPrediction>, String>> = OnceLock::new();
     let result = EXPECTED.get_or_init(|| {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = dir.path().join("expected.jsonl");
-        let output = Command::new(bin("millwright-agent"))
-            .arg("replay")
-            .arg("--bundle")
-            .arg(repo_file(BUNDLE))
-            .arg("--trusted-key")
-            .arg(repo_file(PUBLIC_KEY))
-            .arg("--cmapss")
-            .arg(repo_file(TEST_DATA))
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let output =
+            replay_command(&repo_file(TEST_DATA), &out).output().map_err(|e| e.to_string())?;
         if !output.status.success() {
             return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
@@ -507,20 +512,8 @@ pub fn replay_drift(
 ) -> anyhow::Result<(Vec<Value>, Vec<ExpectedPrediction>)> {
     let dir = tempfile::tempdir()?;
     let (out, drift) = (dir.path().join("p.jsonl"), dir.path().join("d.jsonl"));
-    let output = Command::new(bin("millwright-agent"))
-        .arg("replay")
-        .arg("--bundle")
-        .arg(repo_file(BUNDLE))
-        .arg("--trusted-key")
-        .arg(repo_file(PUBLIC_KEY))
-        .arg("--cmapss")
-        .arg(cmapss)
-        .arg("--out")
-        .arg(&out)
-        .arg("--drift-out")
-        .arg(&drift)
-        .args(extra)
-        .output()?;
+    let output =
+        replay_command(cmapss, &out).arg("--drift-out").arg(&drift).args(extra).output()?;
     if !output.status.success() {
         bail!("replay failed: {}", String::from_utf8_lossy(&output.stderr));
     }
