@@ -4,7 +4,8 @@
 //! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`].
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
 //! [`mqtt`] (rumqttc), [`sources`] (file replay pacing), [`runtime`] (the event loop),
-//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`].
+//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`],
+//! [`watchdog`] (systemd notifications).
 
 pub mod alert;
 pub mod asset;
@@ -23,6 +24,7 @@ pub mod signal;
 pub mod sources;
 pub mod store;
 pub mod uplink;
+pub mod watchdog;
 pub mod window;
 
 pub use config::Config;

@@ -245,6 +245,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         broker = %format!("{}:{}", agent.config.uplink.host, agent.config.uplink.port),
         "agent started"
     );
+    crate::watchdog::ready();
 
     let mut flush = tokio::time::interval(agent.config.uplink.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,6 +264,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Some(e) = source_rx.recv(), if room => Event::Source(e),
         };
         if matches!(event, Event::Shutdown) {
+            crate::watchdog::stopping();
             break;
         }
         agent.handle(event);
@@ -294,6 +296,7 @@ impl Agent {
             Event::Mqtt(MqttEvent::Message { topic, payload }) => self.on_message(&topic, &payload),
             Event::Flush => self.flush(),
             Event::Tick => {
+                crate::watchdog::ping();
                 if self.uplink.on_tick(clock::now_ms()) {
                     self.counters.resends += 1;
                     tracing::info!("acks overdue; resending the outbox");
