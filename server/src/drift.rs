@@ -3,6 +3,7 @@
 //! list what is drifting now; and decide when drift has persisted long enough to recommend
 //! retraining.
 
+use millwright_shared::drift::score::Scores;
 use millwright_shared::drift::{DriftProfile, DriftSettings, FeatureDrift, Merged, Severity};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -132,14 +133,9 @@ pub fn summarize(
                     p.feature(&feature).or(p.output.as_ref().filter(|o| o.name == feature))
                 })
                 .and_then(|p| m.scores(p));
-            let severity = match scores {
-                Some(s) if m.n >= settings.min_samples => {
-                    let metric = match settings.metric {
-                        millwright_shared::drift::Metric::Shift => s.shift.map_or(0.0, f64::abs),
-                        millwright_shared::drift::Metric::Psi => s.psi,
-                        millwright_shared::drift::Metric::Js => s.js,
-                        millwright_shared::drift::Metric::Ks => s.ks,
-                    };
+            let binned = scores.map(|s| Scores { psi: s.psi, js: s.js, ks: s.ks });
+            let severity = match settings.judged(binned, scores.and_then(|s| s.shift)) {
+                Some(metric) if m.n >= settings.min_samples => {
                     settings.next_severity(Severity::Ok, metric)
                 }
                 _ => Severity::Insufficient,

@@ -73,6 +73,16 @@ impl DriftSettings {
         }
     }
 
+    /// The value severities are judged on, from the scores of an interval or a merged group.
+    pub fn judged(&self, scores: Option<score::Scores>, shift: Option<f64>) -> Option<f64> {
+        match self.metric {
+            Metric::Shift => shift.map(f64::abs),
+            Metric::Psi => scores.map(|s| s.psi),
+            Metric::Js => scores.map(|s| s.js),
+            Metric::Ks => scores.map(|s| s.ks),
+        }
+    }
+
     /// The next severity from the previous one and this interval's metric value.
     pub fn next_severity(&self, previous: Severity, value: f64) -> Severity {
         let level = |warn: f64, drift: f64| {
@@ -168,13 +178,7 @@ impl Tally {
     fn close(&mut self, profile: &FeatureProfile, settings: &DriftSettings) -> FeatureDrift {
         let scores = score::scores(&profile.proportions, &self.counts);
         let shift = score::mean_shift(profile.mean, profile.scale(), self.sum, self.n);
-        let metric = match settings.metric {
-            Metric::Shift => shift.map(f64::abs),
-            Metric::Psi => scores.map(|s| s.psi),
-            Metric::Js => scores.map(|s| s.js),
-            Metric::Ks => scores.map(|s| s.ks),
-        };
-        let severity = match metric {
+        let severity = match settings.judged(scores, shift) {
             Some(m) if self.n >= settings.min_samples => {
                 self.level = settings.next_severity(self.level, m);
                 if self.out_of_range as f64 >= settings.out_of_range_drift * self.n as f64 {
