@@ -277,11 +277,6 @@ impl DriftMonitor {
         self.samples
     }
 
-    /// Current severity per feature (the last verdict).
-    pub fn levels(&self) -> impl Iterator<Item = (&str, Severity)> {
-        self.features().zip(self.inputs.iter().map(|t| t.level))
-    }
-
     /// One reading: a value per profile feature, `None` where the reading lacked it.
     pub fn observe(&mut self, cycle: u64, values: &[Option<f32>]) {
         if self.last_cycle.is_some_and(|last| cycle > last + 1) {
