@@ -169,7 +169,7 @@ mod tests {
         match outcome {
             Outcome::Produced { records, cursor } => match &records[0] {
                 RecordBody::Prediction(p) => vec![(cursor.cycle, p.value, records.len())],
-                RecordBody::Alert(_) | RecordBody::Drift(_) => vec![],
+                RecordBody::Alert(_) | RecordBody::Drift(_) | RecordBody::Update(_) => vec![],
             },
             _ => vec![],
         }

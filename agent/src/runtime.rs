@@ -177,6 +177,10 @@ fn status_payload(device: &DeviceId, online: bool) -> Vec<u8> {
         device: device.clone(),
         online,
         agent_version: crate::VERSION.to_owned(),
+        site: None,
+        tags: Vec::new(),
+        device_class: None,
+        models: Vec::new(),
     })
 }
 
@@ -345,7 +349,7 @@ impl Agent {
                             self.counters.alerts += 1;
                             tracing::warn!(asset = %asset.state.id(), cycle, level = ?asset.state.level(), "asset health changed");
                         }
-                        Stream::Drift => {}
+                        Stream::Drift | Stream::Updates => {}
                     }
                     self.pending.push(NewRecord { at_ms, body });
                 }

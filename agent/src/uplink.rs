@@ -7,9 +7,10 @@
 
 use millwright_shared::wire::{Ack, Stream};
 
-/// Sending order: alerts are small and urgent, so they go first; drift evidence ranks above raw
-/// telemetry.
-pub const PRIORITY: [Stream; 3] = [Stream::Alerts, Stream::Drift, Stream::Predictions];
+/// Sending order: update reports steer rollouts and alerts are urgent, so they go first; drift
+/// evidence ranks above raw telemetry.
+pub const PRIORITY: [Stream; 4] =
+    [Stream::Updates, Stream::Alerts, Stream::Drift, Stream::Predictions];
 
 /// Drift reports are a few kilobytes each; this many per message keeps messages well under the
 /// broker's packet limit.
@@ -49,7 +50,7 @@ pub struct Request {
 pub struct Uplink {
     settings: Settings,
     connected: bool,
-    streams: [StreamState; 3],
+    streams: [StreamState; 4],
 }
 
 fn index(stream: Stream) -> usize {
@@ -57,6 +58,7 @@ fn index(stream: Stream) -> usize {
         Stream::Predictions => 0,
         Stream::Alerts => 1,
         Stream::Drift => 2,
+        Stream::Updates => 3,
     }
 }
 
@@ -87,7 +89,7 @@ impl Uplink {
             stream,
             after: s.sent_upto,
             limit: match stream {
-                Stream::Drift => self.settings.batch_max.min(DRIFT_BATCH_MAX),
+                Stream::Drift | Stream::Updates => self.settings.batch_max.min(DRIFT_BATCH_MAX),
                 Stream::Predictions | Stream::Alerts => self.settings.batch_max,
             },
         })

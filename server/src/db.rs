@@ -50,6 +50,20 @@ CREATE TABLE IF NOT EXISTS alerts (
     received_ms INTEGER NOT NULL,
     PRIMARY KEY (device, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS update_reports (
+    device      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    rollout     TEXT,
+    directive   INTEGER,
+    model       TEXT,
+    release     INTEGER,
+    phase       TEXT NOT NULL,
+    reason      TEXT,
+    health      TEXT,
+    at_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
 ";
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -172,6 +186,26 @@ impl Db {
                         crate::drift_db::insert(&tx, d, r.seq, r.at_ms, report, now_ms)?;
                         1
                     }
+                    RecordBody::Update(u) => tx
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO update_reports
+                             (device, seq, rollout, directive, model, release, phase, reason,
+                              health, at_ms, received_ms)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        )?
+                        .execute(params![
+                            d,
+                            r.seq,
+                            u.rollout,
+                            u.directive,
+                            u.model.as_ref().map(|m| m.as_str()),
+                            u.release.map(|r| r.0),
+                            u.phase.as_str(),
+                            u.reason,
+                            u.health.as_ref().and_then(|h| serde_json::to_string(h).ok()),
+                            r.at_ms,
+                            now_ms
+                        ])?,
                 };
             }
         }

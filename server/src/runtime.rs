@@ -201,6 +201,9 @@ async fn on_message(
             }
             Err(e) => tracing::warn!(%device, "rejected status message: {e}"),
         },
+        Some(Incoming::Fetch { device }) => {
+            tracing::debug!(%device, "chunk request (model delivery is not served yet)")
+        }
         None => tracing::debug!(topic, "ignoring message on an unknown topic"),
     }
 }

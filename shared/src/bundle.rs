@@ -78,6 +78,8 @@ pub enum Rejection {
     ModelHash { stated: String, actual: String },
     #[error("bundle expired at {expired_at}")]
     Expired { expired_at: String },
+    #[error("bundle is signed by revoked key {0} and has too few other valid signatures")]
+    RevokedKey(KeyId),
 }
 
 struct Cursor<'a> {
@@ -160,11 +162,9 @@ impl RawBundle {
 
     /// Adds (or replaces) the signature of `key` over the manifest bytes.
     pub fn sign(&mut self, key: &SigningKey) {
-        let key_id = KeyId::of(&key.verifying_key());
-        let signature = key.sign(&signed_message(&self.manifest));
-        self.signatures.retain(|s| s.key_id != key_id);
-        self.signatures
-            .push(BundleSignature { key_id, signature: BASE64.encode(signature.to_bytes()) });
+        let sig = signature(key, &signed_message(&self.manifest));
+        self.signatures.retain(|s| s.key_id != sig.key_id);
+        self.signatures.push(sig);
     }
 
     /// Parses the manifest without checking any signature (for `inspect`).
@@ -204,6 +204,36 @@ impl VerifiedBundle {
     }
 }
 
+/// The distinct trusted keys whose signatures over `message` are valid. Signatures by keys
+/// not in `trusted` are ignored; a trusted key's signature that does not verify is an error,
+/// since it means the signed bytes were changed.
+pub fn valid_signers(
+    message: &[u8],
+    signatures: &[BundleSignature],
+    trusted: &TrustedKeys,
+) -> Result<BTreeSet<KeyId>, Rejection> {
+    let mut valid = BTreeSet::new();
+    for sig in signatures {
+        let Some(key) = trusted.get(&sig.key_id) else { continue };
+        let signature = BASE64
+            .decode(&sig.signature)
+            .ok()
+            .and_then(|b| Signature::from_slice(&b).ok())
+            .ok_or_else(|| Rejection::BadSignature(sig.key_id.clone()))?;
+        key.verify(message, &signature).map_err(|_| Rejection::BadSignature(sig.key_id.clone()))?;
+        valid.insert(sig.key_id.clone());
+    }
+    Ok(valid)
+}
+
+/// Signs `message` with `key` in the bundle signature form.
+pub fn signature(key: &SigningKey, message: &[u8]) -> BundleSignature {
+    BundleSignature {
+        key_id: KeyId::of(&key.verifying_key()),
+        signature: BASE64.encode(key.sign(message).to_bytes()),
+    }
+}
+
 /// Verifies a bundle file against the trusted keys at instant `now`.
 pub fn verify(
     bytes: &[u8],
@@ -211,19 +241,7 @@ pub fn verify(
     now: OffsetDateTime,
 ) -> Result<VerifiedBundle, Rejection> {
     let raw = RawBundle::parse(bytes)?;
-    let message = signed_message(&raw.manifest);
-    let mut valid = BTreeSet::new();
-    for sig in &raw.signatures {
-        let Some(key) = trusted.get(&sig.key_id) else { continue };
-        let signature = BASE64
-            .decode(&sig.signature)
-            .ok()
-            .and_then(|b| Signature::from_slice(&b).ok())
-            .ok_or_else(|| Rejection::BadSignature(sig.key_id.clone()))?;
-        key.verify(&message, &signature)
-            .map_err(|_| Rejection::BadSignature(sig.key_id.clone()))?;
-        valid.insert(sig.key_id.clone());
-    }
+    let valid = valid_signers(&signed_message(&raw.manifest), &raw.signatures, trusted)?;
     if valid.is_empty() {
         let signed_by: Vec<String> = raw.signatures.iter().map(|s| s.key_id.0.clone()).collect();
         let signed_by =

@@ -5,11 +5,14 @@
 //! in and get values or typed errors out; `now` is always a parameter.
 
 pub mod bundle;
+pub mod directive;
 pub mod drift;
+pub mod gates;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
 pub mod topics;
+pub mod trust;
 pub mod wire;
 
 pub use bundle::{Rejection, VerifiedBundle};

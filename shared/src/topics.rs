@@ -6,6 +6,10 @@
 //! | `millwright/v1/{device}/up/{stream}` | agent → server | [`crate::wire::UplinkBatch`] |
 //! | `millwright/v1/{device}/ack` | server → agent | [`crate::wire::Ack`] |
 //! | `millwright/v1/{device}/status` | agent → server, retained, also the last will | [`crate::wire::DeviceStatus`] |
+//! | `millwright/v1/{device}/desired` | server → agent, retained | a server-signed [`crate::directive::Directive`] envelope |
+//! | `millwright/v1/{device}/fetch` | agent → server | [`crate::wire::FetchRequest`] |
+//! | `millwright/v1/{device}/chunk` | server → agent | [`crate::wire::Chunk`] |
+//! | `millwright/v1/trust/root` | server → agents, retained | the current root document ([`crate::trust`]) |
 //! | `millwright/v1/events/retraining` | server → subscribers, retained (the latest) | a retraining-recommended event (JSON) |
 
 use crate::ids::DeviceId;
@@ -30,6 +34,24 @@ pub fn status(device: &DeviceId) -> String {
     format!("{ROOT}/{device}/status")
 }
 
+pub fn desired(device: &DeviceId) -> String {
+    format!("{ROOT}/{device}/desired")
+}
+
+pub fn fetch(device: &DeviceId) -> String {
+    format!("{ROOT}/{device}/fetch")
+}
+
+pub fn chunk(device: &DeviceId) -> String {
+    format!("{ROOT}/{device}/chunk")
+}
+
+/// Where the server subscribes for chunk requests of every device.
+pub const FETCH_FILTER: &str = "millwright/v1/+/fetch";
+
+/// The fleet's current trust root (retained).
+pub const TRUST_ROOT: &str = "millwright/v1/trust/root";
+
 /// Where the server announces "retraining recommended" events.
 pub const RETRAINING: &str = "millwright/v1/events/retraining";
 
@@ -38,6 +60,7 @@ pub const RETRAINING: &str = "millwright/v1/events/retraining";
 pub enum Incoming {
     Uplink { device: DeviceId, stream: Stream },
     Status { device: DeviceId },
+    Fetch { device: DeviceId },
 }
 
 /// Parses a topic under [`ROOT`]; `None` for anything that is not ours.
@@ -48,6 +71,7 @@ pub fn parse(topic: &str) -> Option<Incoming> {
     let incoming = match (levels.next()?, levels.next()) {
         ("up", Some(stream)) => Incoming::Uplink { device, stream: Stream::parse(stream)? },
         ("status", None) => return Some(Incoming::Status { device }),
+        ("fetch", None) => return Some(Incoming::Fetch { device }),
         _ => return None,
     };
     levels.next().is_none().then_some(incoming)

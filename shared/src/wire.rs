@@ -6,6 +6,7 @@
 //! records are durable; the agent deletes a record from its outbox only on that ack.
 
 use crate::drift::DriftReport;
+use crate::gates::Health;
 use crate::ids::{AssetId, DeviceId, ModelName, Release};
 use serde::{Deserialize, Serialize};
 
@@ -20,16 +21,20 @@ pub enum Stream {
     Alerts,
     #[serde(rename = "drift")]
     Drift,
+    #[serde(rename = "update")]
+    Updates,
 }
 
 impl Stream {
-    pub const ALL: [Stream; 3] = [Stream::Predictions, Stream::Alerts, Stream::Drift];
+    pub const ALL: [Stream; 4] =
+        [Stream::Predictions, Stream::Alerts, Stream::Drift, Stream::Updates];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Stream::Predictions => "pred",
             Stream::Alerts => "alert",
             Stream::Drift => "drift",
+            Stream::Updates => "update",
         }
     }
 
@@ -65,6 +70,8 @@ pub enum RecordBody {
     Alert(Alert),
     /// One asset's drift report for one interval.
     Drift(Box<DriftReport>),
+    /// A step of a model update, or why one was refused.
+    Update(Box<UpdateReport>),
 }
 
 impl RecordBody {
@@ -73,16 +80,133 @@ impl RecordBody {
             RecordBody::Prediction(_) => Stream::Predictions,
             RecordBody::Alert(_) => Stream::Alerts,
             RecordBody::Drift(_) => Stream::Drift,
+            RecordBody::Update(_) => Stream::Updates,
         }
     }
 
-    pub fn asset(&self) -> &AssetId {
+    /// The asset the record is about (updates are about the device).
+    pub fn asset(&self) -> Option<&AssetId> {
         match self {
-            RecordBody::Prediction(p) => &p.asset,
-            RecordBody::Alert(a) => &a.asset,
-            RecordBody::Drift(d) => &d.asset,
+            RecordBody::Prediction(p) => Some(&p.asset),
+            RecordBody::Alert(a) => Some(&a.asset),
+            RecordBody::Drift(d) => Some(&d.asset),
+            RecordBody::Update(_) => None,
         }
     }
+}
+
+/// The steps of a model update on a device, in order; `Rejected` and `Reverted` end one early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdatePhase {
+    /// The directive verified; the download starts (or resumes).
+    Received,
+    /// Every chunk arrived and the bundle's SHA-256 matches.
+    Downloaded,
+    /// Release signatures, manifest, release number, asset type, device class and expiry hold.
+    Verified,
+    /// Loaded into a second plan; every golden case reproduced.
+    SelfTested,
+    /// The shadow period passed its gates.
+    ShadowPassed,
+    /// The new model serves; probation runs.
+    Activated,
+    /// Probation passed; the new release is the last known good.
+    Committed,
+    /// Refused before it served; the active model never changed.
+    Rejected,
+    /// It served and failed (or was reverted by a directive); the previous release serves again.
+    Reverted,
+    /// A new trust root was accepted.
+    RootRotated,
+}
+
+impl UpdatePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdatePhase::Received => "received",
+            UpdatePhase::Downloaded => "downloaded",
+            UpdatePhase::Verified => "verified",
+            UpdatePhase::SelfTested => "self_tested",
+            UpdatePhase::ShadowPassed => "shadow_passed",
+            UpdatePhase::Activated => "activated",
+            UpdatePhase::Committed => "committed",
+            UpdatePhase::Rejected => "rejected",
+            UpdatePhase::Reverted => "reverted",
+            UpdatePhase::RootRotated => "root_rotated",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, UpdatePhase::Committed | UpdatePhase::Rejected | UpdatePhase::Reverted)
+    }
+}
+
+/// One step of an update as the device saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateReport {
+    /// The rollout and directive sequence number, when the step belongs to a directive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directive: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
+    pub phase: UpdatePhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// Agent → server: send chunks `first .. first + count` of the bundle with this SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    pub v: u32,
+    pub sha256: String,
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Server → agent: one chunk of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunk {
+    pub v: u32,
+    pub sha256: String,
+    pub index: u32,
+    /// Base64 of the chunk's bytes.
+    pub data: String,
+}
+
+impl FetchRequest {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let m: Self = serde_json::from_slice(payload)?;
+        check_version(m.v)?;
+        Ok(m)
+    }
+}
+
+impl Chunk {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let m: Self = serde_json::from_slice(payload)?;
+        check_version(m.v)?;
+        Ok(m)
+    }
+}
+
+/// A model a device serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningModel {
+    pub model: ModelName,
+    pub release: Release,
+    /// SHA-256 of the ONNX bytes.
+    pub sha256: String,
 }
 
 /// The model's output for the window ending at `cycle`.
@@ -166,6 +290,14 @@ pub struct DeviceStatus {
     pub device: DeviceId,
     pub online: bool,
     pub agent_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_class: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<RunningModel>,
 }
 
 /// Why a payload is not a message we accept.
