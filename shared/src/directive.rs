@@ -130,7 +130,7 @@ impl Directive {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// A directive this device has not applied yet.
-    New(Directive),
+    New(Box<Directive>),
     /// The directive already applied (the broker delivers the retained one again).
     Applied,
 }
@@ -204,7 +204,7 @@ pub fn verify(
             limit: max_bundle_bytes,
         });
     }
-    Ok(Verdict::New(directive))
+    Ok(Verdict::New(Box::new(directive)))
 }
 
 #[cfg(test)]
