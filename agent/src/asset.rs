@@ -74,6 +74,16 @@ impl AssetState {
         &self.id
     }
 
+    /// Serves another release of the model from the next window on. The window, level and
+    /// cycle carry over (the caller checked the input spec is the same), so no prediction is
+    /// skipped or repeated.
+    pub fn adopt(&mut self, manifest: &Manifest) {
+        self.model = manifest.model.clone();
+        self.release = manifest.release;
+        self.kind = manifest.output.kind;
+        self.thresholds = manifest.output.alerts;
+    }
+
     pub fn level(&self) -> Level {
         self.level
     }
@@ -155,6 +165,7 @@ mod tests {
                 alerts: AlertThresholds { warning: 50.0, alarm: 20.0, hysteresis: 5.0 },
             },
             asset_type: "t".into(),
+            device_classes: vec![],
             golden: Golden { tolerance: 1e-4, cases: vec![] },
             drift: None,
         }

@@ -133,7 +133,8 @@ fn replay_cmd(
     }
     .settings()?;
     let trusted = crate::config::load_trusted(&keys, threshold)?;
-    let mut model = runtime::load_bundle(&bundle, &trusted)?;
+    let root = millwright_shared::trust::Root::from_release_keys(trusted);
+    let mut model = runtime::load_bundle(&bundle, &root)?;
     let text = std::fs::read_to_string(&cmapss)
         .with_context(|| format!("cannot read {}", cmapss.display()))?;
     let mut predictions = AtomicFile::create(&out)?;

@@ -5,6 +5,7 @@
 use crate::uplink;
 use millwright_shared::drift::{DriftSettings, Metric};
 use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
+use millwright_shared::trust::Root;
 use millwright_shared::{AssetId, DeviceId};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ pub const DEFAULT_FLUSH_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 30;
 pub const DEFAULT_CYCLES_PER_SECOND: f64 = 1.0;
 pub const DEFAULT_DRIFT_INTERVAL_SECS: u64 = 3600;
+pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 64 << 20;
+pub const DEFAULT_FETCH_WINDOW: u32 = 4;
+pub const DEFAULT_FETCH_TIMEOUT_SECS: u64 = 10;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,9 +31,16 @@ pub struct RawConfig {
     pub device: String,
     /// The plant or site the gateway belongs to; drift is aggregated per site.
     pub site: Option<String>,
+    /// Free-form labels a rollout can target (e.g. "line-3", "pilot").
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The hardware class model bundles may be restricted to (default: the CPU architecture).
+    pub device_class: Option<String>,
     pub data_dir: PathBuf,
     pub uplink: RawUplink,
     pub trust: RawTrust,
+    #[serde(default)]
+    pub updates: RawUpdates,
     #[serde(default)]
     pub drift: RawDrift,
     #[serde(default)]
@@ -89,8 +100,20 @@ pub struct RawUplink {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTrust {
+    /// The fleet's signed root document; it names the release and server keys.
+    pub root: Option<PathBuf>,
+    /// Without a root: bare release keys (no server may direct updates).
+    #[serde(default)]
     pub keys: Vec<PathBuf>,
     pub threshold: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdates {
+    pub max_bundle_bytes: Option<u64>,
+    pub fetch_window: Option<u32>,
+    pub fetch_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,11 +136,25 @@ pub enum RawSource {
 pub struct Config {
     pub device: DeviceId,
     pub site: Option<String>,
+    pub tags: Vec<String>,
+    pub device_class: String,
     pub data_dir: PathBuf,
     pub drift: DriftConfig,
     pub uplink: UplinkConfig,
-    pub trusted: TrustedKeys,
+    /// The provisioned trust root (a newer one may be stored in the data directory).
+    pub root: Root,
+    pub updates: UpdatesConfig,
     pub assets: Vec<AssetConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpdatesConfig {
+    /// The largest bundle a directive may ask this device to download.
+    pub max_bundle_bytes: u64,
+    /// Chunks requested at a time.
+    pub fetch_window: u32,
+    /// A request without an answer this long is made again.
+    pub fetch_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +231,14 @@ pub fn load_trusted(paths: &[PathBuf], threshold: usize) -> Result<TrustedKeys, 
     Ok(TrustedKeys::new(keys, threshold))
 }
 
+/// Reads and checks a root document (signed by a threshold of its own root keys, unexpired).
+pub fn load_root(path: &Path) -> Result<Root, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    Root::provision(&bytes, crate::clock::now())
+        .map_err(|e| ConfigError::Invalid(format!("trust root {}: {e}", path.display())))
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -235,11 +280,32 @@ impl Config {
                 u.reconnect_max_secs.unwrap_or(DEFAULT_RECONNECT_MAX_SECS).max(1),
             ),
         };
-        if raw.trust.keys.is_empty() {
-            return Err(invalid("trust.keys must name at least one public key file".into()));
-        }
-        let keys: Vec<PathBuf> = raw.trust.keys.iter().map(|k| base.join(k)).collect();
-        let trusted = load_trusted(&keys, raw.trust.threshold.unwrap_or(1))?;
+        let root = match (&raw.trust.root, raw.trust.keys.is_empty()) {
+            (Some(path), true) => load_root(&base.join(path))?,
+            (None, false) => {
+                let keys: Vec<PathBuf> = raw.trust.keys.iter().map(|k| base.join(k)).collect();
+                Root::from_release_keys(load_trusted(&keys, raw.trust.threshold.unwrap_or(1))?)
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "trust: give either root (a root document) or keys, not both".into(),
+                ));
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "trust: give root (the fleet's root document) or keys (release public key files)"
+                        .into(),
+                ));
+            }
+        };
+        let up = &raw.updates;
+        let updates = UpdatesConfig {
+            max_bundle_bytes: up.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE_BYTES),
+            fetch_window: up.fetch_window.unwrap_or(DEFAULT_FETCH_WINDOW).clamp(1, 16),
+            fetch_timeout: Duration::from_secs(
+                up.fetch_timeout_secs.unwrap_or(DEFAULT_FETCH_TIMEOUT_SECS).max(1),
+            ),
+        };
         let mut assets: Vec<AssetConfig> = Vec::new();
         for a in raw.assets {
             let id = AssetId::new(a.id).map_err(|e| invalid(e.to_string()))?;
@@ -280,10 +346,13 @@ impl Config {
         Ok(Config {
             device,
             site: raw.site,
+            tags: raw.tags,
+            device_class: raw.device_class.unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
             data_dir: base.join(raw.data_dir),
             drift,
             uplink,
-            trusted,
+            root,
+            updates,
             assets,
         })
     }

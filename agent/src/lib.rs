@@ -7,6 +7,7 @@
 //! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`],
 //! [`watchdog`] (systemd notifications).
 
+pub mod activation;
 pub mod alert;
 pub mod asset;
 pub mod cli;
@@ -22,7 +23,9 @@ pub mod replay;
 pub mod runtime;
 pub mod signal;
 pub mod sources;
+pub mod staging;
 pub mod store;
+pub mod update_state;
 pub mod uplink;
 pub mod watchdog;
 pub mod window;

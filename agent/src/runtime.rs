@@ -4,20 +4,25 @@
 //! variant of [`Event`]. Inference runs inline (a window takes microseconds); SQLite commits are
 //! grouped every `flush_interval` or `flush_max_records`.
 
+mod update;
+
 use crate::asset::{self, AssetState, Cursor, Outcome};
 use crate::config::{Config, Source};
 use crate::inference::Model;
 use crate::mqtt::{self, MqttEvent};
 use crate::sources::{self, CmapssReplay, SourceEvent};
 use crate::store::{NewRecord, Store};
+use crate::update_state::Slot;
 use crate::uplink::{PRIORITY, Uplink};
 use crate::{clock, cmapss, reading};
 use anyhow::Context as _;
+use millwright_shared::bundle::sha256_hex;
 use millwright_shared::drift::monitor::ReportMeta;
-use millwright_shared::drift::{DriftMonitor, DriftReport, Quality, Severity};
-use millwright_shared::keys::TrustedKeys;
+use millwright_shared::drift::{DriftMonitor, DriftReport, DriftSettings, Quality, Severity};
+use millwright_shared::manifest::Manifest;
+use millwright_shared::trust::Root;
 use millwright_shared::wire::{
-    self, Ack, DeviceStatus, RecordBody, Stream, UplinkBatch, WIRE_VERSION,
+    self, Ack, DeviceStatus, RecordBody, RunningModel, Stream, UplinkBatch, WIRE_VERSION,
 };
 use millwright_shared::{AssetId, DeviceId, bundle, topics};
 use rumqttc::{AsyncClient, QoS};
@@ -25,7 +30,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Everything that wakes the loop.
@@ -53,6 +58,24 @@ struct Asset {
     drift_status: BTreeMap<String, FeatureStatus>,
 }
 
+impl Asset {
+    /// Drift is measured against the serving release's profile: a new release starts a new
+    /// interval (the caller closed the previous one).
+    fn reset_drift(&mut self, manifest: &Manifest, settings: DriftSettings, now_ms: i64) {
+        self.drift = manifest
+            .drift
+            .clone()
+            .map(|profile| DriftMonitor::new(std::sync::Arc::new(profile), settings));
+        self.drift_from_ms = now_ms;
+    }
+}
+
+/// Where a loaded model came from: the bundle file and its SHA-256.
+struct Loaded {
+    path: PathBuf,
+    sha256: String,
+}
+
 /// A feature's last drift verdict and data-quality flags.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct FeatureStatus {
@@ -77,6 +100,11 @@ pub struct Counters {
     pub bad_acks: u64,
     pub drift_reports: u64,
     pub drift_alerts: u64,
+    pub updates_committed: u64,
+    pub updates_rejected: u64,
+    pub updates_reverted: u64,
+    pub chunks_received: u64,
+    pub chunks_refused: u64,
 }
 
 /// What `status.json` holds: the seam for the local status page and `millwright-agent status`.
@@ -88,6 +116,10 @@ struct Status<'a> {
     backlog: BTreeMap<&'static str, u64>,
     oldest_unacked_at_ms: Option<i64>,
     assets: Vec<AssetStatus<'a>>,
+    models: Vec<RunningModel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update: Option<update::UpdateStatus>,
+    trust_root_version: u64,
     counters: &'a Counters,
 }
 
@@ -102,7 +134,16 @@ struct AssetStatus<'a> {
 struct Agent {
     config: Config,
     store: Store,
+    /// The trust root in force (the provisioned one, or a newer one accepted since).
+    root: Root,
     models: Vec<Model>,
+    /// Parallel to `models`: the bundle file each was loaded from.
+    loaded: Vec<Loaded>,
+    /// Model name → the bundle files serving it, once an update installed one.
+    slots: HashMap<String, Slot>,
+    update: Option<update::Update>,
+    /// SHA-256 of the last directive or root refused, so a retained one is reported once.
+    refused: Option<String>,
     assets: Vec<Asset>,
     client: AsyncClient,
     uplink: Uplink,
@@ -111,25 +152,55 @@ struct Agent {
     counters: Counters,
 }
 
-/// Verifies and loads every distinct bundle the assets name.
-fn load_models(config: &Config, cursors: &HashMap<AssetId, Cursor>) -> (Vec<Model>, Vec<Asset>) {
+/// The bundle files to try for an asset, best first: the model's active slot, its last known
+/// good, then the configured bundle.
+fn candidates(configured: &Path, slots: &HashMap<String, Slot>) -> Vec<PathBuf> {
+    let model = std::fs::read(configured)
+        .ok()
+        .and_then(|b| bundle::RawBundle::parse(&b).ok())
+        .and_then(|raw| raw.manifest_unverified().ok())
+        .map(|m| m.model.to_string());
+    let mut out = Vec::new();
+    if let Some(slot) = model.and_then(|m| slots.get(&m)) {
+        out.push(slot.active.clone());
+        out.extend(slot.previous.clone());
+    }
+    out.push(configured.to_owned());
+    out
+}
+
+/// Verifies and loads every distinct bundle the assets name (or that an update put in their
+/// model's slot).
+fn load_models(
+    config: &Config,
+    root: &Root,
+    slots: &HashMap<String, Slot>,
+    cursors: &HashMap<AssetId, Cursor>,
+) -> (Vec<Model>, Vec<Loaded>, Vec<Asset>) {
     let mut models: Vec<Model> = Vec::new();
-    let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
+    let mut loaded: Vec<Loaded> = Vec::new();
     let mut assets = Vec::new();
     for a in &config.assets {
-        let index = match by_path.get(&a.bundle) {
-            Some(&i) => i,
-            None => match load_bundle(&a.bundle, &config.trusted) {
+        let mut index = None;
+        for path in candidates(&a.bundle, slots) {
+            if let Some(i) = loaded.iter().position(|l| l.path == path) {
+                index = Some(i);
+                break;
+            }
+            match load_bundle(&path, root) {
                 Ok(model) => {
+                    let sha256 = std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap_or_default();
                     models.push(model);
-                    by_path.insert(a.bundle.clone(), models.len() - 1);
-                    models.len() - 1
+                    loaded.push(Loaded { path, sha256 });
+                    index = Some(models.len() - 1);
+                    break;
                 }
-                Err(e) => {
-                    tracing::error!(asset = %a.id, bundle = %a.bundle.display(), "{e:#}; asset disabled");
-                    continue;
-                }
-            },
+                Err(e) => tracing::error!(asset = %a.id, bundle = %path.display(), "{e:#}"),
+            }
+        }
+        let Some(index) = index else {
+            tracing::error!(asset = %a.id, "no bundle for this asset verifies; asset disabled");
+            continue;
         };
         let manifest = models[index].manifest();
         if manifest.asset_type != a.asset_type {
@@ -145,42 +216,54 @@ fn load_models(config: &Config, cursors: &HashMap<AssetId, Cursor>) -> (Vec<Mode
             Source::Cmapss { .. } => None,
         };
         let (features, inputs) = asset::monitored_features(manifest);
-        let drift = manifest
-            .drift
-            .clone()
-            .map(|profile| DriftMonitor::new(std::sync::Arc::new(profile), config.drift.settings));
-        assets.push(Asset {
+        let mut asset = Asset {
             state: AssetState::new(a.id.clone(), manifest, cursors.get(&a.id).copied()),
             model: index,
             features,
             inputs,
             input_topic,
-            drift,
-            drift_from_ms: clock::now_ms(),
+            drift: None,
+            drift_from_ms: 0,
             drift_status: BTreeMap::new(),
-        });
+        };
+        asset.reset_drift(manifest, config.drift.settings, clock::now_ms());
+        assets.push(asset);
     }
-    (models, assets)
+    (models, loaded, assets)
 }
 
 /// Reads, verifies and loads one bundle file (signatures, hash, expiry, shape, golden outputs).
-pub fn load_bundle(path: &Path, trusted: &TrustedKeys) -> anyhow::Result<Model> {
+pub fn load_bundle(path: &Path, root: &Root) -> anyhow::Result<Model> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let verified = bundle::verify(&bytes, trusted, clock::now())
+    let verified = root
+        .verify_bundle(&bytes, clock::now())
         .with_context(|| format!("bundle {} rejected", path.display()))?;
     Model::load(&verified).with_context(|| format!("bundle {} rejected", path.display()))
 }
 
-fn status_payload(device: &DeviceId, online: bool) -> Vec<u8> {
+/// The root in force: the provisioned one, or a newer one this device accepted since.
+fn current_root(config: &Config, store: &Store) -> Root {
+    let stored = store.stored_root().ok().flatten().and_then(|bytes| {
+        Root::provision(&bytes, clock::now())
+            .map_err(|e| tracing::error!("stored trust root refused: {e}"))
+            .ok()
+    });
+    match stored {
+        Some(root) if root.version() > config.root.version() => root,
+        _ => config.root.clone(),
+    }
+}
+
+fn status_payload(config: &Config, online: bool, models: Vec<RunningModel>) -> Vec<u8> {
     wire::encode(&DeviceStatus {
         v: WIRE_VERSION,
-        device: device.clone(),
+        device: config.device.clone(),
         online,
         agent_version: crate::VERSION.to_owned(),
-        site: None,
-        tags: Vec::new(),
-        device_class: None,
-        models: Vec::new(),
+        site: config.site.clone(),
+        tags: config.tags.clone(),
+        device_class: Some(config.device_class.clone()),
+        models,
     })
 }
 
@@ -190,7 +273,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir.join("outbox.sqlite"))?;
     let cursors = store.cursors()?;
-    let (models, assets) = load_models(&config, &cursors);
+    let root = current_root(&config, &store);
+    let slots = store.slots()?;
+    let (models, loaded, assets) = load_models(&config, &root, &slots, &cursors);
     if assets.is_empty() {
         anyhow::bail!("no asset could start (see the errors above)");
     }
@@ -206,7 +291,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             reconnect_max: u.reconnect_max,
             last_will: Some((
                 topics::status(&config.device),
-                status_payload(&config.device, false),
+                status_payload(&config, false, vec![]),
             )),
         },
         mqtt_tx,
@@ -236,7 +321,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         uplink: Uplink::new(config.uplink.settings),
         config,
         store,
+        root,
         models,
+        loaded,
+        slots,
+        update: None,
+        refused: None,
         assets,
         client,
         pending: Vec::new(),
@@ -249,6 +339,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         broker = %format!("{}:{}", agent.config.uplink.host, agent.config.uplink.port),
         "agent started"
     );
+    agent.resume_update();
     crate::watchdog::ready();
 
     let mut flush = tokio::time::interval(agent.config.uplink.flush_interval);
@@ -306,6 +397,7 @@ impl Agent {
                     tracing::info!("acks overdue; resending the outbox");
                 }
                 self.close_drift_intervals(clock::now_ms(), false);
+                self.on_update_tick(clock::now_ms());
                 self.pump();
                 self.write_status();
             }
@@ -324,10 +416,19 @@ impl Agent {
     ) {
         let asset = &mut self.assets[index];
         let model = &mut self.models[asset.model];
+        let mut observer = self.update.as_mut().and_then(|u| u.observer(asset.model));
         let cycle = cycle.unwrap_or_else(|| asset.state.next_cycle());
         let outcome = row.map(|row| {
             self.counters.readings += 1;
-            asset.state.on_reading(cycle, row, |w| model.predict(w))
+            asset.state.on_reading(cycle, row, |w| {
+                let started = Instant::now();
+                let out = model.predict(w);
+                let us = started.elapsed().as_micros() as u64;
+                if let Some(observer) = observer.take() {
+                    observer.after(w, &out, us);
+                }
+                out
+            })
         });
         if let Some(drift) = &mut asset.drift
             && !matches!(outcome, Some(Outcome::Warmup))
@@ -369,11 +470,21 @@ impl Agent {
     /// Closes every asset's drift interval that is due (all of them when `force`), queues the
     /// reports in the outbox and raises local drift alerts for verdicts that got worse.
     fn close_drift_intervals(&mut self, now_ms: i64, force: bool) {
+        self.close_drift(now_ms, |_| force);
+    }
+
+    /// Closes the drift intervals of the assets served by model `i` (before it is replaced).
+    fn close_drift_intervals_of(&mut self, i: usize, now_ms: i64) {
+        self.close_drift(now_ms, |asset| asset.model == i);
+    }
+
+    fn close_drift(&mut self, now_ms: i64, force: impl Fn(&Asset) -> bool) {
         let interval_ms = i64::try_from(self.config.drift.interval.as_millis()).unwrap_or(i64::MAX);
         let mut queued = false;
         for asset in &mut self.assets {
+            let forced = force(asset);
             let Some(monitor) = &mut asset.drift else { continue };
-            if !force && now_ms - asset.drift_from_ms < interval_ms {
+            if !forced && now_ms - asset.drift_from_ms < interval_ms {
                 continue;
             }
             if monitor.samples() == 0 {
@@ -441,16 +552,31 @@ impl Agent {
         self.uplink.on_connected();
         let device = &self.config.device;
         let _ = self.client.try_subscribe(topics::ack(device), QoS::AtLeastOnce);
+        for topic in [topics::desired(device), topics::chunk(device), topics::TRUST_ROOT.to_owned()]
+        {
+            let _ = self.client.try_subscribe(topic, QoS::AtLeastOnce);
+        }
         for asset in &self.assets {
             if let Some(topic) = &asset.input_topic {
                 let _ = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
             }
         }
         self.publish_status(true);
+        self.on_reconnect_update();
         self.pump();
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        let device = &self.config.device;
+        if topic == topics::desired(device) {
+            return self.on_directive(payload);
+        }
+        if topic == topics::chunk(device) {
+            return self.on_chunk(payload);
+        }
+        if topic == topics::TRUST_ROOT {
+            return self.on_root(payload);
+        }
         if topic == topics::ack(&self.config.device) {
             match Ack::decode(payload) {
                 Ok(ack) => {
@@ -497,9 +623,23 @@ impl Agent {
 
     /// The retained status message; its `online: false` form is also the last will.
     fn publish_status(&self, online: bool) {
-        let device = &self.config.device;
-        let payload = status_payload(device, online);
-        let _ = self.client.try_publish(topics::status(device), QoS::AtLeastOnce, true, payload);
+        let payload = status_payload(&self.config, online, self.running_models());
+        let topic = topics::status(&self.config.device);
+        let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, payload);
+    }
+
+    fn running_models(&self) -> Vec<RunningModel> {
+        self.models
+            .iter()
+            .map(|m| {
+                let manifest = m.manifest();
+                RunningModel {
+                    model: manifest.model.clone(),
+                    release: manifest.release,
+                    sha256: manifest.onnx.sha256.clone(),
+                }
+            })
+            .collect()
     }
 
     /// Sends outbox records while the uplink window has room.
@@ -562,6 +702,9 @@ impl Agent {
                     drift: &a.drift_status,
                 })
                 .collect(),
+            models: self.running_models(),
+            update: self.update.as_ref().map(update::Update::status),
+            trust_root_version: self.root.version(),
             counters: &self.counters,
         };
         let path = self.config.data_dir.join("status.json");

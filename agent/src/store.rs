@@ -20,7 +20,7 @@ pub enum StoreError {
 }
 
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 /// A record produced but not yet stored.
@@ -56,6 +56,48 @@ CREATE TABLE IF NOT EXISTS cursors (
 );
 ";
 
+/// Numbers and stores `records` and the `cursors` they advance inside `tx`.
+pub(crate) fn append_in(
+    tx: &Connection,
+    records: &[NewRecord],
+    cursors: &[(AssetId, Cursor)],
+) -> Result<(), StoreError> {
+    let mut next: HashMap<Stream, u64> = HashMap::new();
+    let mut last_seq = tx.prepare_cached("SELECT last_seq FROM sequences WHERE stream = ?1")?;
+    let mut insert =
+        tx.prepare_cached("INSERT INTO outbox (stream, seq, at_ms, body) VALUES (?1, ?2, ?3, ?4)")?;
+    for record in records {
+        let stream = record.body.stream();
+        let seq = match next.get(&stream) {
+            Some(seq) => *seq,
+            None => {
+                let last: Option<u64> =
+                    last_seq.query_row([stream.as_str()], |r| r.get(0)).optional()?;
+                last.unwrap_or(0) + 1
+            }
+        };
+        let body =
+            serde_json::to_string(&record.body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        insert.execute(params![stream.as_str(), seq, record.at_ms, body])?;
+        next.insert(stream, seq + 1);
+    }
+    let mut save = tx.prepare_cached(
+        "INSERT INTO sequences (stream, last_seq) VALUES (?1, ?2)
+         ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+    )?;
+    for (stream, next) in next {
+        save.execute(params![stream.as_str(), next - 1])?;
+    }
+    let mut cursor = tx.prepare_cached(
+        "INSERT INTO cursors (asset, cycle, level) VALUES (?1, ?2, ?3)
+         ON CONFLICT (asset) DO UPDATE SET cycle = excluded.cycle, level = excluded.level",
+    )?;
+    for (asset, c) in cursors {
+        cursor.execute(params![asset.as_str(), c.cycle, c.level.as_str()])?;
+    }
+    Ok(())
+}
+
 fn level_from(s: &str) -> Level {
     match s {
         "alarm" => Level::Alarm,
@@ -71,6 +113,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::update_state::SCHEMA)?;
         Ok(Store { conn })
     }
 
@@ -82,43 +125,7 @@ impl Store {
         cursors: &[(AssetId, Cursor)],
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        {
-            let mut next: HashMap<Stream, u64> = HashMap::new();
-            let mut last_seq =
-                tx.prepare_cached("SELECT last_seq FROM sequences WHERE stream = ?1")?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox (stream, seq, at_ms, body) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for record in records {
-                let stream = record.body.stream();
-                let seq = match next.get(&stream) {
-                    Some(seq) => *seq,
-                    None => {
-                        let last: Option<u64> =
-                            last_seq.query_row([stream.as_str()], |r| r.get(0)).optional()?;
-                        last.unwrap_or(0) + 1
-                    }
-                };
-                let body = serde_json::to_string(&record.body)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                insert.execute(params![stream.as_str(), seq, record.at_ms, body])?;
-                next.insert(stream, seq + 1);
-            }
-            let mut save = tx.prepare_cached(
-                "INSERT INTO sequences (stream, last_seq) VALUES (?1, ?2)
-                 ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-            )?;
-            for (stream, next) in next {
-                save.execute(params![stream.as_str(), next - 1])?;
-            }
-            let mut cursor = tx.prepare_cached(
-                "INSERT INTO cursors (asset, cycle, level) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (asset) DO UPDATE SET cycle = excluded.cycle, level = excluded.level",
-            )?;
-            for (asset, c) in cursors {
-                cursor.execute(params![asset.as_str(), c.cycle, c.level.as_str()])?;
-            }
-        }
+        append_in(&tx, records, cursors)?;
         tx.commit()?;
         Ok(())
     }

@@ -302,6 +302,7 @@ mod tests {
                 alerts: AlertThresholds { warning: 0.5, alarm: 0.8, hysteresis: 0.1 },
             },
             asset_type: "pump".into(),
+            device_classes: vec![],
             golden: Golden {
                 tolerance: 1e-4,
                 cases: vec![GoldenCase { input: vec![1.0, 2.0], output: vec![0.1] }],

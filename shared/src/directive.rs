@@ -3,9 +3,13 @@
 //! replayed. It names the bundle by SHA-256 and size and lists the SHA-256 of every chunk, so
 //! each chunk is checked as it arrives and the transfer can never grow past the stated size.
 
+use crate::bundle::sha256_hex;
 use crate::gates::Gates;
 use crate::ids::{DeviceId, ModelName, Release};
 use crate::trust::{Envelope, Root};
+use crate::wire::Chunk;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -42,6 +46,31 @@ impl BundleRef {
         (start < self.size).then(|| (self.size - start).min(u64::from(self.chunk_size)))
     }
 
+    /// Decodes and checks one chunk against the plan: the bundle it belongs to, its index, its
+    /// exact length and its SHA-256. Returns the index and the bytes.
+    pub fn accept(&self, chunk: &Chunk) -> Result<(u32, Vec<u8>), ChunkError> {
+        if chunk.sha256 != self.sha256 {
+            return Err(ChunkError::OtherBundle);
+        }
+        let expected = self.chunk_len(chunk.index).ok_or(ChunkError::Index(chunk.index))?;
+        // base64 is 4 bytes per 3: refuse oversized data before decoding it.
+        if chunk.data.len() as u64 > expected.div_ceil(3) * 4 {
+            return Err(ChunkError::Length { index: chunk.index, expected, found: None });
+        }
+        let data = BASE64.decode(&chunk.data).map_err(|_| ChunkError::Encoding(chunk.index))?;
+        if data.len() as u64 != expected {
+            return Err(ChunkError::Length {
+                index: chunk.index,
+                expected,
+                found: Some(data.len() as u64),
+            });
+        }
+        if sha256_hex(&data) != self.chunks[chunk.index as usize] {
+            return Err(ChunkError::Hash(chunk.index));
+        }
+        Ok((chunk.index, data))
+    }
+
     /// The chunk plan is consistent with the stated size.
     pub fn check(&self) -> Result<(), DirectiveError> {
         let bad = |why: &str| Err(DirectiveError::ChunkPlan(why.to_owned()));
@@ -57,6 +86,21 @@ impl BundleRef {
         }
         Ok(())
     }
+}
+
+/// Why a chunk was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk belongs to another bundle")]
+    OtherBundle,
+    #[error("chunk index {0} is past the end of the bundle")]
+    Index(u32),
+    #[error("chunk {0} is not valid base64")]
+    Encoding(u32),
+    #[error("chunk {index} is {} bytes, the directive says {expected}", found.map_or("too many".to_owned(), |n| n.to_string()))]
+    Length { index: u32, expected: u64, found: Option<u64> },
+    #[error("chunk {0} does not match its SHA-256 in the directive")]
+    Hash(u32),
 }
 
 /// How the device brings the release in: shadow period, probation and the health gates.
@@ -291,5 +335,34 @@ mod tests {
         );
         assert_eq!(directive(1).bundle.chunk_len(2), Some(2));
         assert_eq!(directive(1).bundle.chunk_len(3), None);
+    }
+
+    #[test]
+    fn chunks_are_checked_for_bundle_index_length_and_hash() {
+        let bytes = b"0123456789".to_vec();
+        let plan = BundleRef {
+            sha256: sha256_hex(&bytes),
+            size: 10,
+            chunk_size: 4,
+            chunks: bytes.chunks(4).map(sha256_hex).collect(),
+        };
+        plan.check().unwrap();
+        let chunk = |index: u32, data: &[u8]| Chunk {
+            v: 1,
+            sha256: plan.sha256.clone(),
+            index,
+            data: BASE64.encode(data),
+        };
+        assert_eq!(plan.accept(&chunk(2, b"89")), Ok((2, b"89".to_vec())));
+        assert_eq!(plan.accept(&chunk(1, b"4567")), Ok((1, b"4567".to_vec())));
+        assert_eq!(plan.accept(&chunk(1, b"4568")), Err(ChunkError::Hash(1)));
+        assert_eq!(plan.accept(&chunk(3, b"x")), Err(ChunkError::Index(3)));
+        assert!(matches!(plan.accept(&chunk(2, b"899")), Err(ChunkError::Length { .. })));
+        assert!(matches!(
+            plan.accept(&chunk(0, &[0; 4096])),
+            Err(ChunkError::Length { found: None, .. })
+        ));
+        let other = Chunk { sha256: "0".repeat(64), ..chunk(0, b"0123") };
+        assert_eq!(plan.accept(&other), Err(ChunkError::OtherBundle));
     }
 }

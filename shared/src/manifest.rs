@@ -28,6 +28,9 @@ pub struct Manifest {
     pub output: OutputSpec,
     /// The kind of machine the model is for (e.g. "turbofan"); assets declare theirs.
     pub asset_type: String,
+    /// Device classes (e.g. "aarch64") the model may run on; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_classes: Vec<String>,
     pub golden: Golden,
     /// The training-data reference drift is measured against; its features are the ones the
     /// agent monitors (a superset of the model's inputs).

@@ -86,6 +86,9 @@ pub struct BundleMeta {
     pub output: OutputSpec,
     /// Columns the drift profile covers (default: every C-MAPSS setting and sensor).
     pub drift_features: Option<Vec<String>>,
+    /// Device classes the model may run on (default: any).
+    #[serde(default)]
+    pub device_classes: Vec<String>,
 }
 
 /// Golden pairs as written by the training pipeline (onnxruntime outputs).
@@ -139,6 +142,7 @@ pub fn build(
         input: meta.input,
         output: meta.output,
         asset_type: meta.asset_type,
+        device_classes: meta.device_classes,
         golden: Golden { tolerance: meta.golden_tolerance, cases: golden.cases },
         drift: None,
     };

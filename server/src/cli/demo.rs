@@ -56,9 +56,12 @@ fn agent_config(
     let raw = RawConfig {
         device: gateway.device.to_owned(),
         site: Some(gateway.site.to_owned()),
+        tags: Vec::new(),
+        device_class: None,
         data_dir: args.data_dir.join(gateway.device),
         uplink: RawUplink { broker: args.mqtt.clone(), ..Default::default() },
-        trust: RawTrust { keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
+        trust: RawTrust { root: None, keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
+        updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
         assets: gateway
             .units
