@@ -283,6 +283,29 @@ impl Db {
         rows.collect()
     }
 
+    /// A device's update reports in sequence order (phase, reason, health as JSON).
+    pub fn update_reports(&self, device: &str) -> rusqlite::Result<Vec<serde_json::Value>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, rollout, directive, model, release, phase, reason, health, at_ms
+             FROM update_reports WHERE device = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([device], |r| {
+            let health: Option<String> = r.get(7)?;
+            Ok(serde_json::json!({
+                "seq": r.get::<_, u64>(0)?,
+                "rollout": r.get::<_, Option<String>>(1)?,
+                "directive": r.get::<_, Option<u64>>(2)?,
+                "model": r.get::<_, Option<String>>(3)?,
+                "release": r.get::<_, Option<u64>>(4)?,
+                "phase": r.get::<_, String>(5)?,
+                "reason": r.get::<_, Option<String>>(6)?,
+                "health": health.and_then(|h| serde_json::from_str::<serde_json::Value>(&h).ok()),
+                "at_ms": r.get::<_, i64>(8)?,
+            }))
+        })?;
+        rows.collect()
+    }
+
     /// The newest prediction and alert of every asset of a device.
     pub fn latest(&self, device: &str) -> rusqlite::Result<Vec<AssetLatest>> {
         let mut assets: Vec<String> = self

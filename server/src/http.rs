@@ -8,6 +8,7 @@
 //! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
 //! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=` | predictions in sequence order |
 //! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=` | alerts in sequence order |
+//! | `GET /api/v1/devices/{device}/updates` | update reports: phase, reason, health, rollout, directive, release |
 //! | `GET /api/v1/drift?by=feature\|site\|device\|bucket&bucket_s=&model=&release=&site=&device=&feature=&from_ms=&to_ms=` | fleet drift: merged histograms and their scores per group |
 //! | `GET /api/v1/drift/drifting?model=&release=&site=` | assets whose latest report has a feature at warn/drift or a data-quality flag, and the sites they are at |
 //! | `GET /api/v1/drift/events` | "retraining recommended" events with their evidence |
@@ -58,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}/latest", get(latest))
         .route("/api/v1/devices/{device}/predictions", get(predictions))
         .route("/api/v1/devices/{device}/alerts", get(alerts))
+        .route("/api/v1/devices/{device}/updates", get(updates))
         .route("/api/v1/drift", get(fleet_drift))
         .route("/api/v1/drift/drifting", get(drifting))
         .route("/api/v1/drift/events", get(retraining_events))
@@ -138,6 +140,10 @@ async fn alerts(
 ) -> Response {
     let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
     query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
+}
+
+async fn updates(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
+    query(&state, move |db| db.update_reports(&device)).await
 }
 
 async fn fleet_drift(

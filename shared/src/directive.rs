@@ -196,9 +196,12 @@ pub fn verify(
     let envelope = Envelope::parse(bytes).map_err(DirectiveError::Malformed)?;
     let payload = envelope.payload_bytes().map_err(DirectiveError::Malformed)?;
     let server = root.server_keys().ok_or(DirectiveError::NoServerKey)?;
-    let valid = envelope
-        .signers(DIRECTIVE_DOMAIN, &payload, server)
-        .map_err(|e| DirectiveError::Signature(e.to_string()))?;
+    let valid = envelope.signers(DIRECTIVE_DOMAIN, &payload, server).map_err(|e| match e {
+        crate::bundle::Rejection::BadSignature(key) => DirectiveError::Signature(format!(
+            "the signature by server key {key} does not match (the directive was modified)"
+        )),
+        other => DirectiveError::Signature(other.to_string()),
+    })?;
     if valid < server.threshold() {
         if let Some(s) = envelope.signatures.iter().find(|s| root.is_revoked(&s.key_id)) {
             return Err(DirectiveError::RevokedKey(s.key_id.0.clone()));

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 pub use millwright_shared as shared;
 
+pub mod rogue;
+pub mod trust;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
@@ -298,6 +301,14 @@ pub struct AgentSpec {
     pub site: Option<String>,
     /// Body of the agent's `[drift]` table, e.g. `interval_secs = 1`.
     pub drift: Option<String>,
+    /// A root document to trust instead of the demo release key.
+    pub trust_root: Option<PathBuf>,
+    /// The bundle its assets start with (default: the reference bundle).
+    pub bundle: Option<PathBuf>,
+    /// Extra top-level config lines, e.g. `tags = ["pilot"]`.
+    pub top: String,
+    /// Body of the agent's `[updates]` table.
+    pub updates: Option<String>,
 }
 
 impl AgentSpec {
@@ -314,6 +325,10 @@ impl AgentSpec {
             data: None,
             site: None,
             drift: None,
+            trust_root: None,
+            bundle: None,
+            top: String::new(),
+            updates: None,
         }
     }
 }
@@ -328,16 +343,34 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(root: &Path, spec: AgentSpec, broker_port: u16) -> anyhow::Result<Agent> {
+        Self::start_with_env(root, spec, broker_port, &[])
+    }
+
+    /// Starts an agent with extra environment variables (e.g. `MILLWRIGHT_PAUSE_AFTER`).
+    pub fn start_with_env(
+        root: &Path,
+        spec: AgentSpec,
+        broker_port: u16,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
         let dir = root.join(&spec.device);
         std::fs::create_dir_all(&dir)?;
+        let trust = match &spec.trust_root {
+            Some(root) => format!("root = {root:?}"),
+            None => format!("keys = [{:?}]", repo_file(PUBLIC_KEY)),
+        };
         let mut toml = format!(
-            "device = {:?}\ndata_dir = {:?}\n\n[uplink]\nbroker = \"127.0.0.1:{broker_port}\"\n\
+            "device = {:?}\ndata_dir = {:?}\n{}\n\n[uplink]\nbroker = \"127.0.0.1:{broker_port}\"\n\
              keep_alive_secs = 2\nretry_after_secs = 3\nreconnect_max_secs = 1\n\n\
-             [trust]\nkeys = [{:?}]\n",
+             [trust]\n{trust}\n",
             spec.device,
             dir.join("data"),
-            repo_file(PUBLIC_KEY)
+            spec.top,
         );
+        if let Some(updates) = &spec.updates {
+            toml += &format!("\n[updates]\n{updates}\n");
+        }
+        let bundle = spec.bundle.clone().unwrap_or_else(|| repo_file(BUNDLE));
         if let Some(site) = &spec.site {
             toml = format!("site = {site:?}\n{toml}");
         }
@@ -349,35 +382,43 @@ impl Agent {
             toml += &format!(
                 "\n[[assets]]\nid = \"unit-{unit}\"\nasset_type = \"turbofan\"\nbundle = {:?}\n\
                  source = {{ kind = \"cmapss\", path = {:?}, unit = {unit}, cycles_per_second = {} }}\n",
-                repo_file(BUNDLE),
-                data,
-                spec.cycles_per_second
+                bundle, data, spec.cycles_per_second
             );
         }
         for (asset, topic) in &spec.mqtt_assets {
             toml += &format!(
                 "\n[[assets]]\nid = {asset:?}\nasset_type = \"turbofan\"\nbundle = {:?}\n\
                  source = {{ kind = \"mqtt\", topic = {topic:?} }}\n",
-                repo_file(BUNDLE)
+                bundle
             );
         }
         let config = dir.join("agent.toml");
         std::fs::write(&config, toml)?;
-        let proc = Self::spawn(&dir, &config)?;
+        let proc = Self::spawn(&dir, &config, env)?;
         Ok(Agent { spec, dir, config, proc })
     }
 
-    fn spawn(dir: &Path, config: &Path) -> anyhow::Result<Proc> {
-        Proc::spawn(
-            Command::new(bin("millwright-agent")).arg("run").arg("--config").arg(config),
-            dir.join("agent.log"),
-        )
+    fn spawn(dir: &Path, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(bin("millwright-agent"));
+        cmd.arg("run").arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Proc::spawn(&mut cmd, dir.join("agent.log"))
     }
 
     /// Starts the agent again with the same config and data folder.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.proc = Self::spawn(&self.dir, &self.config)?;
+        self.proc = Self::spawn(&self.dir, &self.config, &[])?;
         Ok(())
+    }
+
+    /// The release of `model` the agent serves, per its status file.
+    pub fn serving(&self, model: &str) -> Option<(u64, String)> {
+        let status = self.status()?;
+        status["models"].as_array()?.iter().find(|m| m["model"] == model).map(|m| {
+            (m["release"].as_u64().unwrap_or(0), m["sha256"].as_str().unwrap_or("").to_owned())
+        })
     }
 
     /// The agent's `status.json` (written every second).
