@@ -12,5 +12,6 @@ mod e2e {
     mod faults;
     mod reference_model;
     mod tidy;
+    mod update_crashes;
     mod update_refusals;
 }
