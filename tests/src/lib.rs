@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 pub use millwright_shared as shared;
 
+pub mod variants;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()

@@ -12,4 +12,5 @@ mod e2e {
     mod faults;
     mod reference_model;
     mod tidy;
+    mod variants;
 }
