@@ -14,6 +14,7 @@ pub use millwright_shared as shared;
 
 pub mod rogue;
 pub mod trust;
+pub mod variants;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

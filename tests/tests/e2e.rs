@@ -14,4 +14,5 @@ mod e2e {
     mod tidy;
     mod update_crashes;
     mod update_refusals;
+    mod variants;
 }
