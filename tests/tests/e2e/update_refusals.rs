@@ -279,6 +279,16 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
         update(directive(next(), &not_onnx, 2), not_onnx),
         "not an ONNX model",
     );
+    let shape = TrustKit::bundle(
+        TrustKit::manifest(2, |_| {}).unwrap(),
+        millwright_tests::variants::wrong_input_shape(),
+        &kit.release_signers(),
+    );
+    add(
+        "graph input shape contradicts the manifest",
+        update(directive(next(), &shape, 2), shape),
+        "but the manifest says [batch, 30, 14]",
+    );
     let narrow = bundle_with(&|m| {
         m.input.window = 20;
         for case in &mut m.golden.cases {
