@@ -22,6 +22,93 @@ pub struct RawConfig {
     pub models: RawModels,
     #[serde(default)]
     pub drift: RawFleetDrift,
+    pub rollouts: Option<RawRollouts>,
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// Model rollouts: the fleet's root document and the online key that signs directives.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollouts {
+    pub root: PathBuf,
+    pub server_key: PathBuf,
+    pub directive_ttl_secs: Option<u64>,
+    pub chunk_size: Option<u32>,
+    pub delivery_bytes_per_sec: Option<u64>,
+    pub tick_ms: Option<u64>,
+}
+
+/// Who may change things through the API, and how much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+/// An API user: write requests carry `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+/// Validated `[rollouts]`.
+#[derive(Debug, Clone)]
+pub struct Rollouts {
+    pub root: millwright_shared::trust::Root,
+    /// The root document's bytes, republished retained for devices.
+    pub root_bytes: Vec<u8>,
+    pub server_key: ed25519_dalek::SigningKey,
+    pub directive_ttl: std::time::Duration,
+    pub chunk_size: u32,
+    pub delivery_bytes_per_sec: Option<u64>,
+    pub tick: std::time::Duration,
+}
+
+pub const DEFAULT_DIRECTIVE_TTL_SECS: u64 = 3600;
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_TICK_MS: u64 = 1000;
+
+impl RawRollouts {
+    fn validate(&self) -> Result<Rollouts, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let root_bytes = std::fs::read(&self.root)
+            .map_err(|source| ConfigError::Read { path: self.root.clone(), source })?;
+        let root =
+            millwright_shared::trust::Root::provision(&root_bytes, millwright_agent::clock::now())
+                .map_err(|e| invalid(format!("rollouts.root {}: {e}", self.root.display())))?;
+        let text = std::fs::read_to_string(&self.server_key)
+            .map_err(|source| ConfigError::Read { path: self.server_key.clone(), source })?;
+        let (id, server_key) = millwright_shared::keys::SecretKeyFile::parse(&text)
+            .map_err(|e| invalid(format!("rollouts.server_key: {e}")))?;
+        if root.server_keys().is_none_or(|keys| keys.get(&id).is_none()) {
+            return Err(invalid(format!(
+                "rollouts.server_key {id} is not one of the root's (unrevoked) server keys; devices would refuse its directives"
+            )));
+        }
+        let chunk_size = self.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+        if !(1024..=1 << 20).contains(&chunk_size) {
+            return Err(invalid(format!(
+                "rollouts.chunk_size {chunk_size} is not within 1 KiB..1 MiB"
+            )));
+        }
+        Ok(Rollouts {
+            root,
+            root_bytes,
+            server_key,
+            directive_ttl: std::time::Duration::from_secs(
+                self.directive_ttl_secs.unwrap_or(DEFAULT_DIRECTIVE_TTL_SECS).max(60),
+            ),
+            chunk_size,
+            delivery_bytes_per_sec: self.delivery_bytes_per_sec.filter(|b| *b > 0),
+            tick: std::time::Duration::from_millis(self.tick_ms.unwrap_or(DEFAULT_TICK_MS).max(50)),
+        })
+    }
 }
 
 /// Bundles whose manifests the server knows (for drift reference profiles).
@@ -75,6 +162,9 @@ pub struct Config {
     pub retraining: Policy,
     /// POSTed every retraining event as JSON, if set.
     pub webhook: Option<String>,
+    /// Model registry and rollouts, when a root and server key are configured.
+    pub rollouts: Option<Rollouts>,
+    pub users: Vec<User>,
 }
 
 impl RawConfig {
@@ -134,7 +224,18 @@ impl Config {
             persist_reports: raw.drift.persist_reports.unwrap_or(defaults.persist_reports).max(1),
             min_devices: raw.drift.min_devices.unwrap_or(defaults.min_devices).max(1),
         };
+        let rollouts = raw.rollouts.as_ref().map(RawRollouts::validate).transpose()?;
+        for (i, u) in raw.users.iter().enumerate() {
+            if u.token.len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "users[{i}] ({}): the token must be at least 16 characters",
+                    u.name
+                )));
+            }
+        }
         Ok(Config {
+            rollouts,
+            users: raw.users,
             bundles: raw.models.bundles,
             trusted,
             retraining,

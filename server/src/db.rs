@@ -6,7 +6,7 @@
 
 use crate::ingest::Accepted;
 use millwright_shared::DeviceId;
-use millwright_shared::wire::{Ack, DeviceStatus, RecordBody};
+use millwright_shared::wire::{Ack, DeviceStatus, RecordBody, RunningModel};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS update_reports (
 ) WITHOUT ROWID;
 ";
 
+/// Columns added to `devices` after its first release; added on open when missing.
+const DEVICE_COLUMNS: [&str; 4] = ["site TEXT", "tags TEXT", "device_class TEXT", "models TEXT"];
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeviceRow {
     pub device: String,
@@ -75,6 +78,18 @@ pub struct DeviceRow {
     pub agent_version: Option<String>,
     pub predictions: u64,
     pub alerts: u64,
+    pub site: Option<String>,
+    pub tags: Vec<String>,
+    pub device_class: Option<String>,
+    /// The releases the device serves, from its last status message.
+    pub models: Vec<RunningModel>,
+}
+
+impl DeviceRow {
+    /// The release of `model` this device serves, if any.
+    pub fn serving(&self, model: &str) -> Option<u64> {
+        self.models.iter().find(|m| m.model.as_str() == model).map(|m| m.release.0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -118,6 +133,16 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::drift_db::SCHEMA)?;
+        conn.execute_batch(crate::rollout_db::SCHEMA)?;
+        for column in DEVICE_COLUMNS {
+            let name = column.split(' ').next().unwrap_or(column);
+            let exists = conn
+                .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = ?1")?
+                .exists([name])?;
+            if !exists {
+                conn.execute_batch(&format!("ALTER TABLE devices ADD COLUMN {column}"))?;
+            }
+        }
         Ok(Db { conn })
     }
 
@@ -213,6 +238,8 @@ impl Db {
         Ok(Ack::from_seqs(batch.stream, batch.records.iter().map(|r| r.seq).collect()))
     }
 
+    /// Records a status message. The last will (`online: false`, nothing else) leaves the
+    /// inventory as the device last described it.
     pub fn set_status(&mut self, status: &DeviceStatus, now_ms: i64) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         Self::touch(&tx, &status.device, now_ms)?;
@@ -220,6 +247,19 @@ impl Db {
             "UPDATE devices SET online = ?2, agent_version = ?3 WHERE device = ?1",
             params![status.device.as_str(), status.online, status.agent_version],
         )?;
+        if status.online {
+            tx.execute(
+                "UPDATE devices SET site = ?2, tags = ?3, device_class = ?4, models = ?5
+                 WHERE device = ?1",
+                params![
+                    status.device.as_str(),
+                    status.site,
+                    serde_json::to_string(&status.tags).ok(),
+                    status.device_class,
+                    serde_json::to_string(&status.models).ok()
+                ],
+            )?;
+        }
         tx.commit()
     }
 
@@ -235,10 +275,12 @@ impl Db {
         let mut stmt = self.conn.prepare_cached(
             "SELECT d.device, d.first_seen_ms, d.last_seen_ms, d.online, d.agent_version,
                     (SELECT COUNT(*) FROM predictions p WHERE p.device = d.device),
-                    (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device)
+                    (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device),
+                    d.site, d.tags, d.device_class, d.models
              FROM devices d WHERE ?1 IS NULL OR d.device = ?1 ORDER BY d.device",
         )?;
         let rows = stmt.query_map([only], |r| {
+            let list = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
             Ok(DeviceRow {
                 device: r.get(0)?,
                 first_seen_ms: r.get(1)?,
@@ -247,6 +289,10 @@ impl Db {
                 agent_version: r.get(4)?,
                 predictions: r.get(5)?,
                 alerts: r.get(6)?,
+                site: r.get(7)?,
+                tags: list(8)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
+                device_class: r.get(9)?,
+                models: list(10)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
             })
         })?;
         rows.collect()

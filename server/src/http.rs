@@ -12,6 +12,17 @@
 //! | `GET /api/v1/drift?by=feature\|site\|device\|bucket&bucket_s=&model=&release=&site=&device=&feature=&from_ms=&to_ms=` | fleet drift: merged histograms and their scores per group |
 //! | `GET /api/v1/drift/drifting?model=&release=&site=` | assets whose latest report has a feature at warn/drift or a data-quality flag, and the sites they are at |
 //! | `GET /api/v1/drift/events` | "retraining recommended" events with their evidence |
+//! | `POST /api/v1/models` (admin; body: the bundle file) | registers a release, or 422/409 with the reason |
+//! | `GET /api/v1/models`, `GET /api/v1/models/{model}` | registered releases |
+//! | `POST /api/v1/rollouts` (operator; body: a `rollout::Spec` plus `reason`) | starts a rollout, returns it |
+//! | `GET /api/v1/rollouts`, `GET /api/v1/rollouts/{id}` | rollouts: state, waves, every device's state, phase, reason, health |
+//! | `POST /api/v1/rollouts/{id}/{pause\|resume\|abort\|revert}` (operator; body `{"reason": ..}`) | the rollout after the action |
+//! | `GET /api/v1/audit?limit=` | who did what, when and why (newest first) |
+//! | `GET /api/v1/delivery` | bytes of bundle chunks sent per device |
+//!
+//! Write routes need `Authorization: Bearer <token>` of a configured `[[users]]` entry.
+
+mod rollouts;
 
 use crate::db::Db;
 use crate::drift::{self, GroupBy, Profiles};
@@ -19,7 +30,7 @@ use crate::drift_db::Filter;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use millwright_shared::drift::DriftSettings;
 use serde::Deserialize;
@@ -31,7 +42,11 @@ use std::sync::{Arc, Mutex};
 pub struct ApiState {
     pub db: Arc<Mutex<Db>>,
     pub broker_connected: Arc<AtomicBool>,
-    pub profiles: Arc<Profiles>,
+    pub profiles: Arc<std::sync::RwLock<Profiles>>,
+    /// The writer task, when rollouts are configured.
+    pub requests: Option<tokio::sync::mpsc::Sender<crate::rollouts::Request>>,
+    pub users: Arc<Vec<crate::config::User>>,
+    pub served: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// How the drift summary route groups (the rest of its query is a [`Filter`]).
@@ -63,6 +78,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/drift", get(fleet_drift))
         .route("/api/v1/drift/drifting", get(drifting))
         .route("/api/v1/drift/events", get(retraining_events))
+        .route("/api/v1/models", post(rollouts::register).get(rollouts::models))
+        .route("/api/v1/models/{model}", get(rollouts::model))
+        .route("/api/v1/rollouts", post(rollouts::start).get(rollouts::rollouts))
+        .route("/api/v1/rollouts/{id}", get(rollouts::rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
+        .route("/api/v1/audit", get(rollouts::audit))
+        .route("/api/v1/delivery", get(rollouts::delivery))
+        .layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
         .with_state(state)
 }
 
@@ -151,7 +174,7 @@ async fn fleet_drift(
     Query(filter): Query<Filter>,
     Query(g): Query<Grouping>,
 ) -> Response {
-    let profiles = state.profiles.clone();
+    let profiles = state.profiles.read().map(|p| p.clone()).unwrap_or_default();
     let by = g.by.unwrap_or(GroupBy::Feature);
     let bucket_ms = g.bucket_s.unwrap_or(3600).max(1) * 1000;
     query(&state, move |db| {

@@ -6,6 +6,7 @@
 //! [`runtime`] (the MQTT ingest loop and wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright` command).
 
 #[cfg(feature = "embedded-broker")]
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -15,9 +16,15 @@ pub mod drift;
 pub mod drift_db;
 pub mod http;
 pub mod ingest;
+pub mod rollout;
+pub mod rollout_db;
+pub mod rollouts;
 pub mod runtime;
 
 pub use config::Config;
 pub use runtime::run;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The largest request body the API takes (a bundle being registered).
+pub const REGISTRY_MAX_BODY: usize = 64 << 20;

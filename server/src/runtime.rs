@@ -6,6 +6,7 @@ use crate::config::{Broker, Config};
 use crate::db::Db;
 use crate::drift::{self, Policy, Profiles, RetrainingEvent};
 use crate::drift_db::Filter;
+use crate::rollouts::{Request, Rollouts};
 use crate::{http, ingest};
 use anyhow::Context as _;
 use millwright_agent::clock::now_ms;
@@ -26,6 +27,8 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 enum Event {
     Mqtt(MqttEvent),
+    Request(Box<Request>),
+    Tick,
     Shutdown,
 }
 
@@ -91,10 +94,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (host, port) = tokio::task::block_in_place(|| broker_address(&config.broker))?;
 
     let broker_connected = Arc::new(AtomicBool::new(false));
+    let profiles = Arc::new(std::sync::RwLock::new(load_profiles(&config)));
+    let mut rollouts =
+        config.rollouts.clone().map(|r| Rollouts::new(r, &config.data_dir, profiles.clone()));
+    if let Some(r) = &rollouts {
+        r.load_profiles(&db);
+    }
+    let (request_tx, mut request_rx) = mpsc::channel(64);
     let api = http::router(http::ApiState {
         db: Arc::new(Mutex::new(reader)),
         broker_connected: broker_connected.clone(),
-        profiles: Arc::new(load_profiles(&config)),
+        profiles,
+        requests: rollouts.as_ref().map(|_| request_tx),
+        users: Arc::new(config.users.clone()),
+        served: rollouts.as_ref().map(|r| r.served.clone()).unwrap_or_default(),
     });
     let ingest = Ingest { policy: config.retraining, webhook: config.webhook.clone() };
     let listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -122,27 +135,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     tracing::info!(broker = %format!("{host}:{port}"), "server started");
 
+    let tick_every = rollouts.as_ref().map_or(Duration::from_secs(3600), Rollouts::tick);
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         let event = tokio::select! {
             biased;
             _ = &mut shutdown => Event::Shutdown,
             Some(e) = rx.recv() => Event::Mqtt(e),
+            Some(r) = request_rx.recv() => Event::Request(Box::new(r)),
+            _ = tick.tick() => Event::Tick,
         };
         match event {
             Event::Shutdown => break,
+            Event::Tick => {
+                if let Some(r) = &mut rollouts {
+                    tokio::task::block_in_place(|| r.on_tick(&mut db, &client, now_ms()));
+                }
+            }
+            Event::Request(request) => {
+                if let Some(r) = &mut rollouts {
+                    r.handle(&mut db, &client, *request, now_ms()).await;
+                }
+            }
             Event::Mqtt(MqttEvent::Connected) => {
                 broker_connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");
                 for filter in [topics::UPLINK_FILTER, topics::STATUS_FILTER] {
                     let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
                 }
+                if let Some(r) = &rollouts {
+                    tokio::task::block_in_place(|| r.on_connected(&db, &client));
+                }
             }
             Event::Mqtt(MqttEvent::Disconnected(_)) => {
                 broker_connected.store(false, Ordering::Relaxed)
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => {
-                on_message(&mut db, &client, &ingest, &topic, &payload).await
+                on_message(&mut db, &client, &ingest, rollouts.as_mut(), &topic, &payload).await
             }
         }
     }
@@ -155,6 +186,7 @@ async fn on_message(
     db: &mut Db,
     client: &AsyncClient,
     ingest: &Ingest,
+    mut rollouts: Option<&mut Rollouts>,
     topic: &str,
     payload: &[u8],
 ) {
@@ -186,6 +218,15 @@ async fn on_message(
                             check_retraining(db, client, ingest, model.as_str(), release).await;
                         }
                     }
+                    if let Some(r) = rollouts.as_deref_mut() {
+                        for record in &batch.records {
+                            if let RecordBody::Update(report) = &record.body {
+                                tokio::task::block_in_place(|| {
+                                    r.on_report(db, client, device.as_str(), report, now_ms())
+                                });
+                            }
+                        }
+                    }
                 }
                 Err(e) => tracing::error!(%device, "cannot store batch (not acknowledged): {e}"),
             }
@@ -195,15 +236,23 @@ async fn on_message(
                 if let Err(e) = tokio::task::block_in_place(|| db.set_status(&status, now_ms())) {
                     tracing::error!(%device, "cannot store device status: {e}");
                 }
+                if status.online
+                    && let Some(r) = rollouts.as_deref_mut()
+                {
+                    tokio::task::block_in_place(|| {
+                        r.on_device_online(db, client, device.as_str(), now_ms())
+                    });
+                }
             }
             Ok(status) => {
                 tracing::warn!(%device, claimed = %status.device, "status claims another device's identity")
             }
             Err(e) => tracing::warn!(%device, "rejected status message: {e}"),
         },
-        Some(Incoming::Fetch { device }) => {
-            tracing::debug!(%device, "chunk request (model delivery is not served yet)")
-        }
+        Some(Incoming::Fetch { device }) => match rollouts {
+            Some(r) => r.on_fetch(db, client, &device, payload),
+            None => tracing::debug!(%device, "chunk request, but rollouts are not configured"),
+        },
         None => tracing::debug!(topic, "ignoring message on an unknown topic"),
     }
 }

@@ -105,6 +105,8 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             threshold: None,
         },
         drift: Default::default(),
+        rollouts: None,
+        users: Vec::new(),
     })?;
     let agents = GATEWAYS
         .iter()

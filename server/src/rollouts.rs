@@ -1,0 +1,577 @@
+//! The shell around the rollout engine ([`crate::rollout`]): the model registry, directives
+//! (signed with the server key, kept per device, published retained), chunk delivery with an
+//! optional per-device byte rate, and the audit log. Everything here runs on the server's one
+//! writer task; the HTTP API sends it [`Request`]s.
+
+use crate::config;
+use crate::db::Db;
+use crate::drift::Profiles;
+use crate::rollout::{self, Action, Command, DeviceState, Rollout, Spec};
+use crate::rollout_db::{ReleaseRow, StoredDirective};
+use base64::Engine as _;
+use millwright_agent::inference::Model;
+use millwright_shared::bundle::sha256_hex;
+use millwright_shared::directive::{self, Activation, BundleRef, Directive};
+use millwright_shared::gates::Gates;
+use millwright_shared::wire::{self, Chunk, FetchRequest, UpdateReport, WIRE_VERSION};
+use millwright_shared::{DeviceId, ModelName, Release, topics};
+use rumqttc::{AsyncClient, QoS};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+/// Chunks sent for one request at most.
+pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
+
+/// A refusal with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+}
+
+fn refuse(status: u16, message: impl std::fmt::Display) -> Refusal {
+    Refusal { status, message: message.to_string() }
+}
+
+pub type Reply = oneshot::Sender<Result<serde_json::Value, Refusal>>;
+
+/// What the HTTP API asks the writer task to do.
+#[derive(Debug)]
+pub enum Request {
+    Register { bundle: Vec<u8>, actor: String, reply: Reply },
+    Start { spec: Spec, actor: String, reason: String, reply: Reply },
+    Act { id: String, command: Command, actor: String, reason: String, reply: Reply },
+}
+
+pub struct Rollouts {
+    config: config::Rollouts,
+    registry_dir: PathBuf,
+    profiles: Arc<RwLock<Profiles>>,
+    /// Bytes of chunk data sent per device since start.
+    pub served: Arc<Mutex<HashMap<String, u64>>>,
+    /// When each device's link is free again under `delivery_bytes_per_sec`.
+    pacing: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
+    plans: HashMap<String, (BundleRef, Arc<Vec<u8>>)>,
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+fn db_error(e: rusqlite::Error) -> Refusal {
+    refuse(500, format!("database: {e}"))
+}
+
+fn ms_to_time(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A revert goes straight back: no shadow, no probation.
+fn revert_activation() -> Activation {
+    Activation {
+        shadow_secs: 0,
+        probation_secs: 0,
+        gates: Gates { min_predictions: 0, ..Gates::default() },
+    }
+}
+
+impl Rollouts {
+    pub fn new(
+        config: config::Rollouts,
+        data_dir: &std::path::Path,
+        profiles: Arc<RwLock<Profiles>>,
+    ) -> Rollouts {
+        Rollouts {
+            config,
+            registry_dir: data_dir.join("registry"),
+            profiles,
+            served: Arc::new(Mutex::new(HashMap::new())),
+            pacing: Arc::new(Mutex::new(HashMap::new())),
+            plans: HashMap::new(),
+        }
+    }
+
+    pub fn tick(&self) -> Duration {
+        self.config.tick
+    }
+
+    /// Adds the drift profiles of every registered release.
+    pub fn load_profiles(&self, db: &Db) {
+        let Ok(rows) = db.releases(None) else { return };
+        for row in rows {
+            if let Ok(bytes) = std::fs::read(&row.path)
+                && let Ok(raw) = millwright_shared::bundle::RawBundle::parse(&bytes)
+                && let Ok(m) = raw.manifest_unverified()
+                && let Some(profile) = m.drift
+                && let Ok(mut p) = self.profiles.write()
+            {
+                p.0.insert((row.model.clone(), row.release), profile);
+            }
+        }
+    }
+
+    pub async fn handle(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        request: Request,
+        now_ms: i64,
+    ) {
+        match request {
+            Request::Register { bundle, actor, reply } => {
+                let result = self.register(db, &bundle, &actor, now_ms).map(|r| to_json(&r));
+                let _ = reply.send(result);
+            }
+            Request::Start { spec, actor, reason, reply } => {
+                let result =
+                    self.start(db, client, spec, &actor, &reason, now_ms).map(|r| to_json(&r));
+                let _ = reply.send(result);
+            }
+            Request::Act { id, command, actor, reason, reply } => {
+                let result = self
+                    .act(db, client, &id, command, &actor, &reason, now_ms)
+                    .map(|r| to_json(&r));
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Registers a signed bundle: release keys, the agent's own loader with its golden cases,
+    /// and a release number above every registered one of that model.
+    fn register(
+        &mut self,
+        db: &mut Db,
+        bytes: &[u8],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<ReleaseRow, Refusal> {
+        let verified = self
+            .config
+            .root
+            .verify_bundle(bytes, ms_to_time(now_ms))
+            .map_err(|e| refuse(422, format!("bundle refused: {e}")))?;
+        let manifest = verified.manifest().clone();
+        Model::load(&verified)
+            .map_err(|e| refuse(422, format!("model refused by the agent's loader: {e}")))?;
+        let model = manifest.model.to_string();
+        let sha256 = sha256_hex(bytes);
+        let existing = db.releases(Some(&model)).map_err(db_error)?;
+        if let Some(same) = existing.iter().find(|r| r.sha256 == sha256) {
+            return Err(refuse(
+                409,
+                format!("this bundle is already registered as release {} of {model}", same.release),
+            ));
+        }
+        if let Some(newest) = existing.iter().map(|r| r.release).max()
+            && manifest.release.0 <= newest
+        {
+            return Err(refuse(
+                409,
+                format!(
+                    "release {} of {model} is not newer than registered release {newest}; releases are immutable",
+                    manifest.release.0
+                ),
+            ));
+        }
+        let dir = self.registry_dir.join(&model);
+        let path = dir.join(format!("{}-{}.mwb", manifest.release.0, &sha256[..12]));
+        let write = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(path.with_extension("tmp"), bytes))
+            .and_then(|()| std::fs::rename(path.with_extension("tmp"), &path));
+        write.map_err(|e| refuse(500, format!("cannot store the bundle: {e}")))?;
+        let row = ReleaseRow {
+            model: model.clone(),
+            release: manifest.release.0,
+            version: manifest.version.clone(),
+            sha256,
+            size: bytes.len() as u64,
+            asset_type: manifest.asset_type.clone(),
+            path: path.to_string_lossy().into_owned(),
+            registered_ms: now_ms,
+            registered_by: actor.to_owned(),
+        };
+        let manifest_json = serde_json::to_string(&manifest).unwrap_or_default();
+        db.insert_release(&row, &manifest_json).map_err(db_error)?;
+        let _ = db.audit(
+            now_ms,
+            actor,
+            "register",
+            &format!("{model}/{}", row.release),
+            "",
+            &row.version,
+        );
+        if let Some(profile) = manifest.drift
+            && let Ok(mut p) = self.profiles.write()
+        {
+            p.0.insert((model.clone(), row.release), profile);
+        }
+        tracing::info!(%model, release = row.release, actor, "release registered");
+        Ok(row)
+    }
+
+    fn start(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        spec: Spec,
+        actor: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Rollout, Refusal> {
+        if db.release(&spec.model, spec.release).map_err(db_error)?.is_none() {
+            return Err(refuse(
+                422,
+                format!("release {} of {} is not registered", spec.release, spec.model),
+            ));
+        }
+        let active = db.rollouts().map_err(db_error)?;
+        if let Some(busy) =
+            active.iter().find(|r| r.spec.model == spec.model && r.state.is_active())
+        {
+            return Err(refuse(
+                409,
+                format!("rollout {} of {} is still {:?}", busy.id, spec.model, busy.state),
+            ));
+        }
+        let inventory = db.devices().map_err(db_error)?;
+        let id = format!("r{}", db.rollout_count().map_err(db_error)? + 1);
+        let mut r = rollout::plan(id, spec, &inventory, actor.to_owned(), now_ms)
+            .map_err(|e| refuse(422, e))?;
+        let detail = format!("{} → release {}: waves {:?}", r.spec.model, r.spec.release, r.waves);
+        let _ = db.audit(now_ms, actor, "start", &r.id, reason, &detail);
+        tracing::info!(id = %r.id, %detail, "rollout started");
+        let actions = rollout::step(&mut r, now_ms);
+        self.execute(db, client, &mut r, actions, now_ms);
+        db.save_rollout(&r, now_ms).map_err(db_error)?;
+        Ok(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn act(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        id: &str,
+        command: Command,
+        actor: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Rollout, Refusal> {
+        let mut r = db
+            .rollout(id)
+            .map_err(db_error)?
+            .ok_or_else(|| refuse(404, format!("no rollout {id}")))?;
+        let actions = rollout::act(&mut r, command, reason, now_ms).map_err(|e| refuse(409, e))?;
+        let action = serde_json::to_value(command)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = db.audit(now_ms, actor, &action, id, reason, "");
+        tracing::info!(id, action, actor, reason, "rollout action");
+        self.execute(db, client, &mut r, actions, now_ms);
+        db.save_rollout(&r, now_ms).map_err(db_error)?;
+        Ok(r)
+    }
+
+    /// A stored update report: the rollout that sent its directive takes it into account.
+    pub fn on_report(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        device: &str,
+        report: &UpdateReport,
+        now_ms: i64,
+    ) {
+        let Ok(rollouts) = db.rollouts() else { return };
+        for mut r in rollouts.into_iter().filter(|r| r.state.is_active()) {
+            let ours = r.devices.iter().any(|d| {
+                d.device == device && d.directive.is_some() && d.directive == report.directive
+            });
+            if !ours {
+                continue;
+            }
+            let actions = rollout::on_report(&mut r, device, report, now_ms);
+            self.execute(db, client, &mut r, actions, now_ms);
+            if let Err(e) = db.save_rollout(&r, now_ms) {
+                tracing::error!(id = %r.id, "cannot save the rollout: {e}");
+            }
+        }
+    }
+
+    /// Advances every active rollout.
+    pub fn on_tick(&mut self, db: &mut Db, client: &AsyncClient, now_ms: i64) {
+        let Ok(rollouts) = db.rollouts() else { return };
+        for mut r in rollouts.into_iter().filter(|r| r.state.is_active()) {
+            let before = r.clone();
+            let actions = rollout::step(&mut r, now_ms);
+            self.execute(db, client, &mut r, actions, now_ms);
+            if r != before
+                && let Err(e) = db.save_rollout(&r, now_ms)
+            {
+                tracing::error!(id = %r.id, "cannot save the rollout: {e}");
+            }
+        }
+    }
+
+    fn execute(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        r: &mut Rollout,
+        actions: Vec<Action>,
+        now_ms: i64,
+    ) {
+        for action in actions {
+            let (device, release, kind) = match action {
+                Action::Audit { action, detail } => {
+                    tracing::info!(id = %r.id, action, detail, "rollout");
+                    let _ = db.audit(now_ms, "server", &action, &r.id, "", &detail);
+                    continue;
+                }
+                Action::Install { device } => (device, r.spec.release, directive::Action::Install),
+                Action::Revert { device, release } => (device, release, directive::Action::Revert),
+            };
+            let activation = match kind {
+                directive::Action::Install => r.spec.activation.clone(),
+                directive::Action::Revert => revert_activation(),
+            };
+            match self.issue(
+                db,
+                client,
+                &device,
+                &r.id,
+                &r.spec.model,
+                release,
+                kind,
+                activation,
+                now_ms,
+            ) {
+                Ok(seq) => {
+                    if let Some(d) = r.device_mut(&device) {
+                        d.directive = Some(seq);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %r.id, device, "cannot issue a directive: {}", e.message);
+                    if let Some(d) = r.device_mut(&device) {
+                        d.state = DeviceState::Failed;
+                        d.reason = Some(e.message.clone());
+                    }
+                    let _ = db.audit(
+                        now_ms,
+                        "server",
+                        "directive_failed",
+                        &r.id,
+                        "",
+                        &format!("{device}: {}", e.message),
+                    );
+                }
+            }
+        }
+    }
+
+    fn plan_of(&mut self, row: &ReleaseRow) -> Result<(BundleRef, Arc<Vec<u8>>), Refusal> {
+        if let Some(plan) = self.plans.get(&row.sha256) {
+            return Ok(plan.clone());
+        }
+        let bytes = std::fs::read(&row.path)
+            .map_err(|e| refuse(500, format!("cannot read {}: {e}", row.path)))?;
+        if sha256_hex(&bytes) != row.sha256 {
+            return Err(refuse(500, format!("registry file {} changed on disk", row.path)));
+        }
+        let chunk = self.config.chunk_size;
+        let plan = BundleRef {
+            sha256: row.sha256.clone(),
+            size: bytes.len() as u64,
+            chunk_size: chunk,
+            chunks: bytes.chunks(chunk as usize).map(sha256_hex).collect(),
+        };
+        let entry = (plan, Arc::new(bytes));
+        self.plans.insert(row.sha256.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Signs a directive for `device`, stores it as the device's latest and publishes it retained.
+    #[allow(clippy::too_many_arguments)]
+    fn issue(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        device: &str,
+        rollout: &str,
+        model: &str,
+        release: u64,
+        action: directive::Action,
+        activation: Activation,
+        now_ms: i64,
+    ) -> Result<u64, Refusal> {
+        let row = db.release(model, release).map_err(db_error)?.ok_or_else(|| {
+            refuse(422, format!("release {release} of {model} is not in the registry"))
+        })?;
+        let (bundle, _) = self.plan_of(&row)?;
+        let seq = db.next_directive_seq().map_err(db_error)?;
+        let now = ms_to_time(now_ms);
+        let expires_at = now + self.config.directive_ttl;
+        let d = Directive {
+            v: directive::DIRECTIVE_VERSION,
+            device: DeviceId::new(device).map_err(|e| refuse(422, e))?,
+            seq,
+            issued_at: now,
+            expires_at,
+            rollout: rollout.to_owned(),
+            action,
+            model: ModelName::new(model).map_err(|e| refuse(422, e))?,
+            release: Release(release),
+            bundle,
+            activation,
+        };
+        let envelope = d.sign(&self.config.server_key).to_bytes();
+        let stored = StoredDirective {
+            device: device.to_owned(),
+            seq,
+            rollout: rollout.to_owned(),
+            envelope: envelope.clone(),
+            expires_ms: (expires_at.unix_timestamp_nanos() / 1_000_000) as i64,
+        };
+        db.save_directive(&stored).map_err(db_error)?;
+        let _ = client.try_publish(topics::desired(&d.device), QoS::AtLeastOnce, true, envelope);
+        tracing::info!(device, seq, release, ?action, "directive issued");
+        Ok(seq)
+    }
+
+    /// After (re)connecting to the broker: the root and every device's latest directive, retained
+    /// (an embedded broker forgets retained messages when the server restarts).
+    pub fn on_connected(&self, db: &Db, client: &AsyncClient) {
+        let _ = client.try_subscribe(topics::FETCH_FILTER, QoS::AtLeastOnce);
+        let _ = client.try_publish(
+            topics::TRUST_ROOT,
+            QoS::AtLeastOnce,
+            true,
+            self.config.root_bytes.clone(),
+        );
+        let Ok(directives) = db.directives() else { return };
+        for d in directives {
+            if let Ok(device) = DeviceId::new(&d.device) {
+                let _ = client.try_publish(
+                    topics::desired(&device),
+                    QoS::AtLeastOnce,
+                    true,
+                    d.envelope,
+                );
+            }
+        }
+    }
+
+    /// A device came online: a directive it is still working on that expires within half its
+    /// lifetime is issued again, fresh.
+    pub fn on_device_online(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        device: &str,
+        now_ms: i64,
+    ) {
+        let Ok(directives) = db.directives() else { return };
+        let Some(current) = directives.into_iter().find(|d| d.device == device) else { return };
+        let half = (self.config.directive_ttl.as_millis() / 2) as i64;
+        if current.expires_ms - now_ms > half {
+            return;
+        }
+        let Ok(Some(mut r)) = db.rollout(&current.rollout) else { return };
+        let Some(run) = r
+            .devices
+            .iter()
+            .find(|d| d.device == device && d.directive == Some(current.seq))
+            .cloned()
+        else {
+            return;
+        };
+        let (release, kind, activation) = match run.state {
+            DeviceState::Notified => {
+                (r.spec.release, directive::Action::Install, r.spec.activation.clone())
+            }
+            DeviceState::Reverting => match run.previous {
+                Some(previous) => (previous, directive::Action::Revert, revert_activation()),
+                None => return,
+            },
+            _ => return,
+        };
+        let model = r.spec.model.clone();
+        match self.issue(db, client, device, &r.id, &model, release, kind, activation, now_ms) {
+            Ok(seq) => {
+                if let Some(d) = r.device_mut(device) {
+                    d.directive = Some(seq);
+                }
+                let _ = db.save_rollout(&r, now_ms);
+            }
+            Err(e) => tracing::error!(device, "cannot refresh the directive: {}", e.message),
+        }
+    }
+
+    /// A chunk request: chunks of a registered bundle, paced by `delivery_bytes_per_sec`.
+    pub fn on_fetch(&mut self, db: &Db, client: &AsyncClient, device: &DeviceId, payload: &[u8]) {
+        let request = match FetchRequest::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(%device, "ignoring a malformed chunk request: {e}"),
+        };
+        let row = match db.release_by_sha(&request.sha256) {
+            Ok(Some(row)) => row,
+            _ => {
+                return tracing::warn!(%device, sha256 = %request.sha256, "chunk request for a bundle that is not registered");
+            }
+        };
+        let (plan, bytes) = match self.plan_of(&row) {
+            Ok(p) => p,
+            Err(e) => return tracing::error!("{}", e.message),
+        };
+        let count = request.count.min(MAX_CHUNKS_PER_REQUEST);
+        let chunks: Vec<(u32, Vec<u8>)> = (request.first..request.first.saturating_add(count))
+            .filter_map(|index| {
+                let len = plan.chunk_len(index)? as usize;
+                let start = index as usize * plan.chunk_size as usize;
+                Some((index, bytes[start..start + len].to_vec()))
+            })
+            .collect();
+        let (client, device, served) = (client.clone(), device.clone(), self.served.clone());
+        let (rate, pacing) = (self.config.delivery_bytes_per_sec, self.pacing.clone());
+        let sha256 = request.sha256;
+        tokio::spawn(async move {
+            for (index, data) in chunks {
+                let len = data.len() as u64;
+                if let Some(rate) = rate {
+                    // Reserve the device's link for this chunk, then wait for the slot.
+                    let slot = {
+                        let now = tokio::time::Instant::now();
+                        let mut pacing = pacing.lock().unwrap_or_else(|e| e.into_inner());
+                        let free = pacing.entry(device.to_string()).or_insert(now);
+                        let start = (*free).max(now);
+                        *free = start + Duration::from_secs_f64(len as f64 / rate as f64);
+                        start
+                    };
+                    tokio::time::sleep_until(slot).await;
+                }
+                let chunk = Chunk {
+                    v: WIRE_VERSION,
+                    sha256: sha256.clone(),
+                    index,
+                    data: base64::engine::general_purpose::STANDARD.encode(&data),
+                };
+                if client
+                    .publish(topics::chunk(&device), QoS::AtLeastOnce, false, wire::encode(&chunk))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if let Ok(mut s) = served.lock() {
+                    *s.entry(device.to_string()).or_default() += len;
+                }
+            }
+        });
+    }
+}
