@@ -1,9 +1,13 @@
 //! The `millwright` command: argument parsing and dispatch. Each subcommand lives in its own
 //! module; failures print one line naming the cause and exit non-zero (64 usage, 65 bad data).
 
+mod api;
 mod bundle;
 mod demo;
 mod drift;
+mod model;
+mod rollout;
+mod root;
 mod score;
 
 use clap::{Parser, Subcommand};
@@ -14,7 +18,7 @@ use std::process::ExitCode;
 #[command(
     name = "millwright",
     version,
-    about = "Millwright: keys, model bundles, evaluation, fleet drift, demo"
+    about = "Millwright: keys, trust root, model bundles, registry, rollouts, evaluation, fleet drift, demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -88,6 +92,12 @@ enum Command {
     /// Fleet drift from a running server: merged scores per feature, site, device or time
     /// bucket; drifting assets; retraining recommendations.
     Drift(drift::DriftArgs),
+    /// The fleet's trust root: create one, or add signatures (rotation).
+    Root(root::RootArgs),
+    /// The model registry of a running server.
+    Model(model::ModelArgs),
+    /// Roll a registered release out to the fleet, watch it, pause, resume, abort or revert it.
+    Rollout(rollout::RolloutArgs),
 }
 
 /// A failure with its exit code.
@@ -126,6 +136,9 @@ pub fn main() -> ExitCode {
         }
         Command::Demo(args) => demo::run(args),
         Command::Drift(args) => drift::run(args),
+        Command::Root(args) => root::run(args),
+        Command::Model(args) => model::run(args),
+        Command::Rollout(args) => rollout::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
