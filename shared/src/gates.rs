@@ -14,13 +14,16 @@ pub struct Gates {
     pub max_error_rate: f64,
     /// NaN or infinite outputs tolerated.
     pub max_nonfinite: u64,
-    /// p99 latency of the new model over the current one's, measured on the same windows.
+    /// Latency of the new model over the current one's, measured on the same windows in
+    /// shadow: p99 once [`P99_MIN_SAMPLES`] windows ran, the median before.
     pub max_latency_ratio: f64,
     /// Two outputs agree when they differ by at most this (output units).
     pub agreement_tolerance: f32,
     /// Share of shadow predictions that must agree with the current model.
     pub min_agreement: f64,
-    /// |mean(new) − mean(current)| over the current model's standard deviation, in shadow.
+    /// |mean(new) − mean(current)| in shadow, over the current model's standard deviation
+    /// floored at `agreement_tolerance` (a near-constant output must not turn every small
+    /// offset into a shift).
     pub max_output_shift: f64,
 }
 
@@ -49,6 +52,14 @@ pub struct Health {
     pub p99_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p99_us_current: Option<u64>,
+    /// Medians, for the latency gate when there are fewer than [`P99_MIN_SAMPLES`] samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_us_current: Option<u64>,
+    /// Windows both models ran on (shadow).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compared: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +67,14 @@ pub struct Health {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_shift: Option<f64>,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Below this many windows run by both models, a p99 is one unlucky sample; the latency gate
+/// compares medians instead.
+pub const P99_MIN_SAMPLES: u64 = 100;
 
 /// One gate a release failed, with the numbers.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,9 +84,9 @@ pub enum GateFailure {
     #[error("{count} NaN/infinite outputs (at most {max} allowed)")]
     NonFinite { count: u64, max: u64 },
     #[error(
-        "p99 latency {p99_us} µs is {ratio:.1}× the current model's {current_us} µs (at most {max}×)"
+        "{quantile} latency {us} µs is {ratio:.1}× the current model's {current_us} µs on the same windows (at most {max}×)"
     )]
-    Latency { p99_us: u64, current_us: u64, ratio: f64, max: f64 },
+    Latency { quantile: &'static str, us: u64, current_us: u64, ratio: f64, max: f64 },
     #[error(
         "agrees with the current model on {share:.3} of windows (within {tolerance}), {min} required"
     )]
@@ -89,11 +108,17 @@ pub fn judge(health: &Health, gates: &Gates) -> Vec<GateFailure> {
     if health.nonfinite > gates.max_nonfinite {
         failures.push(GateFailure::NonFinite { count: health.nonfinite, max: gates.max_nonfinite });
     }
-    if let (Some(p99_us), Some(current_us)) = (health.p99_us, health.p99_us_current) {
-        let ratio = p99_us as f64 / current_us.max(1) as f64;
+    let (quantile, new, current) = if health.compared >= P99_MIN_SAMPLES {
+        ("p99", health.p99_us, health.p99_us_current)
+    } else {
+        ("median", health.p50_us, health.p50_us_current)
+    };
+    if let (Some(us), Some(current_us)) = (new, current) {
+        let ratio = us as f64 / current_us.max(1) as f64;
         if ratio > gates.max_latency_ratio {
             failures.push(GateFailure::Latency {
-                p99_us,
+                quantile,
+                us,
                 current_us,
                 ratio,
                 max: gates.max_latency_ratio,
@@ -141,13 +166,13 @@ impl Moments {
 /// Latency samples kept for the p99 (the newest `LATENCY_SAMPLES`).
 pub const LATENCY_SAMPLES: usize = 4096;
 
-fn p99(samples: &[u64]) -> Option<u64> {
+fn quantile(samples: &[u64], q: f64) -> Option<u64> {
     if samples.is_empty() {
         return None;
     }
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
-    let rank = ((sorted.len() as f64) * 0.99).ceil() as usize;
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
     sorted.get(rank.saturating_sub(1)).copied()
 }
 
@@ -163,6 +188,7 @@ pub struct HealthMeter {
     compared: u64,
     agreed: u64,
     max_abs_diff: f32,
+    tolerance: f32,
     new: Moments,
     current: Moments,
 }
@@ -209,6 +235,7 @@ impl HealthMeter {
             return;
         }
         let diff = (new - current).abs();
+        self.tolerance = tolerance;
         self.compared += 1;
         self.agreed += u64::from(diff <= tolerance);
         self.max_abs_diff = self.max_abs_diff.max(diff);
@@ -224,15 +251,18 @@ impl HealthMeter {
     pub fn health(&self) -> Health {
         let compared = self.compared > 0;
         let shift = compared.then(|| {
-            let scale = self.current.std().max(1e-6);
+            let scale = self.current.std().max(f64::from(self.tolerance)).max(1e-6);
             (self.new.mean - self.current.mean) / scale
         });
         Health {
             predictions: self.predictions,
             errors: self.errors,
             nonfinite: self.nonfinite,
-            p99_us: p99(&self.latency_us),
-            p99_us_current: p99(&self.current_latency_us),
+            p99_us: quantile(&self.latency_us, 0.99),
+            p99_us_current: quantile(&self.current_latency_us, 0.99),
+            p50_us: quantile(&self.latency_us, 0.5),
+            p50_us_current: quantile(&self.current_latency_us, 0.5),
+            compared: self.compared,
             agreement: compared.then(|| self.agreed as f64 / self.compared as f64),
             max_abs_diff: compared.then_some(self.max_abs_diff),
             output_shift: shift,

@@ -199,6 +199,8 @@ pub struct Server {
     pub mqtt_port: u16,
     pub proc: Proc,
     pub dir: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
 }
 
 impl Server {
@@ -233,15 +235,52 @@ impl Server {
                 port
             }
         };
-        let proc = Proc::spawn(&mut cmd, dir.join("server.log"))?;
-        let server = Server { http_port, mqtt_port, proc, dir: data };
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(ToOwned::to_owned).collect();
+        let log = dir.join("server.log");
+        let proc = Proc::spawn(&mut cmd, log.clone())?;
+        let server = Server { http_port, mqtt_port, proc, dir: data, args, log };
+        server.wait_healthy()?;
+        Ok(server)
+    }
+
+    fn wait_healthy(&self) -> anyhow::Result<()> {
         let up = wait_until(Duration::from_secs(20), || {
-            server.get("/api/v1/health").is_ok_and(|h| h["broker_connected"] == true)
+            self.get("/api/v1/health").is_ok_and(|h| h["broker_connected"] == true)
         });
         if !up {
-            bail!("server did not become healthy; log:\n{}", server.proc.log_text());
+            bail!("server did not become healthy; log:\n{}", self.proc.log_text());
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Starts the server again with the same arguments, ports and data (after a kill).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("millwright-server"));
+        cmd.args(&self.args);
+        self.proc = Proc::spawn(&mut cmd, self.log.clone())?;
+        self.wait_healthy()
+    }
+
+    /// POSTs `body` (JSON) with a bearer token; returns the status and the JSON answer.
+    pub fn post(&self, path: &str, token: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
+        let answer = ureq::post(&url)
+            .timeout(Duration::from_secs(60))
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(body.clone());
+        match answer {
+            Ok(r) => Ok((r.status(), r.into_json()?)),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or_default())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The `millwright` CLI pointed at this server with `token`.
+    pub fn cli(&self, token: &str) -> Command {
+        let mut cmd = Command::new(bin("millwright"));
+        cmd.env("MILLWRIGHT_TOKEN", token)
+            .env("MILLWRIGHT_SERVER", format!("http://127.0.0.1:{}", self.http_port));
+        cmd
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {

@@ -147,6 +147,25 @@ impl TrustKit {
     }
 }
 
+/// The operator and admin tokens of [`TrustKit::server_config`].
+pub const OPERATOR_TOKEN: &str = "operator-token-0123456789";
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
+pub const VIEWER_TOKEN: &str = "viewer-token-0123456789";
+
+impl TrustKit {
+    /// Server config with rollouts on this kit's root and server key, three users, and `extra`
+    /// lines in `[rollouts]` (e.g. `chunk_size = 8192`).
+    pub fn server_config(&self, extra: &str) -> String {
+        format!(
+            "[rollouts]\nroot = {:?}\nserver_key = {:?}\ntick_ms = 200\n{extra}\n\n\
+             [[users]]\nname = \"ada\"\nrole = \"admin\"\ntoken = {ADMIN_TOKEN:?}\n\n\
+             [[users]]\nname = \"oscar\"\nrole = \"operator\"\ntoken = {OPERATOR_TOKEN:?}\n\n\
+             [[users]]\nname = \"vera\"\nrole = \"viewer\"\ntoken = {VIEWER_TOKEN:?}\n",
+            self.root_path, self.server_secret
+        )
+    }
+}
+
 /// How a bundle is named and cut in a directive.
 pub fn bundle_ref(bundle: &[u8], chunk_size: u32) -> BundleRef {
     BundleRef {

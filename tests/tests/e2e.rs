@@ -11,6 +11,7 @@ mod e2e {
     mod drift_fleet;
     mod faults;
     mod reference_model;
+    mod rollouts;
     mod tidy;
     mod update_crashes;
     mod update_refusals;

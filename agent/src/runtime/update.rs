@@ -73,7 +73,6 @@ enum Stage {
         previous: Option<Box<Model>>,
         meter: HealthMeter,
         until_ms: i64,
-        current_p99: Option<u64>,
     },
 }
 
@@ -565,7 +564,6 @@ impl Agent {
             previous: Some(Box::new(previous)),
             meter: HealthMeter::default(),
             until_ms,
-            current_p99: shadow.and_then(|h| h.p99_us_current),
         };
         self.update = Some(Update { job, stage });
     }
@@ -698,16 +696,16 @@ impl Agent {
                     stage: Stage::Shadow { candidate, meter, until_ms },
                 });
             }
-            Stage::Probation { previous, meter, until_ms, current_p99 } => {
-                let mut health = meter.health();
-                health.p99_us_current = current_p99;
+            Stage::Probation { previous, meter, until_ms } => {
+                // Latency against the current model was judged in shadow, on the same windows.
+                let health = meter.health();
                 let enough = meter.attempts() >= gates.min_predictions;
                 let failures = gates::judge(&health, &gates);
                 if enough && !failures.is_empty() {
                     let reason = format!("probation failed: {}", failures_text(&failures));
                     return self.revert(update.job, previous, reason, Some(health));
                 }
-                let stage = Stage::Probation { previous, meter, until_ms, current_p99 };
+                let stage = Stage::Probation { previous, meter, until_ms };
                 let update = Update { job: update.job, stage };
                 if enough && now_ms >= until_ms {
                     return self.commit(update, health);
@@ -761,7 +759,6 @@ impl Agent {
                     previous: None,
                     meter: HealthMeter::default(),
                     until_ms: clock::now_ms() + 1000 * secs as i64,
-                    current_p99: None,
                 };
                 self.update = Some(Update { job, stage });
             }

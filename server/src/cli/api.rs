@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiArgs {
     /// The server's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(long, env = "MILLWRIGHT_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
     pub server: String,
     /// API token of a configured user (needed for changes).
     #[arg(long, env = "MILLWRIGHT_TOKEN", hide_env_values = true, global = true)]
