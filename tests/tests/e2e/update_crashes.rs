@@ -1,16 +1,15 @@
-//! A power cut at any step of an activation leaves the gateway on exactly the old or the new
-//! verified release, and it finishes the update after it restarts. One gateway per step is
-//! stopped right after it persisted that step (`MILLWRIGHT_PAUSE_AFTER`) and SIGKILLed there.
+//! A power cut at any step of an activation, and a server crash in the middle of the rollout,
+//! leave every gateway on exactly the old or the new verified release, and the rollout then
+//! finishes. One gateway per step is stopped right after it persisted that step
+//! (`MILLWRIGHT_PAUSE_AFTER`) and SIGKILLed there; then the server is SIGKILLed too, and all of
+//! them are started again.
 
-use millwright_shared::directive::Activation;
-use millwright_shared::gates::Gates;
-use millwright_shared::topics;
-use millwright_tests::rogue::{Damage, Rogue};
-use millwright_tests::trust::TrustKit;
+use millwright_tests::trust::{ADMIN_TOKEN, OPERATOR_TOKEN, TrustKit};
 use millwright_tests::{
     Agent, AgentSpec, BrokerChoice, Server, check_exactly_once, fleet_lock, wait_for_all,
     wait_until,
 };
+use serde_json::json;
 use std::time::Duration;
 
 const MODEL: &str = "rul-cnn-fd001";
@@ -26,14 +25,22 @@ const STEPS: [&str; 8] = [
 ];
 
 #[test]
-fn a_sigkill_at_every_activation_step_ends_on_a_verified_release_and_the_update_completes() {
+fn sigkills_at_every_activation_step_and_of_the_server_end_on_verified_releases_and_the_rollout_completes()
+ {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
     let r1 = dir.path().join("r1.mwb");
     std::fs::write(&r1, kit.release(1).unwrap()).unwrap();
-    let r2 = kit.release(2).unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let r2 = dir.path().join("r2.mwb");
+    std::fs::write(&r2, kit.release(2).unwrap()).unwrap();
+    let config = kit.server_config("chunk_size = 8192");
+    let mut server =
+        Server::start_with_config(dir.path(), BrokerChoice::Embedded, &config).unwrap();
+    for bundle in [&r1, &r2] {
+        let out = server.cli(ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     let mut fleet = Vec::new();
     for step in STEPS {
@@ -42,50 +49,32 @@ fn a_sigkill_at_every_activation_step_ends_on_a_verified_release_and_the_update_
         spec.trust_root = Some(kit.root_path.clone());
         spec.bundle = Some(r1.clone());
         spec.updates = Some("fetch_window = 1\nfetch_timeout_secs = 2".into());
-        let agent = Agent::start_with_env(
-            dir.path(),
-            spec,
-            server.mqtt_port,
-            &[("MILLWRIGHT_PAUSE_AFTER", step)],
-        )
-        .unwrap();
-        let rogue = Rogue::start(server.mqtt_port, &device).unwrap();
-        fleet.push((step, agent, rogue));
+        let env = [("MILLWRIGHT_PAUSE_AFTER", step)];
+        fleet
+            .push((step, Agent::start_with_env(dir.path(), spec, server.mqtt_port, &env).unwrap()));
     }
-    for (_, agent, _) in &fleet {
-        assert!(
-            wait_until(Duration::from_secs(30), || agent.serving(MODEL).is_some_and(|s| s.0 == 1)),
-            "{} did not start: {}",
-            agent.spec.device,
-            agent.proc.log_text()
-        );
-    }
-    let activation = Activation {
-        shadow_secs: 2,
-        probation_secs: 2,
-        gates: Gates { min_predictions: 5, ..Gates::default() },
-    };
-    for (seq, (_, agent, rogue)) in fleet.iter().enumerate() {
-        rogue.offer(&r2, 8 * 1024, Damage::None);
-        let directive = TrustKit::directive(
-            &agent.spec.device,
-            10 + seq as u64,
-            &r2,
-            8 * 1024,
-            2,
-            activation.clone(),
-        )
-        .unwrap();
-        rogue
-            .publish_retained(
-                topics::desired(&directive.device),
-                directive.sign(&kit.server_key).to_bytes(),
-            )
-            .unwrap();
-    }
-    for (step, agent, _) in &mut fleet {
+    let known = wait_until(Duration::from_secs(60), || {
+        let devices = server.get("/api/v1/devices").unwrap_or_default();
+        devices.as_array().is_some_and(|a| {
+            a.iter().filter(|d| d["models"][0]["release"] == 1).count() == STEPS.len()
+        })
+    });
+    assert!(known, "the server does not know every gateway yet");
+
+    let spec = json!({
+        "model": MODEL, "release": 2, "target": {"kind": "all"},
+        "canary": {"count": STEPS.len()}, "waves": {"fixed": 1}, "soak_secs": 0,
+        "device_timeout_secs": 300, "on_failure": "pause",
+        "activation": {"shadow_secs": 2, "probation_secs": 2, "gates": {"min_predictions": 5}},
+        "reason": "crash drill",
+    });
+    let (status, rollout) = server.post("/api/v1/rollouts", OPERATOR_TOKEN, &spec).unwrap();
+    assert_eq!(status, 200, "{rollout}");
+    let id = rollout["id"].as_str().unwrap().to_owned();
+
+    for (step, agent) in &mut fleet {
         let marker = format!("step=\"{step}\"");
-        let paused = wait_until(Duration::from_secs(60), || {
+        let paused = wait_until(Duration::from_secs(90), || {
             agent.proc.log_text().lines().any(|l| l.contains("test hook") && l.contains(&marker))
         });
         assert!(
@@ -95,29 +84,27 @@ fn a_sigkill_at_every_activation_step_ends_on_a_verified_release_and_the_update_
             agent.proc.log_text()
         );
         agent.proc.kill();
-        let serving = agent.serving(MODEL);
-        println!("{step:<12} SIGKILLed; status file said it served {serving:?}");
+        println!("{step:<12} SIGKILLed; its status file said it served {:?}", agent.serving(MODEL));
+    }
+    server.proc.kill();
+    println!(
+        "server SIGKILLed mid-rollout: {}",
+        server.get(&format!("/api/v1/rollouts/{id}")).is_err()
+    );
+    server.restart().unwrap();
+    for (_, agent) in &mut fleet {
         agent.restart().unwrap();
     }
-    for (step, agent, _) in &fleet {
-        let done = wait_until(Duration::from_secs(90), || {
-            agent.serving(MODEL).is_some_and(|s| s.0 == 2)
-                && agent.status().is_some_and(|s| s["update"].is_null())
-        });
-        assert!(
-            done,
-            "{step}: did not finish on release 2 after the restart: {}",
-            agent.proc.log_text()
-        );
-        let committed = wait_until(Duration::from_secs(30), || {
-            let reports = server
-                .get(&format!("/api/v1/devices/{}/updates", agent.spec.device))
-                .unwrap_or_default();
-            reports
-                .as_array()
-                .is_some_and(|a| a.iter().any(|r| r["phase"] == "committed" && r["release"] == 2))
-        });
-        assert!(committed, "{step}: no committed report reached the server");
+
+    let done = wait_until(Duration::from_secs(120), || {
+        server.get(&format!("/api/v1/rollouts/{id}")).is_ok_and(|r| r["state"] == "completed")
+    });
+    let r = server.get(&format!("/api/v1/rollouts/{id}")).unwrap();
+    assert!(done, "the rollout did not complete: {r:#}\n{}", server.proc.log_text());
+    for (step, agent) in &fleet {
+        let serving =
+            wait_until(Duration::from_secs(10), || agent.serving(MODEL).is_some_and(|s| s.0 == 2));
+        assert!(serving, "{step}: does not serve release 2: {}", agent.proc.log_text());
         let log = agent.proc.log_text();
         assert!(
             !log.contains("update rejected") && !log.contains("release reverted"),
@@ -125,10 +112,14 @@ fn a_sigkill_at_every_activation_step_ends_on_a_verified_release_and_the_update_
         );
         println!("{step:<12} restarted, resumed and committed release 2");
     }
-    let agents: Vec<&Agent> = fleet.iter().map(|(_, a, _)| a).collect();
+    assert_eq!(
+        r["devices"].as_array().unwrap().iter().filter(|d| d["state"] == "committed").count(),
+        STEPS.len()
+    );
+    let agents: Vec<&Agent> = fleet.iter().map(|(_, a)| a).collect();
     wait_for_all(&server, &agents, Duration::from_secs(120)).unwrap();
     for agent in agents {
         let n = check_exactly_once(&server, agent).unwrap();
-        println!("{}: {n} predictions exactly once across the kill", agent.spec.device);
+        println!("{}: {n} predictions exactly once across both crashes", agent.spec.device);
     }
 }
