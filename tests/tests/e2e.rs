@@ -14,6 +14,7 @@ mod e2e {
     mod rollouts;
     mod tidy;
     mod update_crashes;
+    mod update_outage;
     mod update_refusals;
     mod variants;
 }
