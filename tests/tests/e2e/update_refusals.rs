@@ -417,6 +417,19 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
     });
     assert!(committed, "no committed report for release 2 reached the server");
 
+    // And a proper rotation (next version, old and new root keys) is accepted.
+    let good_root = rotated(2, &[&kit.root_keys[0], &kit.root_keys[2], &new_keys[1], &new_keys[2]]);
+    rogue.publish_retained(topics::TRUST_ROOT.into(), good_root).unwrap();
+    let rotated_ok = wait_until(Duration::from_secs(20), || {
+        agent.status().is_some_and(|s| s["trust_root_version"] == 2)
+    });
+    assert!(rotated_ok, "the valid root rotation was not accepted: {}", agent.proc.log_text());
+    let reported = wait_until(Duration::from_secs(20), || {
+        let reports = server.get(&format!("/api/v1/devices/{DEVICE}/updates")).unwrap_or_default();
+        reports.as_array().is_some_and(|a| a.iter().any(|r| r["phase"] == "root_rotated"))
+    });
+    assert!(reported, "the rotation was not reported to the server");
+
     // Every prediction, before, during and after all of this, is the reference model's.
     wait_for_all(&server, &[&agent], Duration::from_secs(120)).unwrap();
     let n = check_exactly_once(&server, &agent).unwrap();
