@@ -4,6 +4,7 @@
 mod api;
 mod bundle;
 mod demo;
+mod demo_rollout;
 mod drift;
 mod model;
 mod rollout;

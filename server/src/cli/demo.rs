@@ -2,7 +2,9 @@
 //! run-to-failure C-MAPSS engines with the signed reference model, all in one process.
 
 use super::Failure;
-use crate::config::{Config as ServerConfig, RawConfig as RawServer, RawModels, RawMqtt};
+use crate::config::{
+    Config as ServerConfig, RawConfig as RawServer, RawModels, RawMqtt, RawRollouts, Role, User,
+};
 use crate::db::Db;
 use anyhow::Context as _;
 use millwright_agent::config::{RawAsset, RawConfig, RawDrift, RawSource, RawTrust, RawUplink};
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 
 pub const BUNDLE: &str = "models/rul-cnn-fd001/rul-cnn-fd001.mwb";
 pub const PUBLIC_KEY: &str = "models/keys/demo-release.pub.json";
+pub const SECRET_KEY: &str = "models/keys/demo-release.secret.json";
 pub const DATA: &str = "data/cmapss/train_FD001_units_1-6.txt";
 /// Engines under operating conditions the model was not trained on: the drifting site.
 pub const DRIFTING_DATA: &str = "data/cmapss/train_FD002_units_1-2.txt";
@@ -52,6 +55,7 @@ fn agent_config(
     root: &Path,
     args: &DemoArgs,
     gateway: &Gateway,
+    trust_root: &Path,
 ) -> anyhow::Result<millwright_agent::Config> {
     let raw = RawConfig {
         device: gateway.device.to_owned(),
@@ -60,7 +64,7 @@ fn agent_config(
         device_class: None,
         data_dir: args.data_dir.join(gateway.device),
         uplink: RawUplink { broker: args.mqtt.clone(), ..Default::default() },
-        trust: RawTrust { root: None, keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
+        trust: RawTrust { root: Some(trust_root.to_owned()), keys: Vec::new(), threshold: None },
         updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
         assets: gateway
@@ -83,7 +87,7 @@ fn agent_config(
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     let root = std::env::current_dir()?;
-    for needed in [BUNDLE, PUBLIC_KEY, DATA, DRIFTING_DATA] {
+    for needed in [BUNDLE, PUBLIC_KEY, SECRET_KEY, DATA, DRIFTING_DATA] {
         if !root.join(needed).exists() {
             return Err(anyhow::anyhow!(
                 "{needed} not found: run the demo from the repository root"
@@ -95,6 +99,8 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         std::fs::remove_dir_all(&args.data_dir)
             .with_context(|| format!("cannot clear {}", args.data_dir.display()))?;
     }
+    let trust =
+        super::demo_rollout::prepare(&root, &args.data_dir.join("trust"), BUNDLE, SECRET_KEY)?;
     let server = ServerConfig::from_raw(RawServer {
         data_dir: Some(args.data_dir.join("server")),
         http_listen: Some(args.http.clone()),
@@ -105,12 +111,21 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             threshold: None,
         },
         drift: Default::default(),
-        rollouts: None,
-        users: Vec::new(),
+        rollouts: Some(RawRollouts {
+            root: trust.root.clone(),
+            server_key: trust.server_key.clone(),
+            chunk_size: Some(16 * 1024),
+            ..Default::default()
+        }),
+        users: vec![User {
+            name: "demo-operator".into(),
+            role: Role::Admin,
+            token: super::demo_rollout::TOKEN.into(),
+        }],
     })?;
     let agents = GATEWAYS
         .iter()
-        .map(|gateway| agent_config(&root, &args, gateway))
+        .map(|gateway| agent_config(&root, &args, gateway, &trust.root))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -139,9 +154,14 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         println!("  drift:   curl 'http://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
         println!("  drifting assets: curl http://{}/api/v1/drift/drifting", args.http);
         println!("  retraining:      curl http://{}/api/v1/drift/events", args.http);
+        println!("  rollout:  release 2 of the model goes out 2 s after the first prediction: canary gw-01 (shadow, probation), then gw-02 and gw-03");
+        println!("            millwright rollout status r1 --follow   (or curl http://{}/api/v1/rollouts/r1)", args.http);
+        println!("            token for changes: MILLWRIGHT_TOKEN={}", super::demo_rollout::TOKEN);
         println!("Press ctrl-c to stop.");
         let mut first: Option<Duration> = None;
+        let mut rollout_started = false;
         let mut every = tokio::time::interval(Duration::from_secs(5));
+        let mut rollout_check = tokio::time::interval(Duration::from_secs(1));
         let ctrl_c = millwright_agent::signal::shutdown();
         tokio::pin!(ctrl_c);
         let mut poll = tokio::time::interval(Duration::from_millis(100));
@@ -155,6 +175,20 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
                         let t = started.elapsed();
                         first = Some(t);
                         println!("first prediction stored by the server {:.2} s after start", t.as_secs_f64());
+                    }
+                }
+                _ = rollout_check.tick(), if !rollout_started => {
+                    if first.is_some_and(|t| started.elapsed() > t + Duration::from_secs(2)) {
+                        rollout_started = true;
+                        let (http, root, release_2) = (args.http.clone(), root.clone(), trust.release_2.clone());
+                        let started = tokio::task::spawn_blocking(move || {
+                            super::demo_rollout::start(&http, &root, BUNDLE, &release_2)
+                        }).await;
+                        match started {
+                            Ok(Ok(id)) => println!("rollout {id} started: release 2 of {} to the fleet", super::demo_rollout::MODEL),
+                            Ok(Err(e)) => println!("rollout not started: {e:#}"),
+                            Err(e) => println!("rollout not started: {e}"),
+                        }
                     }
                 }
                 _ = every.tick() => print_summary(&db_path),
@@ -173,6 +207,21 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
 fn print_summary(db_path: &Path) {
     let Ok(db) = Db::open_reader(db_path) else { return };
     let Ok(devices) = db.devices() else { return };
+    for r in db.rollouts().unwrap_or_default() {
+        let count =
+            |s: crate::rollout::DeviceState| r.devices.iter().filter(|d| d.state == s).count();
+        println!(
+            "rollout {} → release {}: {:?}, wave {}/{}, {} of {} committed, {} failed",
+            r.id,
+            r.spec.release,
+            r.state,
+            r.wave + 1,
+            r.waves.len(),
+            count(crate::rollout::DeviceState::Committed),
+            r.devices.len(),
+            count(crate::rollout::DeviceState::Failed)
+        );
+    }
     if let Ok(latest) = db.drift_latest(&Default::default(), 1) {
         let drifting = crate::drift::drifting(&latest);
         let drift: std::collections::BTreeSet<String> = drifting

@@ -1,0 +1,102 @@
+//! The demo's rollout: a fleet trust root made on the spot (fresh root and server keys; the
+//! committed demo release key signs bundles), release 2 of the reference model, and a rollout
+//! of it through the API once the fleet is predicting: a canary, then the rest.
+
+use ed25519_dalek::SigningKey;
+use millwright_shared::bundle::RawBundle;
+use millwright_shared::keys::{KeyId, SecretKeyFile};
+use millwright_shared::trust::{KeySet, ROOT_KIND, Root, RootMetadata};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The demo's operator token (a local demo; real servers configure their own).
+pub const TOKEN: &str = "demo-operator-token-change-me";
+pub const MODEL: &str = "rul-cnn-fd001";
+
+pub struct DemoTrust {
+    pub root: PathBuf,
+    pub server_key: PathBuf,
+    pub release_2: PathBuf,
+}
+
+fn random_key() -> anyhow::Result<SigningKey> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Writes `root.json`, the server key and release 2 of the reference bundle into `dir`.
+pub fn prepare(
+    repo: &Path,
+    dir: &Path,
+    bundle: &str,
+    release_secret: &str,
+) -> anyhow::Result<DemoTrust> {
+    std::fs::create_dir_all(dir)?;
+    let (root_key, server_key) = (random_key()?, random_key()?);
+    let (_, release_key) =
+        SecretKeyFile::parse(&std::fs::read_to_string(repo.join(release_secret))?)?;
+    let now = millwright_agent::clock::now();
+    let metadata = RootMetadata {
+        kind: ROOT_KIND.into(),
+        version: 1,
+        expires_at: now.replace_nanosecond(0)? + time::Duration::days(30),
+        root: KeySet::of(&[root_key.verifying_key()], 1),
+        release: KeySet::of(&[release_key.verifying_key()], 1),
+        server: KeySet::of(&[server_key.verifying_key()], 1),
+        revoked: Vec::<KeyId>::new(),
+    };
+    let trust = DemoTrust {
+        root: dir.join("root.json"),
+        server_key: dir.join("server.secret.json"),
+        release_2: dir.join("rul-cnn-fd001-r2.mwb"),
+    };
+    std::fs::write(&trust.root, Root::sign(&metadata, &[&root_key]).to_bytes())?;
+    std::fs::write(&trust.server_key, serde_json::to_vec(&SecretKeyFile::new(&server_key))?)?;
+    let reference = RawBundle::parse(&std::fs::read(repo.join(bundle))?)?;
+    let mut manifest = reference.manifest_unverified()?;
+    manifest.release = millwright_shared::Release(manifest.release.0 + 1);
+    manifest.version = format!("{}-demo-r{}", manifest.version, manifest.release.0);
+    let mut next = RawBundle::unsigned(manifest, reference.model);
+    next.sign(&release_key);
+    std::fs::write(&trust.release_2, next.to_bytes())?;
+    Ok(trust)
+}
+
+fn answer(
+    url: &str,
+    result: Result<ureq::Response, ureq::Error>,
+) -> anyhow::Result<serde_json::Value> {
+    match result {
+        Ok(r) => Ok(r.into_json()?),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or_default();
+            anyhow::bail!("{url}: {code} {}", v["error"].as_str().unwrap_or(""))
+        }
+        Err(e) => anyhow::bail!("{url}: {e}"),
+    }
+}
+
+/// Registers releases 1 and 2 and starts rolling release 2 out; returns the rollout id.
+pub fn start(http: &str, repo: &Path, bundle: &str, release_2: &Path) -> anyhow::Result<String> {
+    let base = format!("http://{http}/api/v1");
+    let auth = format!("Bearer {TOKEN}");
+    for file in [repo.join(bundle), release_2.to_owned()] {
+        let url = format!("{base}/models");
+        let request = ureq::post(&url).timeout(Duration::from_secs(60)).set("Authorization", &auth);
+        let bytes = std::fs::read(&file)?;
+        answer(&url, request.send_bytes(&bytes))?;
+    }
+    let url = format!("{base}/rollouts");
+    let request = ureq::post(&url).timeout(Duration::from_secs(60)).set("Authorization", &auth);
+    let spec = json!({
+        "model": MODEL, "release": 2, "target": {"kind": "all"},
+        "canary": {"count": 1}, "waves": {"fixed": 1}, "soak_secs": 2,
+        "device_timeout_secs": 300, "on_failure": "revert",
+        "activation": {"shadow_secs": 2, "probation_secs": 2, "gates": {"min_predictions": 10}},
+        "reason": "demo: release 2 of the reference model",
+    });
+    let rollout = answer(&url, request.send_json(spec))?;
+    Ok(rollout["id"].as_str().unwrap_or("?").to_owned())
+}
