@@ -35,6 +35,8 @@ pub enum Canary {
 pub enum Waves {
     /// The devices after the canary, split into this many nearly equal waves.
     Fixed(usize),
+    /// Waves of this many devices (the last may be smaller).
+    Size(usize),
     /// Each wave twice the previous, starting at twice the canary.
     Exponential,
 }
@@ -212,6 +214,10 @@ pub fn wave_sizes(n: usize, canary: Canary, waves: Waves) -> Vec<usize> {
                 }
             }
         }
+        Waves::Size(n) => sizes.extend(
+            std::iter::repeat_n(n.max(1), rest / n.max(1))
+                .chain((rest % n.max(1) > 0).then_some(rest % n.max(1))),
+        ),
         Waves::Exponential => {
             let (mut left, mut size) = (rest, first * 2);
             while left > 0 {
@@ -233,7 +239,9 @@ pub fn plan(
     created_by: String,
     now_ms: i64,
 ) -> Result<Rollout, PlanError> {
-    if matches!(spec.canary, Canary::Count(0)) || matches!(spec.waves, Waves::Fixed(0)) {
+    if matches!(spec.canary, Canary::Count(0))
+        || matches!(spec.waves, Waves::Fixed(0) | Waves::Size(0))
+    {
         return Err(PlanError::Shape { canary: spec.canary, waves: spec.waves });
     }
     if let Target::Devices { devices } = &spec.target
@@ -626,6 +634,7 @@ mod tests {
         assert_eq!(wave_sizes(20, Canary::Count(1), Waves::Exponential), vec![1, 2, 4, 8, 5]);
         assert_eq!(wave_sizes(3, Canary::Percent(1.0), Waves::Fixed(5)), vec![1, 1, 1]);
         assert_eq!(wave_sizes(1, Canary::Percent(10.0), Waves::Fixed(2)), vec![1]);
+        assert_eq!(wave_sizes(20, Canary::Count(2), Waves::Size(5)), vec![2, 5, 5, 5, 3]);
     }
 
     #[test]

@@ -54,8 +54,11 @@ pub struct StartArgs {
     #[arg(long, default_value = "10%")]
     canary: String,
     /// Waves after the canary.
-    #[arg(long, default_value_t = 2, conflicts_with = "exponential")]
+    #[arg(long, default_value_t = 2, conflicts_with_all = ["exponential", "wave_size"])]
     waves: usize,
+    /// Waves of this many devices each instead.
+    #[arg(long, conflicts_with = "exponential")]
+    wave_size: Option<usize>,
     /// Each wave twice the previous instead.
     #[arg(long)]
     exponential: bool,
@@ -128,7 +131,11 @@ fn spec(a: &StartArgs) -> Result<Value, String> {
         (_, _, false) => json!({ "kind": "devices", "devices": a.devices }),
         _ => json!({ "kind": "all" }),
     };
-    let waves = if a.exponential { json!("exponential") } else { json!({ "fixed": a.waves }) };
+    let waves = match (a.exponential, a.wave_size) {
+        (true, _) => json!("exponential"),
+        (false, Some(n)) => json!({ "size": n }),
+        (false, None) => json!({ "fixed": a.waves }),
+    };
     Ok(json!({
         "model": a.model,
         "release": a.release,

@@ -53,30 +53,29 @@ fn data_error(e: impl Into<anyhow::Error>) -> Failure {
     Failure { code: EX_DATAERR, error: e.into() }
 }
 
-fn public(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>, Failure> {
+/// Reads key files with `parse` (public or secret key files), naming the file on failure.
+fn read_keys<K, E: std::fmt::Display>(
+    paths: &[PathBuf],
+    parse: impl Fn(&str) -> Result<(KeyId, K), E>,
+) -> Result<Vec<K>, Failure> {
     paths
         .iter()
         .map(|p| {
             let text =
                 std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            Ok(PublicKeyFile::parse(&text)
-                .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", p.display())))?
-                .1)
+            let (_, key) =
+                parse(&text).map_err(|e| data_error(anyhow::anyhow!("{}: {e}", p.display())))?;
+            Ok(key)
         })
         .collect()
 }
 
+fn public(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>, Failure> {
+    read_keys(paths, PublicKeyFile::parse)
+}
+
 fn secret(paths: &[PathBuf]) -> Result<Vec<SigningKey>, Failure> {
-    paths
-        .iter()
-        .map(|p| {
-            let text =
-                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            Ok(SecretKeyFile::parse(&text)
-                .map_err(|e| data_error(anyhow::anyhow!("{}: {e}", p.display())))?
-                .1)
-        })
-        .collect()
+    read_keys(paths, SecretKeyFile::parse)
 }
 
 fn write(path: &Path, envelope: &Envelope) -> Result<(), Failure> {
