@@ -214,10 +214,13 @@ pub fn wave_sizes(n: usize, canary: Canary, waves: Waves) -> Vec<usize> {
                 }
             }
         }
-        Waves::Size(n) => sizes.extend(
-            std::iter::repeat_n(n.max(1), rest / n.max(1))
-                .chain((rest % n.max(1) > 0).then_some(rest % n.max(1))),
-        ),
+        Waves::Size(n) => {
+            let n = n.max(1);
+            sizes.extend(std::iter::repeat_n(n, rest / n));
+            if !rest.is_multiple_of(n) {
+                sizes.push(rest % n);
+            }
+        }
         Waves::Exponential => {
             let (mut left, mut size) = (rest, first * 2);
             while left > 0 {
