@@ -4,6 +4,7 @@
 //! variant of [`Event`]. Inference runs inline (a window takes microseconds); SQLite commits are
 //! grouped every `flush_interval` or `flush_max_records`.
 
+mod download;
 mod update;
 
 use crate::asset::{self, AssetState, Cursor, Outcome};

@@ -7,7 +7,8 @@
 //!                                                   └─ a failed gate → revert to the last known good
 //! ```
 //!
-//! Each step is written to SQLite together with the report announcing it
+//! The download itself is [`super::download`]. Each step is written to SQLite together with the
+//! report announcing it
 //! ([`Store::commit_update`]); the model slot (which bundle file serves a model) changes in the
 //! same transaction as the step that swaps. After a crash, the agent loads whatever the slot
 //! names, always verifying it again, and resumes the step: so it serves exactly the old or the
@@ -21,14 +22,10 @@ use crate::staging::Staging;
 use crate::store::NewRecord;
 use crate::update_state::{Change, Pending, Slot, Step};
 use millwright_shared::bundle::sha256_hex;
-use millwright_shared::directive::{self, ChunkError, Directive, Verdict};
+use millwright_shared::directive::{self, Directive, Verdict};
 use millwright_shared::gates::{self, Health, HealthMeter};
-use millwright_shared::topics;
 use millwright_shared::trust::Envelope;
-use millwright_shared::wire::{
-    self, Chunk, FetchRequest, RecordBody, UpdatePhase, UpdateReport, WIRE_VERSION,
-};
-use rumqttc::QoS;
+use millwright_shared::wire::{RecordBody, UpdatePhase, UpdateReport};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,13 +33,11 @@ use std::time::Instant;
 
 /// An activation interrupted this many times by restarts is given up.
 const MAX_ATTEMPTS: u32 = 3;
-/// Chunks failing their checks before the download is refused.
-const MAX_BAD_CHUNKS: u32 = 3;
 
 /// What an activation is about: the directive (and its signed envelope, which the store
 /// keeps), the model it replaces and how many starts it has survived.
 pub(super) struct Job {
-    directive: Directive,
+    pub(super) directive: Directive,
     envelope: Vec<u8>,
     /// Index of the model (in `Agent::models`) the release replaces.
     model: usize,
@@ -51,11 +46,11 @@ pub(super) struct Job {
 
 /// The activation in progress.
 pub(super) struct Update {
-    job: Job,
-    stage: Stage,
+    pub(super) job: Job,
+    pub(super) stage: Stage,
 }
 
-enum Stage {
+pub(super) enum Stage {
     Fetching {
         staging: Staging,
         requested: HashMap<u32, i64>,
@@ -157,7 +152,7 @@ impl Update {
 /// Test hook: `MILLWRIGHT_PAUSE_AFTER=<step>` makes the agent stop for 30 s right after it
 /// persisted that step, so a test can SIGKILL it there. Steps: received, downloading,
 /// downloaded, verified, self_tested, shadow, activated, committed, reverted.
-fn failpoint(step: &str) {
+pub(super) fn failpoint(step: &str) {
     if std::env::var("MILLWRIGHT_PAUSE_AFTER").is_ok_and(|s| s == step) {
         tracing::warn!(step, "test hook: pausing after this step (MILLWRIGHT_PAUSE_AFTER)");
         std::thread::sleep(std::time::Duration::from_secs(30));
@@ -182,7 +177,7 @@ fn pending(job: &Job, step: Step) -> Change {
 }
 
 impl Agent {
-    fn updates_dir(&self) -> PathBuf {
+    pub(super) fn updates_dir(&self) -> PathBuf {
         self.config.data_dir.join("updates")
     }
 
@@ -251,7 +246,7 @@ impl Agent {
     }
 
     /// Ends the activation without the new release ever serving.
-    fn reject(&mut self, job: Job, reason: String, health: Option<Health>) {
+    pub(super) fn reject(&mut self, job: Job, reason: String, health: Option<Health>) {
         let d = &job.directive;
         tracing::warn!(model = %d.model, release = d.release.0, "update rejected: {reason}");
         self.counters.updates_rejected += 1;
@@ -333,139 +328,9 @@ impl Agent {
         }
     }
 
-    /// Starts or resumes the download, or goes straight on when the bundle is already here.
-    fn fetch(&mut self, job: Job) {
-        if self.bundle_path(&job.directive.bundle.sha256).exists() {
-            return self.install_staged(job);
-        }
-        match Staging::open(&self.updates_dir(), &job.directive.bundle) {
-            Ok(staging) if staging.complete() => self.finish_download(job, staging),
-            Ok(staging) => {
-                tracing::info!(
-                    have = staging.received(),
-                    of = staging.total(),
-                    "downloading release {}",
-                    job.directive.release.0
-                );
-                let stage = Stage::Fetching { staging, requested: HashMap::new(), bad_chunks: 0 };
-                self.update = Some(Update { job, stage });
-                self.request_chunks(clock::now_ms());
-            }
-            Err(e) => self.reject(job, format!("cannot stage the download: {e}"), None),
-        }
-    }
-
-    /// Asks for missing chunks, at most `fetch_window` at a time; unanswered requests are made
-    /// again after `fetch_timeout`.
-    pub(super) fn request_chunks(&mut self, now_ms: i64) {
-        if !self.uplink.is_connected() {
-            return;
-        }
-        let timeout_ms = self.config.updates.fetch_timeout.as_millis() as i64;
-        let window = self.config.updates.fetch_window as usize;
-        let topic = topics::fetch(&self.config.device);
-        let Some(Update { job, stage: Stage::Fetching { staging, requested, .. } }) =
-            &mut self.update
-        else {
-            return;
-        };
-        requested.retain(|_, at| now_ms - *at < timeout_ms);
-        let room = window.saturating_sub(requested.len());
-        let wanted: Vec<u32> = staging
-            .missing(staging.total())
-            .into_iter()
-            .filter(|i| !requested.contains_key(i))
-            .take(room)
-            .collect();
-        for index in wanted {
-            let request = FetchRequest {
-                v: WIRE_VERSION,
-                sha256: job.directive.bundle.sha256.clone(),
-                first: index,
-                count: 1,
-            };
-            let payload = wire::encode(&request);
-            if self.client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload).is_err() {
-                break;
-            }
-            requested.insert(index, now_ms);
-        }
-    }
-
-    /// After a reconnect nothing requested before can be assumed to arrive.
-    pub(super) fn on_reconnect_update(&mut self) {
-        if let Some(Update { stage: Stage::Fetching { requested, .. }, .. }) = &mut self.update {
-            requested.clear();
-        }
-        self.request_chunks(clock::now_ms());
-    }
-
-    /// A message on this device's `chunk` topic.
-    pub(super) fn on_chunk(&mut self, bytes: &[u8]) {
-        let Some(Update { job, stage: Stage::Fetching { staging, requested, bad_chunks } }) =
-            &mut self.update
-        else {
-            return;
-        };
-        let accepted = Chunk::decode(bytes)
-            .map_err(|e| format!("chunk message refused: {e}"))
-            .and_then(|chunk| match job.directive.bundle.accept(&chunk) {
-                Err(ChunkError::OtherBundle) => Ok(None),
-                Err(e) => {
-                    requested.remove(&chunk.index);
-                    Err(e.to_string())
-                }
-                Ok(ok) => Ok(Some(ok)),
-            });
-        let failure = match accepted {
-            Ok(Some((index, data))) if !staging.has(index) => {
-                requested.remove(&index);
-                match staging.write(index, &data) {
-                    Ok(()) => {
-                        self.counters.chunks_received += 1;
-                        if staging.received() == 1 {
-                            failpoint("downloading");
-                        }
-                        None
-                    }
-                    Err(e) => Some(format!("cannot write the download: {e}")),
-                }
-            }
-            Ok(_) => None,
-            Err(e) => {
-                *bad_chunks += 1;
-                self.counters.chunks_refused += 1;
-                tracing::warn!(bad = *bad_chunks, "{e}");
-                (*bad_chunks >= MAX_BAD_CHUNKS)
-                    .then(|| format!("download refused after {bad_chunks} bad chunks: {e}"))
-            }
-        };
-        let complete = staging.complete();
-        if let Some(reason) = failure {
-            if let Some(update) = self.update.take() {
-                self.reject(update.job, reason, None);
-            }
-        } else if complete {
-            if let Some(Update { job, stage: Stage::Fetching { staging, .. } }) = self.update.take()
-            {
-                self.finish_download(job, staging);
-            }
-        } else {
-            self.request_chunks(clock::now_ms());
-        }
-    }
-
-    fn finish_download(&mut self, job: Job, staging: Staging) {
-        let dest = self.bundle_path(&job.directive.bundle.sha256);
-        match staging.finish(&dest) {
-            Ok(_) => self.install_staged(job),
-            Err(e) => self.reject(job, format!("cannot keep the download: {e}"), None),
-        }
-    }
-
     /// Checks the whole file, verifies it, loads it into a second plan and self-tests it;
     /// then the shadow period starts, or the swap happens at once.
-    fn install_staged(&mut self, job: Job) {
+    pub(super) fn install_staged(&mut self, job: Job) {
         let d = &job.directive;
         let path = self.bundle_path(&d.bundle.sha256);
         let bytes = match std::fs::read(&path) {
