@@ -19,6 +19,7 @@
 //! | `POST /api/v1/rollouts/{id}/{pause\|resume\|abort\|revert}` (operator; body `{"reason": ..}`) | the rollout after the action |
 //! | `GET /api/v1/audit?limit=` | who did what, when and why (newest first) |
 //! | `GET /api/v1/delivery` | bytes of bundle chunks sent per device |
+//! | `GET /api/v1/openapi.json` | the OpenAPI 3 description of all of this (`server/api/openapi.json`) |
 //!
 //! Write routes need `Authorization: Bearer <token>` of a configured `[[users]]` entry.
 
@@ -85,6 +86,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
         .route("/api/v1/audit", get(rollouts::audit))
         .route("/api/v1/delivery", get(rollouts::delivery))
+        .route("/api/v1/openapi.json", get(openapi))
         .layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
         .with_state(state)
 }
@@ -165,6 +167,13 @@ async fn alerts(
     query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
 }
 
+/// The OpenAPI 3 description of this API (`server/api/openapi.json`).
+pub const OPENAPI: &str = include_str!("../api/openapi.json");
+
+async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 async fn updates(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
     query(&state, move |db| db.update_reports(&device)).await
 }
@@ -204,4 +213,36 @@ async fn drifting(State(state): State<ApiState>, Query(filter): Query<Filter>) -
 
 async fn retraining_events(State(state): State<ApiState>) -> Response {
     query(&state, |db| db.retraining_events()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OPENAPI;
+
+    /// Every route the router serves is in the OpenAPI document with the same methods, and the
+    /// document describes nothing the router does not serve.
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let source = include_str!("http.rs");
+        let mut served: Vec<(String, String)> = Vec::new();
+        for line in source.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+            let path = line.split('"').nth(1).unwrap().to_owned();
+            for method in ["get", "post"] {
+                if line.contains(&format!("{method}(")) || line.contains(&format!(".{method}(")) {
+                    served.push((path.clone(), method.to_owned()));
+                }
+            }
+        }
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push((path.clone(), method.clone()));
+            }
+        }
+        served.sort();
+        documented.sort();
+        assert!(served.len() >= 19, "routes not found in the source: {served:?}");
+        assert_eq!(served, documented);
+    }
 }
