@@ -19,6 +19,7 @@
 //! | `POST /api/v1/rollouts/{id}/{pause\|resume\|abort\|revert}` (operator; body `{"reason": ..}`) | the rollout after the action |
 //! | `GET /api/v1/audit?limit=` | who did what, when and why (newest first) |
 //! | `GET /api/v1/delivery` | bytes of bundle chunks sent per device |
+//! | `GET /metrics` | Prometheus text: devices online, records stored per stream, rollouts by state, bundle bytes sent, retraining events, broker connection |
 //! | `GET /api/v1/openapi.json` | the OpenAPI 3 description of all of this (`server/api/openapi.json`) |
 //!
 //! Write routes need `Authorization: Bearer <token>` of a configured `[[users]]` entry.
@@ -87,6 +88,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/audit", get(rollouts::audit))
         .route("/api/v1/delivery", get(rollouts::delivery))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
         .with_state(state)
 }
@@ -165,6 +167,27 @@ async fn alerts(
 ) -> Response {
     let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
     query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
+}
+
+/// Prometheus text format.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let db = state.db.clone();
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let db = db.lock().map_err(|_| "database lock poisoned".to_owned())?;
+        crate::metrics::read(&db).map_err(|e| e.to_string())
+    })
+    .await;
+    match snapshot {
+        Ok(Ok(mut s)) => {
+            s.broker_connected = state.broker_connected.load(Ordering::Relaxed);
+            s.bundle_bytes_sent = state.served.lock().map(|m| m.values().sum()).unwrap_or(0);
+            let content_type = "text/plain; version=0.0.4; charset=utf-8";
+            ([(axum::http::header::CONTENT_TYPE, content_type)], crate::metrics::render(&s))
+                .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 /// The OpenAPI 3 description of this API (`server/api/openapi.json`).

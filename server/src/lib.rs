@@ -16,6 +16,7 @@ pub mod drift;
 pub mod drift_db;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod rollout;
 pub mod rollout_db;
 pub mod rollouts;

@@ -283,6 +283,12 @@ impl Server {
         cmd
     }
 
+    /// A non-JSON route (e.g. `/metrics`) as text.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
+        Ok(ureq::get(&url).timeout(Duration::from_secs(5)).call()?.into_string()?)
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("http://127.0.0.1:{}{path}", self.http_port);
         Ok(ureq::get(&url).timeout(Duration::from_secs(5)).call()?.into_json()?)

@@ -1,0 +1,120 @@
+//! Prometheus `/metrics` for the server, read at scrape time from the database and the shared
+//! state (no counters to keep in step): devices online, records stored per stream, rollouts per
+//! state, bundle bytes sent, retraining events, broker connection.
+
+use crate::db::Db;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// What a scrape reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub devices_online: u64,
+    pub devices_offline: u64,
+    /// (stream, records stored)
+    pub records: Vec<(&'static str, u64)>,
+    /// (state, rollouts)
+    pub rollouts: Vec<(String, u64)>,
+    pub bundle_bytes_sent: u64,
+    pub retraining_events: u64,
+    pub broker_connected: bool,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Renders a snapshot in the Prometheus text format.
+pub fn render(s: &Snapshot) -> String {
+    let mut registry = Registry::with_prefix("millwright");
+    let devices = Family::<Labels, Gauge>::default();
+    devices.get_or_create(&vec![("online", "true".into())]).set(s.devices_online as i64);
+    devices.get_or_create(&vec![("online", "false".into())]).set(s.devices_offline as i64);
+    registry.register("devices", "Devices known to the server, by connection", devices);
+    let records = Family::<Labels, Counter>::default();
+    for (stream, n) in &s.records {
+        records.get_or_create(&vec![("stream", (*stream).to_owned())]).inc_by(*n);
+    }
+    registry.register("records_stored", "Records stored (idempotently) per uplink stream", records);
+    let rollouts = Family::<Labels, Gauge>::default();
+    for (state, n) in &s.rollouts {
+        rollouts.get_or_create(&vec![("state", state.clone())]).set(*n as i64);
+    }
+    registry.register("rollouts", "Rollouts by state", rollouts);
+    let bytes = Counter::<u64>::default();
+    bytes.inc_by(s.bundle_bytes_sent);
+    registry.register("bundle_bytes_sent", "Bundle chunk bytes sent to devices since start", bytes);
+    let events = Counter::<u64>::default();
+    events.inc_by(s.retraining_events);
+    registry.register("retraining_events", "Retraining recommendations raised", events);
+    let broker = Gauge::<i64>::default();
+    broker.set(i64::from(s.broker_connected));
+    registry.register("broker_connected", "1 when the server's MQTT client is connected", broker);
+    let mut out = String::new();
+    if encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Reads the database's part of a snapshot.
+pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
+    let devices = db.devices()?;
+    let online = devices.iter().filter(|d| d.online).count() as u64;
+    let count = |table: &str| -> rusqlite::Result<u64> {
+        db.conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+    };
+    let mut rollouts: Vec<(String, u64)> = Vec::new();
+    for r in db.rollouts()? {
+        let state = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned));
+        let state = state.unwrap_or_default();
+        match rollouts.iter_mut().find(|(s, _)| *s == state) {
+            Some((_, n)) => *n += 1,
+            None => rollouts.push((state, 1)),
+        }
+    }
+    Ok(Snapshot {
+        devices_online: online,
+        devices_offline: devices.len() as u64 - online,
+        records: vec![
+            ("pred", count("predictions")?),
+            ("alert", count("alerts")?),
+            ("drift", count("drift_reports")?),
+            ("update", count("update_reports")?),
+        ],
+        rollouts,
+        bundle_bytes_sent: 0,
+        retraining_events: count("retraining_events")?,
+        broker_connected: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_renders_as_prometheus_text() {
+        let text = render(&Snapshot {
+            devices_online: 19,
+            devices_offline: 1,
+            records: vec![("pred", 1234)],
+            rollouts: vec![("completed".into(), 2)],
+            bundle_bytes_sent: 270_063,
+            retraining_events: 1,
+            broker_connected: true,
+        });
+        for line in [
+            "millwright_devices{online=\"true\"} 19",
+            "millwright_devices{online=\"false\"} 1",
+            "millwright_records_stored_total{stream=\"pred\"} 1234",
+            "millwright_rollouts{state=\"completed\"} 2",
+            "millwright_bundle_bytes_sent_total 270063",
+            "millwright_retraining_events_total 1",
+            "millwright_broker_connected 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
+        }
+    }
+}
