@@ -63,6 +63,7 @@ fn agent_config(
         trust: RawTrust { root: None, keys: vec![PathBuf::from(PUBLIC_KEY)], threshold: None },
         updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
+        local: Default::default(),
         assets: gateway
             .units
             .iter()

@@ -35,6 +35,9 @@ const PURE: &[&str] = &[
     "agent/src/cmapss.rs",
     "agent/src/reading.rs",
     "agent/src/uplink.rs",
+    "agent/src/status.rs",
+    "agent/src/page.rs",
+    "agent/src/metrics.rs",
     "server/src/ingest.rs",
     "server/src/drift.rs",
 ];
