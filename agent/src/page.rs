@@ -100,7 +100,7 @@ pub fn chart(points: &[Point], warning: f32, alarm: f32, now_ms: i64) -> Option<
             let _ = write!(
                 svg,
                 "<line x1=\"{left}\" x2=\"{}\" y1=\"{ty:.1}\" y2=\"{ty:.1}\" stroke=\"{colour}\" stroke-dasharray=\"6 4\"/>\
-                 <text x=\"{}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\" fill=\"{colour}\">{t}</text>",
+                 <text x=\"{}\" y=\"{:.1}\" font-size=\"14\" text-anchor=\"end\" fill=\"{colour}\">{t}</text>",
                 w - 4.0,
                 left - 4.0,
                 ty + 4.0
@@ -119,10 +119,10 @@ pub fn chart(points: &[Point], warning: f32, alarm: f32, now_ms: i64) -> Option<
     );
     let _ = write!(
         svg,
-        "<text x=\"{left}\" y=\"{}\" font-size=\"11\" fill=\"#5f6b7a\">{} ago</text>\
-         <text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\" fill=\"#5f6b7a\">{}</text>\
-         <text x=\"{}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\" fill=\"#5f6b7a\">{:.0}</text>\
-         <text x=\"{}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\" fill=\"#5f6b7a\">{:.0}</text></svg>",
+        "<text x=\"{left}\" y=\"{}\" font-size=\"14\" fill=\"#5f6b7a\">{} ago</text>\
+         <text x=\"{}\" y=\"{}\" font-size=\"14\" text-anchor=\"end\" fill=\"#5f6b7a\">{}</text>\
+         <text x=\"{}\" y=\"{:.1}\" font-size=\"14\" text-anchor=\"end\" fill=\"#5f6b7a\">{:.0}</text>\
+         <text x=\"{}\" y=\"{:.1}\" font-size=\"14\" text-anchor=\"end\" fill=\"#5f6b7a\">{:.0}</text></svg>",
         h - 6.0,
         human_age(now_ms - first.at_ms),
         w - 4.0,
@@ -275,7 +275,7 @@ pub fn render(status: &Status, history: &BTreeMap<String, Vec<Point>>, now_ms: i
         out,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{} · Millwright</title><style>{CSS}</style>\
+         <link rel=\"icon\" href=\"data:,\"><title>{} · Millwright</title><style>{CSS}</style>\
          <noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\"></noscript></head><body>\
          <header><h1 id=\"device\">{}</h1><div class=\"muted\" style=\"color:#cbd2d9\">Millwright agent · updated {} ago</div></header><main>",
         escape(&status.device),
