@@ -2,7 +2,7 @@
 //! charts, a few lines of inline script that reload it) rendered from a [`Status`] snapshot
 //! and the prediction history. Pure: no I/O, `now` is a parameter.
 
-use crate::status::{Point, Status, human_age, human_bytes};
+use crate::status::{FeatureStatus, Point, Status, human_age, human_bytes};
 use millwright_shared::drift::Severity;
 use millwright_shared::wire::Level;
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ main{padding:12px;display:grid;gap:12px;grid-template-columns:repeat(auto-fill,m
 section{background:#fff;border-radius:8px;padding:12px 14px;box-shadow:0 1px 2px #0002}\
 h2{margin:0 0 8px;font-size:1.1em;display:flex;justify-content:space-between;align-items:center}\
 .badge{border-radius:12px;padding:2px 10px;font-size:.85em;font-weight:600;color:#fff}\
+td.warning{color:#b35200;font-weight:600}td.alarm{color:#c62828;font-weight:600}summary{margin-top:8px;cursor:pointer}\
 .ok{background:#2e7d32}.warning{background:#ed6c02}.alarm{background:#c62828}.down{background:#c62828}\
 .muted{color:#5f6b7a;font-size:.9em}.big{font-size:1.6em;font-weight:600}\
 table{width:100%;border-collapse:collapse;font-size:.9em}td,th{text-align:left;padding:2px 4px;border-bottom:1px solid #eee}\
@@ -244,27 +245,61 @@ fn assets(out: &mut String, s: &Status, history: &BTreeMap<String, Vec<Point>>, 
                 alert.value.map_or(String::new(), |v| format!(", value {v:.1}"))
             );
         }
-        if a.drift.is_empty() {
-            out.push_str("<div class=\"muted\">Drift: no report yet.</div>");
-        } else {
-            out.push_str(
-                "<table class=\"drift\"><tr><th>Feature</th><th>Drift</th><th>Shift</th><th>Data quality</th></tr>",
-            );
-            for (feature, f) in &a.drift {
-                let flags: Vec<&str> = f.flags.iter().map(|q| q.as_str()).collect();
-                let _ = write!(
-                    out,
-                    "<tr><td>{}</td><td><span class=\"badge {}\" style=\"color:inherit\">{}</span></td><td>{}</td><td>{}</td></tr>",
-                    escape(feature),
-                    severity_class(f.severity),
-                    f.severity.as_str(),
-                    f.shift.map_or("—".to_owned(), |v| format!("{v:.2}")),
-                    if flags.is_empty() { "ok".to_owned() } else { flags.join(", ") }
-                );
-            }
-            out.push_str("</table>");
-        }
+        drift_table(out, &a.drift);
         out.push_str("</section>");
+    }
+}
+
+/// Sorts "s2" before "s10": by the name without its trailing digits, then by their value.
+fn natural_key(name: &str) -> (&str, u64) {
+    let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    (stem, name[stem.len()..].parse().unwrap_or(0))
+}
+
+/// Features with a drift verdict at warn or worse, or a data-quality flag, in a table; the
+/// others folded away below it.
+fn drift_table(out: &mut String, drift: &BTreeMap<String, FeatureStatus>) {
+    if drift.is_empty() {
+        out.push_str("<div class=\"muted\">Drift: no report yet.</div>");
+        return;
+    }
+    let mut features: Vec<(&String, &FeatureStatus)> = drift.iter().collect();
+    features.sort_by(|a, b| natural_key(a.0).cmp(&natural_key(b.0)));
+    let (flagged, quiet): (Vec<_>, Vec<_>) = features
+        .into_iter()
+        .partition(|(_, f)| f.severity >= Severity::Warn || !f.flags.is_empty());
+    let rows = |out: &mut String, features: &[(&String, &FeatureStatus)]| {
+        out.push_str(
+            "<table class=\"drift\"><tr><th>Feature</th><th>Drift</th><th>Shift</th><th>Data quality</th></tr>",
+        );
+        for (feature, f) in features {
+            let flags: Vec<&str> = f.flags.iter().map(|q| q.as_str()).collect();
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
+                escape(feature),
+                severity_class(f.severity),
+                f.severity.as_str(),
+                f.shift.map_or("—".to_owned(), |v| format!("{v:.2}")),
+                if flags.is_empty() { "ok".to_owned() } else { flags.join(", ") }
+            );
+        }
+        out.push_str("</table>");
+    };
+    if flagged.is_empty() {
+        out.push_str("<div>Drift: every feature ok.</div>");
+    } else {
+        let _ = write!(out, "<div>Drift: {} feature(s) need a look.</div>", flagged.len());
+        rows(out, &flagged);
+    }
+    if !quiet.is_empty() {
+        let _ = write!(
+            out,
+            "<details><summary class=\"muted\">{} feature(s) without drift or data-quality flags</summary>",
+            quiet.len()
+        );
+        rows(out, &quiet);
+        out.push_str("</details>");
     }
 }
 
@@ -374,12 +409,42 @@ mod tests {
             "name=\"pin\"",
             "out_of_range",
             "<td>2.25</td>",
+            "Drift: 1 feature(s) need a look.",
             "<polyline",
         ] {
             assert!(html.contains(want), "missing {want:?} in:\n{html}");
         }
         assert!(!html.contains("gw<1>"), "unescaped device id");
         assert!(!html.contains("http://") && !html.contains("https://"), "no external assets");
+    }
+
+    #[test]
+    fn flagged_features_come_first_in_natural_order_and_quiet_ones_fold_away() {
+        let feature = |severity, flags: Vec<Quality>| FeatureStatus {
+            severity,
+            flags,
+            shift: None,
+            psi: None,
+        };
+        let drift = [
+            ("s10".to_owned(), feature(Severity::Drift, vec![])),
+            ("s2".to_owned(), feature(Severity::Ok, vec![Quality::Stuck])),
+            ("s3".to_owned(), feature(Severity::Ok, vec![])),
+            ("s11".to_owned(), feature(Severity::Insufficient, vec![])),
+        ]
+        .into();
+        let mut html = String::new();
+        drift_table(&mut html, &drift);
+        let order: Vec<usize> = ["<td>s2<", "<td>s10<", "<details>", "<td>s3<", "<td>s11<"]
+            .iter()
+            .map(|m| html.find(m).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{html}");
+        assert!(
+            html.contains("2 feature(s) need a look") && html.contains("<td>stuck</td>"),
+            "{html}"
+        );
+        assert!(html.contains("2 feature(s) without drift"), "{html}");
     }
 
     #[test]
