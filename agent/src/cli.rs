@@ -1,5 +1,7 @@
-//! The `millwright-agent` command line: run the agent from a config file, or replay recorded
-//! data offline.
+//! The `millwright-agent` command line: run the agent from a config file, print a running
+//! agent's status, or replay recorded data offline.
+
+mod status;
 
 use crate::config::{Config, RawDrift};
 use crate::{replay, runtime};
@@ -21,6 +23,17 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print a running agent's status: from its local page's JSON API, else from the
+    /// `status.json` in its data directory.
+    Status {
+        /// The agent's local page, e.g. http://127.0.0.1:8090 (default: the config's
+        /// `[local] listen`).
+        #[arg(long)]
+        url: Option<String>,
+        /// The agent's config file: where its page listens and where its data directory is.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Verify a bundle and run it over a C-MAPSS file, one JSON line per prediction.
     Replay {
@@ -78,6 +91,7 @@ pub fn main() -> ExitCode {
     crate::logging::init("info,rumqttc=warn");
     match Cli::parse().command {
         Command::Run { config } => run(config),
+        Command::Status { url, config } => status::run(url, config),
         Command::Replay { bundle, trusted_keys, threshold, cmapss, out, drift } => {
             match replay_cmd(bundle, trusted_keys, threshold, cmapss, out, drift) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
 use millwright_shared::trust::Root;
 use millwright_shared::{AssetId, DeviceId};
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub const DEFAULT_DRIFT_INTERVAL_SECS: u64 = 3600;
 pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_FETCH_WINDOW: u32 = 4;
 pub const DEFAULT_FETCH_TIMEOUT_SECS: u64 = 10;
+/// The address the sample config and `millwright-agent status` use for the local page.
+pub const DEFAULT_LOCAL_LISTEN: &str = "127.0.0.1:8090";
+pub const MIN_PIN_LEN: usize = 4;
+pub const MAX_PIN_LEN: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +48,8 @@ pub struct RawConfig {
     pub updates: RawUpdates,
     #[serde(default)]
     pub drift: RawDrift,
+    #[serde(default)]
+    pub local: RawLocal,
     #[serde(default)]
     pub assets: Vec<RawAsset>,
 }
@@ -80,6 +87,36 @@ impl RawDrift {
             )));
         }
         Ok(s)
+    }
+}
+
+/// The operator's local page (off unless `listen` is set).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocal {
+    pub listen: Option<String>,
+    pub operator_pin: Option<String>,
+}
+
+impl RawLocal {
+    pub fn resolve(&self) -> Result<LocalConfig, ConfigError> {
+        let listen = match &self.listen {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "local.listen {text:?} is not an address:port such as \"127.0.0.1:8090\""
+                ))
+            })?),
+            None => None,
+        };
+        if let Some(pin) = &self.operator_pin {
+            let len = pin.chars().count();
+            if !(MIN_PIN_LEN..=MAX_PIN_LEN).contains(&len) || pin.chars().any(char::is_whitespace) {
+                return Err(ConfigError::Invalid(format!(
+                    "local.operator_pin must be {MIN_PIN_LEN} to {MAX_PIN_LEN} characters without spaces"
+                )));
+            }
+        }
+        Ok(LocalConfig { listen, operator_pin: self.operator_pin.clone() })
     }
 }
 
@@ -144,7 +181,16 @@ pub struct Config {
     /// The provisioned trust root (a newer one may be stored in the data directory).
     pub root: Root,
     pub updates: UpdatesConfig,
+    pub local: LocalConfig,
     pub assets: Vec<AssetConfig>,
+}
+
+/// The local page: where it listens (none: off) and the PIN that acknowledges alerts (none:
+/// acknowledging is refused).
+#[derive(Debug, Clone, Default)]
+pub struct LocalConfig {
+    pub listen: Option<SocketAddr>,
+    pub operator_pin: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +389,7 @@ impl Config {
             ),
             settings: raw.drift.settings()?,
         };
+        let local = raw.local.resolve()?;
         Ok(Config {
             device,
             site: raw.site,
@@ -353,6 +400,7 @@ impl Config {
             uplink,
             root,
             updates,
+            local,
             assets,
         })
     }
@@ -388,6 +436,25 @@ mod tests {
         assert!(err.to_string().contains("warn (3) <= drift (2)"), "{err}");
         let err = toml::from_str::<RawDrift>("metric = 'entropy'").unwrap_err().to_string();
         assert!(err.contains("entropy") && err.contains("shift"), "{err}");
+    }
+
+    #[test]
+    fn the_local_page_is_off_by_default_and_checks_its_address_and_pin() {
+        let off = RawLocal::default().resolve().unwrap();
+        assert_eq!((off.listen, off.operator_pin), (None, None));
+        let on =
+            RawLocal { listen: Some("0.0.0.0:8090".into()), operator_pin: Some("4711".into()) }
+                .resolve()
+                .unwrap();
+        assert_eq!(on.listen.map(|a| a.port()), Some(8090));
+        let err = RawLocal { listen: Some("localhost".into()), ..Default::default() }
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("local.listen \"localhost\""), "{err}");
+        for pin in ["12", "12 34"] {
+            let raw = RawLocal { operator_pin: Some(pin.into()), ..Default::default() };
+            assert!(raw.resolve().unwrap_err().to_string().contains("operator_pin"));
+        }
     }
 
     #[test]

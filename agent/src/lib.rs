@@ -1,9 +1,10 @@
 //! Millwright edge agent.
 //!
 //! Pure core (no tokio, rusqlite, rumqttc, tract or `std::fs`; no clock): [`cmapss`],
-//! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`].
+//! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`], [`status`] (the snapshot),
+//! [`page`] (the local page's HTML), [`metrics`] (Prometheus text).
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
-//! [`mqtt`] (rumqttc), [`sources`] (file replay pacing), [`runtime`] (the event loop),
+//! [`mqtt`] (rumqttc), [`local_http`] (axum: the local page and its API), [`sources`] (file replay pacing), [`runtime`] (the event loop),
 //! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`],
 //! [`watchdog`] (systemd notifications).
 
@@ -15,8 +16,11 @@ pub mod clock;
 pub mod cmapss;
 pub mod config;
 pub mod inference;
+pub mod local_http;
 pub mod logging;
+pub mod metrics;
 pub mod mqtt;
+pub mod page;
 pub mod reading;
 pub mod reference;
 pub mod replay;
@@ -24,6 +28,7 @@ pub mod runtime;
 pub mod signal;
 pub mod sources;
 pub mod staging;
+pub mod status;
 pub mod store;
 pub mod update_state;
 pub mod uplink;

@@ -10,8 +10,13 @@ mod update;
 use crate::asset::{self, AssetState, Cursor, Outcome};
 use crate::config::{Config, Source};
 use crate::inference::Model;
+use crate::local_http::{self, LocalRequest, Snapshot};
+use crate::metrics::LatencyHistogram;
 use crate::mqtt::{self, MqttEvent};
 use crate::sources::{self, CmapssReplay, SourceEvent};
+use crate::status::{
+    self, AssetStatus, Counters, FeatureStatus, History, OpenAlert, Point, Status,
+};
 use crate::store::{NewRecord, Store};
 use crate::update_state::Slot;
 use crate::uplink::{PRIORITY, Uplink};
@@ -19,20 +24,20 @@ use crate::{clock, cmapss, reading};
 use anyhow::Context as _;
 use millwright_shared::bundle::sha256_hex;
 use millwright_shared::drift::monitor::ReportMeta;
-use millwright_shared::drift::{DriftMonitor, DriftReport, DriftSettings, Quality, Severity};
-use millwright_shared::manifest::Manifest;
+use millwright_shared::drift::{DriftMonitor, DriftReport, DriftSettings, Severity};
+use millwright_shared::manifest::{Manifest, OutputKind};
 use millwright_shared::trust::Root;
 use millwright_shared::wire::{
     self, Ack, DeviceStatus, RecordBody, RunningModel, Stream, UplinkBatch, WIRE_VERSION,
 };
-use millwright_shared::{AssetId, DeviceId, bundle, topics};
+use millwright_shared::{AssetId, bundle, topics};
 use rumqttc::{AsyncClient, QoS};
-use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Everything that wakes the loop.
 #[derive(Debug)]
@@ -41,6 +46,8 @@ enum Event {
     Mqtt(MqttEvent),
     Flush,
     Tick,
+    /// A request from the local page.
+    Local(LocalRequest),
     Shutdown,
 }
 
@@ -57,6 +64,10 @@ struct Asset {
     drift_from_ms: i64,
     /// The last drift verdicts, for the status file and local drift alerts.
     drift_status: BTreeMap<String, FeatureStatus>,
+    /// Recent predictions, for the local page's trend chart.
+    history: History,
+    /// Warning or alarm since the last raise, until acknowledged on the local page (in memory).
+    alert: Option<OpenAlert>,
 }
 
 impl Asset {
@@ -75,61 +86,6 @@ impl Asset {
 struct Loaded {
     path: PathBuf,
     sha256: String,
-}
-
-/// A feature's last drift verdict and data-quality flags.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-struct FeatureStatus {
-    severity: Severity,
-    flags: Vec<Quality>,
-}
-
-/// Counters kept since start, written to `status.json` in the data directory.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Counters {
-    pub readings: u64,
-    pub readings_rejected: BTreeMap<String, u64>,
-    pub predictions: u64,
-    pub alerts: u64,
-    pub inference_failures: u64,
-    pub records_stored: u64,
-    pub records_acked: u64,
-    pub batches_sent: u64,
-    pub resends: u64,
-    pub reconnects: u64,
-    pub store_errors: u64,
-    pub bad_acks: u64,
-    pub drift_reports: u64,
-    pub drift_alerts: u64,
-    pub updates_committed: u64,
-    pub updates_rejected: u64,
-    pub updates_reverted: u64,
-    pub chunks_received: u64,
-    pub chunks_refused: u64,
-}
-
-/// What `status.json` holds: the seam for the local status page and `millwright-agent status`.
-#[derive(Debug, Serialize)]
-struct Status<'a> {
-    device: &'a DeviceId,
-    agent_version: &'static str,
-    uplink_connected: bool,
-    backlog: BTreeMap<&'static str, u64>,
-    oldest_unacked_at_ms: Option<i64>,
-    assets: Vec<AssetStatus<'a>>,
-    models: Vec<RunningModel>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    update: Option<update::UpdateStatus>,
-    trust_root_version: u64,
-    counters: &'a Counters,
-}
-
-#[derive(Debug, Serialize)]
-struct AssetStatus<'a> {
-    asset: AssetId,
-    level: wire::Level,
-    /// Per monitored feature, the last drift verdict (empty before the first report).
-    drift: &'a BTreeMap<String, FeatureStatus>,
 }
 
 struct Agent {
@@ -151,6 +107,10 @@ struct Agent {
     pending: Vec<NewRecord>,
     pending_cursors: HashMap<AssetId, Cursor>,
     counters: Counters,
+    started_at_ms: i64,
+    latency: LatencyHistogram,
+    /// What the local page serves, replaced every tick and after every operator action.
+    snapshot: watch::Sender<Arc<Snapshot>>,
 }
 
 /// The bundle files to try for an asset, best first: the model's active slot, its last known
@@ -217,8 +177,17 @@ fn load_models(
             Source::Cmapss { .. } => None,
         };
         let (features, inputs) = asset::monitored_features(manifest);
+        let cursor = cursors.get(&a.id).copied();
+        // Alerts are held in memory: one still raised at a restart is open again, unacknowledged.
+        let alert = cursor.filter(|c| c.level != wire::Level::Ok).map(|c| OpenAlert {
+            level: c.level,
+            since_ms: clock::now_ms(),
+            cycle: c.cycle,
+            value: None,
+            acknowledged_at_ms: None,
+        });
         let mut asset = Asset {
-            state: AssetState::new(a.id.clone(), manifest, cursors.get(&a.id).copied()),
+            state: AssetState::new(a.id.clone(), manifest, cursor),
             model: index,
             features,
             inputs,
@@ -226,6 +195,8 @@ fn load_models(
             drift: None,
             drift_from_ms: 0,
             drift_status: BTreeMap::new(),
+            history: History::default(),
+            alert,
         };
         asset.reset_drift(manifest, config.drift.settings, clock::now_ms());
         assets.push(asset);
@@ -298,6 +269,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         mqtt_tx,
     );
 
+    let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (local_tx, mut local_rx) = mpsc::channel(16);
+    if let Some(addr) = config.local.listen {
+        // The page is a convenience: a gateway whose port is taken keeps inferring and buffering.
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let local = listener.local_addr().map_or(addr.to_string(), |a| a.to_string());
+                tracing::info!(address = %local, "local page listening");
+                let router =
+                    local_http::router(snapshot_rx, local_tx, config.local.operator_pin.clone());
+                local_http::spawn(listener, router);
+            }
+            Err(e) => tracing::error!(address = %addr, "local page disabled: cannot listen: {e}"),
+        }
+    } else {
+        drop(local_tx);
+    }
+
     let (source_tx, mut source_rx) = mpsc::channel(1024);
     let mut replays: BTreeMap<PathBuf, Vec<CmapssReplay>> = BTreeMap::new();
     for (index, asset) in assets.iter().enumerate() {
@@ -333,6 +322,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pending: Vec::new(),
         pending_cursors: HashMap::new(),
         counters: Counters::default(),
+        started_at_ms: clock::now_ms(),
+        latency: LatencyHistogram::default(),
+        snapshot,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -357,6 +349,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             // Only armed while records wait, so an idle agent does not wake 20 times a second.
             _ = flush.tick(), if !agent.pending.is_empty() => Event::Flush,
             _ = tick.tick() => Event::Tick,
+            Some(r) = local_rx.recv() => Event::Local(r),
             Some(e) = source_rx.recv(), if room => Event::Source(e),
         };
         if matches!(event, Event::Shutdown) {
@@ -402,6 +395,20 @@ impl Agent {
                 self.pump();
                 self.write_status();
             }
+            Event::Local(LocalRequest::Ack { asset, reply }) => {
+                let now_ms = clock::now_ms();
+                let outcome = match self.assets.iter_mut().find(|a| a.state.id().as_str() == asset)
+                {
+                    Some(a) => status::acknowledge(&mut a.alert, now_ms),
+                    None => status::AckOutcome::UnknownAsset,
+                };
+                if outcome == status::AckOutcome::Acknowledged {
+                    self.counters.alerts_acknowledged += 1;
+                    tracing::info!(asset, "alert acknowledged on the local page");
+                    self.write_status();
+                }
+                let _ = reply.send(outcome);
+            }
             Event::Shutdown => {}
         }
     }
@@ -418,6 +425,7 @@ impl Agent {
         let asset = &mut self.assets[index];
         let model = &mut self.models[asset.model];
         let mut observer = self.update.as_mut().and_then(|u| u.observer(asset.model));
+        let latency = &mut self.latency;
         let cycle = cycle.unwrap_or_else(|| asset.state.next_cycle());
         let outcome = row.map(|row| {
             self.counters.readings += 1;
@@ -425,6 +433,7 @@ impl Agent {
                 let started = Instant::now();
                 let out = model.predict(w);
                 let us = started.elapsed().as_micros() as u64;
+                latency.observe(us);
                 if let Some(observer) = observer.take() {
                     observer.after(w, &out, us);
                 }
@@ -445,6 +454,15 @@ impl Agent {
             Some(Outcome::Produced { records, cursor }) => {
                 let at_ms = clock::now_ms();
                 for body in records {
+                    match &body {
+                        RecordBody::Prediction(p) => {
+                            asset.history.push(Point { at_ms, cycle: p.cycle, value: p.value });
+                        }
+                        RecordBody::Alert(change) => {
+                            asset.alert = status::next_alert(asset.alert.take(), change, at_ms);
+                        }
+                        RecordBody::Drift(_) | RecordBody::Update(_) => {}
+                    }
                     match body.stream() {
                         Stream::Predictions => self.counters.predictions += 1,
                         Stream::Alerts => {
@@ -511,7 +529,13 @@ impl Agent {
                         (Severity::Insufficient, Some(previous)) => previous.severity,
                         (severity, _) => severity,
                     };
-                    (f.name.clone(), FeatureStatus { severity, flags: f.flags.clone() })
+                    let status = FeatureStatus {
+                        severity,
+                        flags: f.flags.clone(),
+                        shift: f.shift,
+                        psi: f.psi,
+                    };
+                    (f.name.clone(), status)
                 })
                 .collect();
             self.counters.drift_reports += 1;
@@ -676,44 +700,72 @@ impl Agent {
         }
     }
 
-    fn write_status(&self) {
+    /// The snapshot of everything the status file, the local page and `/metrics` show.
+    fn status(&self) -> Status {
         let mut backlog = BTreeMap::new();
         let mut oldest: Option<i64> = None;
         for stream in Stream::ALL {
             if let Ok(b) = self.store.backlog(stream) {
-                backlog.insert(stream.as_str(), b.records);
+                backlog.insert(stream.as_str().to_owned(), b.records);
                 oldest = match (oldest, b.oldest_at_ms) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
             }
         }
-        let status = Status {
-            device: &self.config.device,
-            agent_version: crate::VERSION,
+        let assets = self
+            .assets
+            .iter()
+            .map(|a| {
+                let manifest = self.models[a.model].manifest();
+                AssetStatus {
+                    asset: a.state.id().to_string(),
+                    level: a.state.level(),
+                    model: manifest.model.to_string(),
+                    release: manifest.release.0,
+                    output: match manifest.output.kind {
+                        OutputKind::RemainingUsefulLife => "remaining_useful_life".into(),
+                        OutputKind::AnomalyScore => "anomaly_score".into(),
+                    },
+                    units: manifest.output.units.clone(),
+                    warning: manifest.output.alerts.warning,
+                    alarm: manifest.output.alerts.alarm,
+                    latest: a.history.last(),
+                    alert: a.alert.clone(),
+                    drift: a.drift_status.clone(),
+                }
+            })
+            .collect();
+        Status {
+            device: self.config.device.to_string(),
+            agent_version: crate::VERSION.to_owned(),
+            at_ms: clock::now_ms(),
+            started_at_ms: self.started_at_ms,
             uplink_connected: self.uplink.is_connected(),
             backlog,
             oldest_unacked_at_ms: oldest,
-            assets: self
-                .assets
-                .iter()
-                .map(|a| AssetStatus {
-                    asset: a.state.id().clone(),
-                    level: a.state.level(),
-                    drift: &a.drift_status,
-                })
-                .collect(),
+            disk_bytes: dir_bytes(&self.config.data_dir),
+            assets,
             models: self.running_models(),
             update: self.update.as_ref().map(update::Update::status),
             trust_root_version: self.root.version(),
-            counters: &self.counters,
-        };
+            counters: self.counters.clone(),
+            inference_latency: self.latency.clone(),
+        }
+    }
+
+    /// Writes `status.json` and publishes the snapshot the local page serves.
+    fn write_status(&self) {
+        let status = self.status();
         let path = self.config.data_dir.join("status.json");
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
         if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
             tracing::debug!("cannot write {}: {e}", path.display());
         }
+        let history =
+            self.assets.iter().map(|a| (a.state.id().to_string(), a.history.to_vec())).collect();
+        self.snapshot.send_replace(Arc::new(Snapshot { status, history }));
     }
 
     async fn shut_down(&mut self) {
@@ -729,6 +781,19 @@ impl Agent {
             "agent stopped; unacknowledged records stay in the outbox"
         );
     }
+}
+
+/// Bytes of the files under `dir` (the outbox with its WAL, staged downloads, the status file).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Logs, in one line per report, each feature whose drift verdict or data-quality flags got

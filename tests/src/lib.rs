@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub use millwright_shared as shared;
 
+pub mod browser;
 pub mod rogue;
 pub mod trust;
 pub mod variants;

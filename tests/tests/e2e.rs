@@ -10,6 +10,7 @@ mod e2e {
     mod drift;
     mod drift_fleet;
     mod faults;
+    mod local_page;
     mod reference_model;
     mod rollouts;
     mod tidy;

@@ -19,6 +19,7 @@ use crate::activation;
 use crate::clock;
 use crate::inference::{InferenceError, Model};
 use crate::staging::Staging;
+use crate::status::UpdateStatus;
 use crate::store::NewRecord;
 use crate::update_state::{Change, Pending, Slot, Step};
 use millwright_shared::bundle::sha256_hex;
@@ -26,7 +27,6 @@ use millwright_shared::directive::{self, Directive, Verdict};
 use millwright_shared::gates::{self, Health, HealthMeter};
 use millwright_shared::trust::Envelope;
 use millwright_shared::wire::{RecordBody, UpdatePhase, UpdateReport};
-use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -69,17 +69,6 @@ pub(super) enum Stage {
         meter: HealthMeter,
         until_ms: i64,
     },
-}
-
-/// What `status.json` shows about an update.
-#[derive(Debug, Serialize)]
-pub(super) struct UpdateStatus {
-    rollout: String,
-    model: String,
-    release: u64,
-    stage: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chunks: Option<(usize, usize)>,
 }
 
 /// What watches an inference while an update runs.
@@ -143,7 +132,7 @@ impl Update {
             rollout: d.rollout.clone(),
             model: d.model.to_string(),
             release: d.release.0,
-            stage,
+            stage: stage.to_owned(),
             chunks,
         }
     }

@@ -67,6 +67,7 @@ fn agent_config(
         trust: RawTrust { root: Some(trust_root.to_owned()), keys: Vec::new(), threshold: None },
         updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
+        local: Default::default(),
         assets: gateway
             .units
             .iter()
