@@ -108,6 +108,8 @@ struct Agent {
     pending_cursors: HashMap<AssetId, Cursor>,
     counters: Counters,
     started_at_ms: i64,
+    /// When the status was last published.
+    status_sent_ms: i64,
     latency: LatencyHistogram,
     /// What the local page serves, replaced every tick and after every operator action.
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -226,7 +228,15 @@ fn current_root(config: &Config, store: &Store) -> Root {
     }
 }
 
-fn status_payload(config: &Config, online: bool, models: Vec<RunningModel>) -> Vec<u8> {
+/// How often a connected agent resends its status (with its backlog) to the fleet server.
+const STATUS_EVERY_MS: i64 = 10_000;
+
+fn status_payload(
+    config: &Config,
+    online: bool,
+    models: Vec<RunningModel>,
+    backlog: Option<wire::Backlog>,
+) -> Vec<u8> {
     wire::encode(&DeviceStatus {
         v: WIRE_VERSION,
         device: config.device.clone(),
@@ -236,6 +246,7 @@ fn status_payload(config: &Config, online: bool, models: Vec<RunningModel>) -> V
         tags: config.tags.clone(),
         device_class: Some(config.device_class.clone()),
         models,
+        backlog,
     })
 }
 
@@ -263,7 +274,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             reconnect_max: u.reconnect_max,
             last_will: Some((
                 topics::status(&config.device),
-                status_payload(&config, false, vec![]),
+                status_payload(&config, false, vec![], None),
             )),
         },
         mqtt_tx,
@@ -323,6 +334,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pending_cursors: HashMap::new(),
         counters: Counters::default(),
         started_at_ms: clock::now_ms(),
+        status_sent_ms: 0,
         latency: LatencyHistogram::default(),
         snapshot,
     };
@@ -394,6 +406,10 @@ impl Agent {
                 self.on_update_tick(clock::now_ms());
                 self.pump();
                 self.write_status();
+                let now_ms = clock::now_ms();
+                if self.uplink.is_connected() && now_ms - self.status_sent_ms >= STATUS_EVERY_MS {
+                    self.publish_status(true);
+                }
             }
             Event::Local(LocalRequest::Ack { asset, reply }) => {
                 let now_ms = clock::now_ms();
@@ -647,8 +663,10 @@ impl Agent {
     }
 
     /// The retained status message; its `online: false` form is also the last will.
-    fn publish_status(&self, online: bool) {
-        let payload = status_payload(&self.config, online, self.running_models());
+    fn publish_status(&mut self, online: bool) {
+        self.status_sent_ms = clock::now_ms();
+        let backlog = online.then(|| self.backlog()).flatten();
+        let payload = status_payload(&self.config, online, self.running_models(), backlog);
         let topic = topics::status(&self.config.device);
         let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, payload);
     }
@@ -698,6 +716,20 @@ impl Agent {
                 self.uplink.on_sent(stream, first, last, clock::now_ms());
             }
         }
+    }
+
+    /// Every stream's waiting records together.
+    fn backlog(&self) -> Option<wire::Backlog> {
+        let mut total = wire::Backlog { records: 0, oldest_at_ms: None };
+        for stream in Stream::ALL {
+            let b = self.store.backlog(stream).ok()?;
+            total.records += b.records;
+            total.oldest_at_ms = match (total.oldest_at_ms, b.oldest_at_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Some(total)
     }
 
     /// The snapshot of everything the status file, the local page and `/metrics` show.

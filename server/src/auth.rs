@@ -10,6 +10,21 @@ pub fn authorize(
     users: &[User],
     needed: Role,
 ) -> Result<String, (StatusCode, String)> {
+    signed_in(headers, users, needed).map(|u| u.name.clone())
+}
+
+/// Reads need a viewer's token once any user is configured; a server without users is open
+/// to read (and nobody can write to it).
+pub fn authorize_read(headers: &HeaderMap, users: &[User]) -> Result<(), (StatusCode, String)> {
+    if users.is_empty() { Ok(()) } else { signed_in(headers, users, Role::Viewer).map(|_| ()) }
+}
+
+/// The configured user a request's token belongs to, if it has at least `needed`.
+pub fn signed_in<'a>(
+    headers: &HeaderMap,
+    users: &'a [User],
+    needed: Role,
+) -> Result<&'a User, (StatusCode, String)> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -28,7 +43,7 @@ pub fn authorize(
             format!("{} is a {:?}; this needs {:?} or above", user.name, user.role, needed),
         ));
     }
-    Ok(user.name.clone())
+    Ok(user)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -54,7 +69,10 @@ mod tests {
         h.insert("authorization", "Bearer t-operator-0123456789".parse().unwrap());
         assert_eq!(authorize(&h, &users, Role::Operator).unwrap(), "ada");
         assert_eq!(authorize(&h, &users, Role::Admin).unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(authorize_read(&h, &users), Ok(()));
         h.insert("authorization", "Bearer nope".parse().unwrap());
         assert_eq!(authorize(&h, &users, Role::Viewer).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert_eq!(authorize_read(&h, &users).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert_eq!(authorize_read(&HeaderMap::new(), &[]), Ok(()), "no users: open to read");
     }
 }

@@ -67,7 +67,14 @@ CREATE TABLE IF NOT EXISTS update_reports (
 ";
 
 /// Columns added to `devices` after its first release; added on open when missing.
-const DEVICE_COLUMNS: [&str; 4] = ["site TEXT", "tags TEXT", "device_class TEXT", "models TEXT"];
+const DEVICE_COLUMNS: [&str; 6] = [
+    "site TEXT",
+    "tags TEXT",
+    "device_class TEXT",
+    "models TEXT",
+    "backlog_records INTEGER",
+    "backlog_oldest_ms INTEGER",
+];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeviceRow {
@@ -83,6 +90,11 @@ pub struct DeviceRow {
     pub device_class: Option<String>,
     /// The releases the device serves, from its last status message.
     pub models: Vec<RunningModel>,
+    /// Records waiting in its outbox when it last said, and when the oldest was made.
+    pub backlog_records: Option<u64>,
+    pub backlog_oldest_ms: Option<i64>,
+    /// Assets whose newest alert is at warning or alarm and not acknowledged.
+    pub open_alerts: u64,
 }
 
 impl DeviceRow {
@@ -134,6 +146,7 @@ impl Db {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::drift_db::SCHEMA)?;
         conn.execute_batch(crate::rollout_db::SCHEMA)?;
+        conn.execute_batch(crate::alerts_db::SCHEMA)?;
         for column in DEVICE_COLUMNS {
             let name = column.split(' ').next().unwrap_or(column);
             let exists = conn
@@ -247,6 +260,12 @@ impl Db {
             "UPDATE devices SET online = ?2, agent_version = ?3 WHERE device = ?1",
             params![status.device.as_str(), status.online, status.agent_version],
         )?;
+        if let Some(b) = status.backlog {
+            tx.execute(
+                "UPDATE devices SET backlog_records = ?2, backlog_oldest_ms = ?3 WHERE device = ?1",
+                params![status.device.as_str(), b.records, b.oldest_at_ms],
+            )?;
+        }
         if status.online {
             tx.execute(
                 "UPDATE devices SET site = ?2, tags = ?3, device_class = ?4, models = ?5
@@ -276,7 +295,13 @@ impl Db {
             "SELECT d.device, d.first_seen_ms, d.last_seen_ms, d.online, d.agent_version,
                     (SELECT COUNT(*) FROM predictions p WHERE p.device = d.device),
                     (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device),
-                    d.site, d.tags, d.device_class, d.models
+                    d.site, d.tags, d.device_class, d.models, d.backlog_records, d.backlog_oldest_ms,
+                    (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device
+                       AND a.to_level != 'ok'
+                       AND a.seq = (SELECT MAX(b.seq) FROM alerts b
+                                    WHERE b.device = a.device AND b.asset = a.asset)
+                       AND NOT EXISTS (SELECT 1 FROM alert_acks k
+                                       WHERE k.device = a.device AND k.seq = a.seq))
              FROM devices d WHERE ?1 IS NULL OR d.device = ?1 ORDER BY d.device",
         )?;
         let rows = stmt.query_map([only], |r| {
@@ -293,6 +318,9 @@ impl Db {
                 tags: list(8)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
                 device_class: r.get(9)?,
                 models: list(10)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
+                backlog_records: r.get(11)?,
+                backlog_oldest_ms: r.get(12)?,
+                open_alerts: r.get(13)?,
             })
         })?;
         rows.collect()
@@ -410,7 +438,8 @@ fn prediction_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PredictionRow> {
     })
 }
 
-fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
+/// An [`AlertRow`] from the first nine columns of a query on `alerts`.
+pub(crate) fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
     Ok(AlertRow {
         seq: r.get(0)?,
         asset: r.get(1)?,

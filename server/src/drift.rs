@@ -4,7 +4,9 @@
 //! retraining.
 
 use millwright_shared::drift::score::Scores;
-use millwright_shared::drift::{DriftProfile, DriftSettings, FeatureDrift, Merged, Severity};
+use millwright_shared::drift::{
+    DriftProfile, DriftSettings, FeatureDrift, Merged, Metric, Severity,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -67,6 +69,12 @@ pub struct Summary {
     pub shift: Option<f64>,
     /// The merged metric's verdict (no hysteresis: a fresh look at the whole group).
     pub severity: Severity,
+    /// What the verdict is judged on: the metric, its value for the merged histogram, and the
+    /// thresholds for `warn` and `drift`.
+    pub metric: Metric,
+    pub score: Option<f64>,
+    pub warn_at: f64,
+    pub drift_at: f64,
     /// Device-interval verdicts in the group at `warn` and at `drift`.
     pub warn_reports: u64,
     pub drift_reports: u64,
@@ -134,9 +142,10 @@ pub fn summarize(
                 })
                 .and_then(|p| m.scores(p));
             let binned = scores.map(|s| Scores { psi: s.psi, js: s.js, ks: s.ks });
-            let severity = match settings.judged(binned, scores.and_then(|s| s.shift)) {
-                Some(metric) if m.n >= settings.min_samples => {
-                    settings.next_severity(Severity::Ok, metric)
+            let score = settings.judged(binned, scores.and_then(|s| s.shift));
+            let severity = match score {
+                Some(value) if m.n >= settings.min_samples => {
+                    settings.next_severity(Severity::Ok, value)
                 }
                 _ => Severity::Insufficient,
             };
@@ -156,6 +165,10 @@ pub fn summarize(
                 ks: scores.map(|s| s.ks),
                 shift: scores.and_then(|s| s.shift),
                 severity,
+                metric: settings.metric,
+                score,
+                warn_at: settings.warn,
+                drift_at: settings.drift,
                 warn_reports: v[0],
                 drift_reports: v[1],
                 missing: m.missing,

@@ -22,10 +22,21 @@
 //! | `GET /metrics` | Prometheus text: devices online, records stored per stream, rollouts by state, bundle bytes sent, retraining events, broker connection |
 //! | `GET /api/v1/openapi.json` | the OpenAPI 3 description of all of this (`server/api/openapi.json`) |
 //!
-//! Write routes need `Authorization: Bearer <token>` of a configured `[[users]]` entry.
+//! | `GET /api/v1/session` | who the bearer token belongs to and their role (the dashboard's sign-in) |
+//! | `GET /api/v1/alerts?open=&limit=` | the fleet's alerts, newest first, with who acknowledged them |
+//! | `POST /api/v1/alerts/{device}/{seq}/ack` (operator; body `{"note": ..}`) | acknowledges an alert (audited) |
+//!
+//! Requests carry `Authorization: Bearer <token>` of a configured `[[users]]` entry: reads
+//! need a viewer (open when no users are configured), writes an operator or an admin.
+//! `/api/v1/health`, `/api/v1/openapi.json` and `/metrics` are open. The dashboard
+//! ([`ui`]) is served at `/`.
 
+mod alerts;
 mod rollouts;
+mod ui;
 
+use crate::auth::{authorize_read, signed_in};
+use crate::config::Role;
 use crate::db::Db;
 use crate::drift::{self, GroupBy, Profiles};
 use crate::drift_db::Filter;
@@ -87,10 +98,47 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
         .route("/api/v1/audit", get(rollouts::audit))
         .route("/api/v1/delivery", get(rollouts::delivery))
+        .route("/api/v1/alerts", get(alerts::feed))
+        .route("/api/v1/alerts/{device}/{seq}/ack", post(alerts::acknowledge))
+        .route("/api/v1/session", get(session))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(ui::router())
         .layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), reads_need_a_viewer))
         .with_state(state)
+}
+
+/// Reads that anyone may make without signing in.
+const OPEN_READS: [&str; 2] = ["/api/v1/health", "/api/v1/openapi.json"];
+
+async fn reads_need_a_viewer(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let guarded = request.method() == axum::http::Method::GET
+        && path.starts_with("/api/v1/")
+        && !OPEN_READS.contains(&path);
+    if guarded && let Err((status, m)) = authorize_read(request.headers(), &state.users) {
+        return error(status, m);
+    }
+    next.run(request).await
+}
+
+/// Who is signed in: the name and role of the bearer token's user.
+async fn session(State(state): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
+    if state.users.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no users are configured on this server: it is open to read and nobody can change it",
+        );
+    }
+    match signed_in(&headers, &state.users, Role::Viewer) {
+        Ok(user) => Json(json!({ "name": user.name, "role": user.role })).into_response(),
+        Err((status, m)) => error(status, m),
+    }
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {

@@ -5,8 +5,9 @@
 //! Shell: [`db`] (SQLite), [`drift_db`] (drift reports and events in SQLite), [`broker`] (embedded rumqttd), [`http`] (axum JSON API),
 //! [`runtime`] (the MQTT ingest loop and wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright` command).
 
-#[cfg(feature = "embedded-broker")]
+pub mod alerts_db;
 pub mod auth;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
 pub mod config;

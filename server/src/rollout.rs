@@ -579,6 +579,9 @@ mod tests {
                     release: Release(1),
                     sha256: String::new(),
                 }],
+                backlog_records: None,
+                backlog_oldest_ms: None,
+                open_alerts: 0,
             })
             .collect()
     }

@@ -33,7 +33,7 @@ pub struct Refusal {
     pub message: String,
 }
 
-fn refuse(status: u16, message: impl std::fmt::Display) -> Refusal {
+pub fn refuse(status: u16, message: impl std::fmt::Display) -> Refusal {
     Refusal { status, message: message.to_string() }
 }
 
@@ -42,9 +42,48 @@ pub type Reply = oneshot::Sender<Result<serde_json::Value, Refusal>>;
 /// What the HTTP API asks the writer task to do.
 #[derive(Debug)]
 pub enum Request {
-    Register { bundle: Vec<u8>, actor: String, reply: Reply },
-    Start { spec: Spec, actor: String, reason: String, reply: Reply },
-    Act { id: String, command: Command, actor: String, reason: String, reply: Reply },
+    Register {
+        bundle: Vec<u8>,
+        actor: String,
+        reply: Reply,
+    },
+    Start {
+        spec: Spec,
+        actor: String,
+        reason: String,
+        reply: Reply,
+    },
+    Act {
+        id: String,
+        command: Command,
+        actor: String,
+        reason: String,
+        reply: Reply,
+    },
+    /// Not a rollout request, but the same writer: an operator acknowledges an alert.
+    AckAlert {
+        device: String,
+        seq: u64,
+        actor: String,
+        note: String,
+        reply: Reply,
+    },
+}
+
+impl Request {
+    /// Answers a rollout request on a server without `[rollouts]`.
+    pub fn refuse_unconfigured(self) {
+        let reply = match self {
+            Request::Register { reply, .. }
+            | Request::Start { reply, .. }
+            | Request::Act { reply, .. }
+            | Request::AckAlert { reply, .. } => reply,
+        };
+        let _ = reply.send(Err(refuse(
+            503,
+            "rollouts are not configured on this server ([rollouts] root and server_key)",
+        )));
+    }
 }
 
 pub struct Rollouts {
@@ -69,6 +108,28 @@ fn db_error(e: rusqlite::Error) -> Refusal {
 fn ms_to_time(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Records an acknowledgement and, the first time, its audit entry.
+pub fn acknowledge(
+    db: &mut Db,
+    device: &str,
+    seq: u64,
+    actor: &str,
+    note: &str,
+    now_ms: i64,
+) -> Result<serde_json::Value, Refusal> {
+    use crate::alerts_db::AckError;
+    let acked = db.acknowledge_alert(device, seq, actor, note, now_ms).map_err(|e| match e {
+        AckError::NotFound { .. } => refuse(404, &e),
+        AckError::NotAnAlarm { .. } => refuse(409, &e),
+        AckError::Db(_) => refuse(500, &e),
+    })?;
+    if !acked.already_acknowledged {
+        let target = format!("{device}/alert/{seq}");
+        db.audit(now_ms, actor, "alert_acknowledged", &target, note, "").map_err(db_error)?;
+    }
+    Ok(to_json(&acked))
 }
 
 /// A revert goes straight back: no shadow, no probation.
@@ -137,6 +198,9 @@ impl Rollouts {
                     .act(db, client, &id, command, &actor, &reason, now_ms)
                     .map(|r| to_json(&r));
                 let _ = reply.send(result);
+            }
+            Request::AckAlert { device, seq, actor, note, reply } => {
+                let _ = reply.send(acknowledge(db, &device, seq, &actor, &note, now_ms));
             }
         }
     }

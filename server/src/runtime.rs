@@ -105,7 +105,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         db: Arc::new(Mutex::new(reader)),
         broker_connected: broker_connected.clone(),
         profiles,
-        requests: rollouts.as_ref().map(|_| request_tx),
+        requests: Some(request_tx),
         users: Arc::new(config.users.clone()),
         served: rollouts.as_ref().map(|r| r.served.clone()).unwrap_or_default(),
     });
@@ -154,11 +154,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     tokio::task::block_in_place(|| r.on_tick(&mut db, &client, now_ms()));
                 }
             }
-            Event::Request(request) => {
-                if let Some(r) = &mut rollouts {
-                    r.handle(&mut db, &client, *request, now_ms()).await;
+            Event::Request(request) => match (*request, &mut rollouts) {
+                (Request::AckAlert { device, seq, actor, note, reply }, _) => {
+                    let result = tokio::task::block_in_place(|| {
+                        crate::rollouts::acknowledge(&mut db, &device, seq, &actor, &note, now_ms())
+                    });
+                    let _ = reply.send(result);
                 }
-            }
+                (request, Some(r)) => r.handle(&mut db, &client, request, now_ms()).await,
+                (request, None) => request.refuse_unconfigured(),
+            },
             Event::Mqtt(MqttEvent::Connected) => {
                 broker_connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");

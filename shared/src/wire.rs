@@ -298,6 +298,18 @@ pub struct DeviceStatus {
     pub device_class: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<RunningModel>,
+    /// The outbox when the status was sent (agents resend their status every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<Backlog>,
+}
+
+/// Records waiting in a device's outbox, and when the oldest of them was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backlog {
+    pub records: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_at_ms: Option<i64>,
 }
 
 /// Why a payload is not a message we accept.

@@ -9,7 +9,7 @@ pub struct ApiArgs {
     /// The server's HTTP API.
     #[arg(long, env = "MILLWRIGHT_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
     pub server: String,
-    /// API token of a configured user (needed for changes).
+    /// API token of a configured user (a viewer's reads, an operator's or admin's changes).
     #[arg(long, env = "MILLWRIGHT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
 }
@@ -32,11 +32,16 @@ impl ApiArgs {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        Self::answer(ureq::get(&self.url(path)).timeout(Duration::from_secs(10)).call())
+        Self::answer(
+            self.authorized(ureq::get(&self.url(path)).timeout(Duration::from_secs(10))).call(),
+        )
     }
 
     fn post(&self, path: &str) -> ureq::Request {
-        let request = ureq::post(&self.url(path)).timeout(Duration::from_secs(120));
+        self.authorized(ureq::post(&self.url(path)).timeout(Duration::from_secs(120)))
+    }
+
+    fn authorized(&self, request: ureq::Request) -> ureq::Request {
         match &self.token {
             Some(t) => request.set("Authorization", &format!("Bearer {t}")),
             None => request,

@@ -8,8 +8,11 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct DriftArgs {
     /// The server's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, env = "MILLWRIGHT_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+    /// API token of a configured user (a viewer's is enough).
+    #[arg(long, env = "MILLWRIGHT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Group by feature (whole fleet), site, device or bucket (time).
     #[arg(long, value_parser = parse_by, default_value = "feature")]
     by: GroupBy,
@@ -40,6 +43,9 @@ fn parse_by(s: &str) -> Result<GroupBy, String> {
 fn get(args: &DriftArgs, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
     let mut request = ureq::get(&format!("{}{path}", args.server.trim_end_matches('/')))
         .timeout(Duration::from_secs(10));
+    if let Some(t) = &args.token {
+        request = request.set("Authorization", &format!("Bearer {t}"));
+    }
     for (key, value) in query {
         if let Some(v) = value {
             request = request.query(key, v);

@@ -34,7 +34,10 @@ pub struct Limit {
 }
 
 /// Sends a request to the writer task and waits for its answer.
-async fn ask(state: &ApiState, make: impl FnOnce(crate::rollouts::Reply) -> Request) -> Response {
+pub(super) async fn ask(
+    state: &ApiState,
+    make: impl FnOnce(crate::rollouts::Reply) -> Request,
+) -> Response {
     let Some(tx) = &state.requests else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
