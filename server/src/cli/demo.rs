@@ -35,6 +35,22 @@ pub struct DemoArgs {
     /// Replay speed per engine.
     #[arg(long, default_value_t = 10.0)]
     cycles_per_second: f64,
+    /// How long each wave of the demo rollout soaks before the next (long enough to watch it,
+    /// or pause it, on the dashboard).
+    #[arg(long, default_value_t = 20)]
+    soak_secs: u64,
+}
+
+/// The demo's operator PIN for acknowledging alerts on the gateways' local pages.
+pub const PIN: &str = "1234";
+
+/// The local page of the `index`-th gateway (from 0): the HTTP port plus one, two, three.
+fn local_page(http: &str, index: usize) -> anyhow::Result<std::net::SocketAddr> {
+    let mut addr: std::net::SocketAddr =
+        http.parse().with_context(|| format!("--http {http:?} is not an address:port"))?;
+    let port = addr.port().checked_add(1 + index as u16).context("--http port too high")?;
+    addr.set_port(port);
+    Ok(addr)
 }
 
 /// One demo gateway: its id, site, data file and the units it replays.
@@ -54,9 +70,10 @@ const GATEWAYS: [Gateway; 3] = [
 fn agent_config(
     root: &Path,
     args: &DemoArgs,
-    gateway: &Gateway,
+    index: usize,
     trust_root: &Path,
 ) -> anyhow::Result<millwright_agent::Config> {
+    let gateway = &GATEWAYS[index];
     let raw = RawConfig {
         device: gateway.device.to_owned(),
         site: Some(gateway.site.to_owned()),
@@ -67,7 +84,10 @@ fn agent_config(
         trust: RawTrust { root: Some(trust_root.to_owned()), keys: Vec::new(), threshold: None },
         updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
-        local: Default::default(),
+        local: millwright_agent::config::RawLocal {
+            listen: Some(local_page(&args.http, index)?.to_string()),
+            operator_pin: Some(PIN.into()),
+        },
         assets: gateway
             .units
             .iter()
@@ -118,15 +138,21 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             chunk_size: Some(16 * 1024),
             ..Default::default()
         }),
-        users: vec![User {
-            name: "demo-operator".into(),
-            role: Role::Admin,
-            token: super::demo_rollout::TOKEN.into(),
-        }],
+        users: vec![
+            User {
+                name: "demo-operator".into(),
+                role: Role::Admin,
+                token: super::demo_rollout::TOKEN.into(),
+            },
+            User {
+                name: "demo-viewer".into(),
+                role: Role::Viewer,
+                token: super::demo_rollout::VIEWER_TOKEN.into(),
+            },
+        ],
     })?;
-    let agents = GATEWAYS
-        .iter()
-        .map(|gateway| agent_config(&root, &args, gateway, &trust.root))
+    let agents = (0..GATEWAYS.len())
+        .map(|index| agent_config(&root, &args, index, &trust.root))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -148,16 +174,22 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         println!("Millwright demo: 1 server (embedded broker on {}), 3 agents, 6 engines replayed at {} cycles/s", args.mqtt, args.cycles_per_second);
         println!("  gw-01, gw-02 (plant-north): FD001 engines, the conditions the model was trained on");
         println!("  gw-03 (plant-south): FD002 engines in six other operating conditions: drift, then a retraining recommendation");
-        println!("  fleet:   curl http://{}/api/v1/devices", args.http);
-        println!("  latest:  curl http://{}/api/v1/devices/gw-01/latest", args.http);
-        println!("  alerts:  curl http://{}/api/v1/devices/gw-01/alerts", args.http);
+        let (token, viewer) = (super::demo_rollout::TOKEN, super::demo_rollout::VIEWER_TOKEN);
+        println!("  dashboard: http://{}/   sign in with {token} (admin) or {viewer} (viewer)", args.http);
+        for (i, g) in GATEWAYS.iter().enumerate() {
+            if let Ok(addr) = local_page(&args.http, i) {
+                println!("  {} local page: http://{addr}/   (operator PIN {PIN})", g.device);
+            }
+        }
+        let auth = format!("-H 'Authorization: Bearer {viewer}'");
+        println!("  fleet:   curl {auth} http://{}/api/v1/devices", args.http);
+        println!("  latest:  curl {auth} http://{}/api/v1/devices/gw-01/latest", args.http);
+        println!("  alerts:  curl {auth} http://{}/api/v1/alerts", args.http);
         println!("  health:  curl http://{}/api/v1/health", args.http);
-        println!("  drift:   curl 'http://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
-        println!("  drifting assets: curl http://{}/api/v1/drift/drifting", args.http);
-        println!("  retraining:      curl http://{}/api/v1/drift/events", args.http);
-        println!("  rollout:  release 2 of the model goes out 2 s after the first prediction: canary gw-01 (shadow, probation), then gw-02 and gw-03");
-        println!("            millwright rollout status r1 --follow   (or curl http://{}/api/v1/rollouts/r1)", args.http);
-        println!("            token for changes: MILLWRIGHT_TOKEN={}", super::demo_rollout::TOKEN);
+        println!("  drift:   curl {auth} 'http://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
+        println!("  retraining: curl {auth} http://{}/api/v1/drift/events", args.http);
+        println!("  rollout:  release 2 of the model goes out 2 s after the first prediction: canary gw-01 (shadow, probation), then gw-02 and gw-03, {} s of soak per wave", args.soak_secs);
+        println!("            MILLWRIGHT_TOKEN={token} millwright rollout status r1 --follow");
         println!("Press ctrl-c to stop.");
         let mut first: Option<Duration> = None;
         let mut rollout_started = false;
@@ -182,8 +214,9 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
                     if first.is_some_and(|t| started.elapsed() > t + Duration::from_secs(2)) {
                         rollout_started = true;
                         let (http, root, release_2) = (args.http.clone(), root.clone(), trust.release_2.clone());
+                        let soak = args.soak_secs;
                         let started = tokio::task::spawn_blocking(move || {
-                            super::demo_rollout::start(&http, &root, BUNDLE, &release_2)
+                            super::demo_rollout::start(&http, &root, BUNDLE, &release_2, soak)
                         }).await;
                         match started {
                             Ok(Ok(id)) => println!("rollout {id} started: release 2 of {} to the fleet", super::demo_rollout::MODEL),

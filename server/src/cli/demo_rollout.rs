@@ -12,6 +12,8 @@ use std::time::Duration;
 
 /// The demo's operator token (a local demo; real servers configure their own).
 pub const TOKEN: &str = "demo-operator-token-change-me";
+/// The demo's read-only token.
+pub const VIEWER_TOKEN: &str = "demo-viewer-token-change-me";
 pub const MODEL: &str = "rul-cnn-fd001";
 
 pub struct DemoTrust {
@@ -79,7 +81,13 @@ fn answer(
 }
 
 /// Registers releases 1 and 2 and starts rolling release 2 out; returns the rollout id.
-pub fn start(http: &str, repo: &Path, bundle: &str, release_2: &Path) -> anyhow::Result<String> {
+pub fn start(
+    http: &str,
+    repo: &Path,
+    bundle: &str,
+    release_2: &Path,
+    soak_secs: u64,
+) -> anyhow::Result<String> {
     let base = format!("http://{http}/api/v1");
     let auth = format!("Bearer {TOKEN}");
     for file in [repo.join(bundle), release_2.to_owned()] {
@@ -92,7 +100,7 @@ pub fn start(http: &str, repo: &Path, bundle: &str, release_2: &Path) -> anyhow:
     let request = ureq::post(&url).timeout(Duration::from_secs(60)).set("Authorization", &auth);
     let spec = json!({
         "model": MODEL, "release": 2, "target": {"kind": "all"},
-        "canary": {"count": 1}, "waves": {"fixed": 1}, "soak_secs": 2,
+        "canary": {"count": 1}, "waves": {"fixed": 1}, "soak_secs": soak_secs,
         "device_timeout_secs": 300, "on_failure": "revert",
         "activation": {"shadow_secs": 2, "probation_secs": 2, "gates": {"min_predictions": 10}},
         "reason": "demo: release 2 of the reference model",
