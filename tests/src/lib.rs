@@ -79,7 +79,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let child = cmd
             .stdin(Stdio::null())
@@ -284,15 +284,16 @@ impl Server {
         cmd
     }
 
-    /// A non-JSON route (e.g. `/metrics`) as text.
+    /// A non-JSON route (e.g. `/metrics`) as text. Like [`Server::get`], with a viewer's
+    /// token: servers with users need one to read, and servers without users ignore it.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let url = format!("http://127.0.0.1:{}{path}", self.http_port);
-        Ok(ureq::get(&url).timeout(Duration::from_secs(5)).call()?.into_string()?)
+        Ok(read(&url).call()?.into_string()?)
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("http://127.0.0.1:{}{path}", self.http_port);
-        Ok(ureq::get(&url).timeout(Duration::from_secs(5)).call()?.into_json()?)
+        Ok(read(&url).call()?.into_json()?)
     }
 
     /// Every prediction stored for `device`, in sequence order.
@@ -612,4 +613,11 @@ pub fn replay_drift(
         lines(&drift)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
     let preds = lines(&out)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
     Ok((reports, preds))
+}
+
+/// A GET of the server API as the test viewer (see [`Server::get`]).
+pub fn read(url: &str) -> ureq::Request {
+    ureq::get(url)
+        .timeout(Duration::from_secs(5))
+        .set("Authorization", &format!("Bearer {}", trust::VIEWER_TOKEN))
 }

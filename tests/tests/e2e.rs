@@ -6,6 +6,7 @@
 mod e2e {
     mod bundle_refusals;
     mod config_errors;
+    mod dashboard;
     mod delivery;
     mod drift;
     mod drift_fleet;
