@@ -117,8 +117,10 @@ async fn reads_need_a_viewer(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // Every method but POST (whose handlers check for an operator or admin themselves) reads:
+    // GET, and HEAD, which axum answers from the GET handlers.
     let path = request.uri().path();
-    let guarded = request.method() == axum::http::Method::GET
+    let guarded = request.method() != axum::http::Method::POST
         && path.starts_with("/api/v1/")
         && !OPEN_READS.contains(&path);
     if guarded && let Err((status, m)) = authorize_read(request.headers(), &state.users) {
@@ -127,16 +129,17 @@ async fn reads_need_a_viewer(
     next.run(request).await
 }
 
-/// Who is signed in: the name and role of the bearer token's user.
+/// Who is signed in: the name and role of the bearer token's user. A server without users is
+/// open to read and closed to writes: everyone is its anonymous viewer.
 async fn session(State(state): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
     if state.users.is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "no users are configured on this server: it is open to read and nobody can change it",
-        );
+        return Json(json!({ "name": "anonymous", "role": Role::Viewer, "open": true }))
+            .into_response();
     }
     match signed_in(&headers, &state.users, Role::Viewer) {
-        Ok(user) => Json(json!({ "name": user.name, "role": user.role })).into_response(),
+        Ok(user) => {
+            Json(json!({ "name": user.name, "role": user.role, "open": false })).into_response()
+        }
         Err((status, m)) => error(status, m),
     }
 }
@@ -165,6 +168,7 @@ async fn query<T: serde::Serialize + Send + 'static>(
 
 async fn health(State(state): State<ApiState>) -> Response {
     let connected = state.broker_connected.load(Ordering::Relaxed);
+    let sign_in_required = !state.users.is_empty();
     query(&state, move |db| {
         let (devices, predictions, alerts) = db.totals()?;
         Ok(json!({
@@ -174,6 +178,7 @@ async fn health(State(state): State<ApiState>) -> Response {
             "devices": devices,
             "predictions": predictions,
             "alerts": alerts,
+            "sign_in_required": sign_in_required,
         }))
     })
     .await

@@ -474,13 +474,23 @@ async function render() {
         session.token = null;
         ui.error = 'Sign in again: ' + e.message;
       }
+    } else if (!session.user && !session.probed) {
+      // A server without users lets everyone read as its anonymous viewer.
+      session.probed = true;
+      try {
+        const health = await api('/api/v1/health');
+        if (!health.sign_in_required) session.user = await api('/api/v1/session');
+      } catch (e) {
+        ui.error = 'The server does not answer: ' + e.message;
+      }
     }
     const [, name, arg] = (location.hash || '#/fleet').split('/');
     const signedIn = !!session.user;
     document.getElementById('nav').hidden = !signedIn;
-    document.getElementById('signout').hidden = !signedIn;
-    document.getElementById('who').textContent = signedIn
-      ? 'signed in as ' + session.user.name + ' (' + session.user.role + ')' : '';
+    document.getElementById('signout').hidden = !signedIn || session.user.open;
+    document.getElementById('who').textContent = !signedIn ? ''
+      : session.user.open ? 'read only: this server has no users to sign in as'
+        : 'signed in as ' + session.user.name + ' (' + session.user.role + ')';
     for (const a of document.querySelectorAll('#nav a')) {
       a.classList.toggle('active', a.dataset.view === name || (name === 'device' && a.dataset.view === 'fleet'));
     }

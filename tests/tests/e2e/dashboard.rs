@@ -154,6 +154,8 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     assert_eq!(demo.post("/api/v1/models", None, json!({})).0, 401);
     let anonymous = ureq::get(&format!("{}/api/v1/devices", demo.base)).call();
     assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))), "reads need a viewer");
+    let anonymous = ureq::head(&format!("{}/api/v1/devices", demo.base)).call();
+    assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))), "HEAD is a read too");
     assert_eq!(demo.get("/api/v1/rollouts/r1")["state"], "running");
     assert_eq!(demo.get("/api/v1/alerts?open=true"), open, "nothing acknowledged");
 
@@ -365,6 +367,32 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
         })
         .sum();
     println!("dashboard weight: {page} bytes (HTML, script and styles; nothing else loaded)");
+}
+
+#[test]
+fn a_server_without_users_shows_its_dashboard_read_only_without_sign_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let base = format!("http://127.0.0.1:{}", server.http_port);
+    let session = server.get("/api/v1/session").unwrap();
+    assert_eq!(session, json!({"name": "anonymous", "role": "viewer", "open": true}));
+
+    let chromium = Browser::launch(1200, 800).unwrap();
+    let tab = chromium.tab().unwrap();
+    tab.goto(&format!("{base}/")).unwrap();
+    tab.wait_for("document.body.dataset.view === 'fleet'", WAIT).unwrap();
+    assert!(tab.text("#main").unwrap().contains("No device has reported yet."));
+    assert!(tab.text("#who").unwrap().starts_with("read only"));
+    assert_eq!(tab.eval("document.querySelector('#signout').hidden").unwrap(), Value::Bool(true));
+    show(&tab, "#/rollouts", "rollouts");
+    shot(&tab, "open-server");
+    let console = tab.console();
+    assert!(console.is_empty(), "console messages: {console:#?}");
+
+    // Open to read, closed to writes.
+    let refused =
+        ureq::post(&format!("{base}/api/v1/rollouts/r1/pause")).send_json(json!({"reason": "x"}));
+    assert!(matches!(refused, Err(ureq::Error::Status(401, _))), "{refused:?}");
 }
 
 #[test]
