@@ -359,6 +359,8 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     let console = tab.console();
     assert!(console.is_empty(), "console messages on the dashboard: {console:#?}");
 
+    the_api_answers_as_its_openapi_document_says(&demo);
+
     // The page weight, for the record.
     let page: usize = ["/", "/ui/app.js", "/ui/app.css"]
         .iter()
@@ -367,6 +369,60 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
         })
         .sum();
     println!("dashboard weight: {page} bytes (HTML, script and styles; nothing else loaded)");
+}
+
+/// Every JSON read of the API, on the demo's state after the clicks above (acknowledged and open
+/// alerts, a paused and resumed rollout, drift at two sites), against the response schema the
+/// server's own OpenAPI document gives for it. The document's objects list every field they
+/// may have (`additionalProperties: false`), so a field added to an answer but not to the
+/// document fails here too.
+fn the_api_answers_as_its_openapi_document_says(demo: &Demo) {
+    let doc = demo.get("/api/v1/openapi.json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    // OpenAPI 3.1 schemas are JSON Schema 2020-12; the components become the `$defs` of each.
+    let local = |v: &Value| -> Value {
+        serde_json::from_str(&v.to_string().replace("#/components/schemas/", "#/$defs/")).unwrap()
+    };
+    let defs = local(&doc["components"]["schemas"]);
+    let mut reads: Vec<(String, &Value)> = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let schema = &ops["get"]["responses"]["200"]["content"]["application/json"]["schema"];
+        if schema.is_null() || path == "/api/v1/openapi.json" {
+            continue;
+        }
+        let url = path.replace("{device}", "gw-01").replace("{model}", MODEL).replace("{id}", "r1");
+        reads.push((url, schema));
+    }
+    let drift = &doc["paths"]["/api/v1/drift"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    for by in ["site", "device", "bucket&bucket_s=30"] {
+        reads.push((format!("/api/v1/drift?by={by}"), drift));
+    }
+    let alerts = &doc["paths"]["/api/v1/alerts"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    reads.push(("/api/v1/alerts?open=true".into(), alerts));
+    assert!(reads.len() >= 20, "the document lists too few reads: {reads:?}");
+
+    // Persistent drift at plant-south raises the retraining event about 30 s into the demo.
+    let raised = wait_until(Duration::from_secs(60), || {
+        demo.get("/api/v1/drift/events").as_array().is_some_and(|e| !e.is_empty())
+    });
+    assert!(raised, "no retraining event to check\n{}", demo.proc.log_text());
+    let mut failures = Vec::new();
+    for (url, schema) in &reads {
+        let mut schema = local(schema);
+        schema["$defs"] = defs.clone();
+        let validator = jsonschema::validator_for(&schema)
+            .unwrap_or_else(|e| panic!("the schema of {url} does not compile: {e}"));
+        let answer = demo.get(url);
+        let size = answer.as_array().map_or(answer.as_object().map_or(0, |o| o.len()), |a| a.len());
+        println!("openapi: {url}: {size} item(s) checked");
+        assert!(size > 0, "{url} answered nothing to check: {answer}");
+        for e in validator.iter_errors(&answer) {
+            failures.push(format!("{url} at {}: {e}", e.instance_path()));
+        }
+    }
+    assert!(failures.is_empty(), "answers the OpenAPI document does not describe:\n{}", failures.join("\n"));
 }
 
 #[test]
