@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # CI proof of the edge builds (called by .ci/run; runs alone too, as root on Debian):
-#  1. builds the static agent for x86_64, aarch64 and armv7 (musl) with cargo-zigbuild;
+#  1. builds the static agent for x86_64, aarch64 and armv7 (musl) with cargo-zigbuild (x86_64
+#     unoptimised, `ci-static`: it is the .deb's payload and the parity reference);
 #  2. runs the agent's unit tests on aarch64 and armv7 under qemu-user;
 #  3. replays committed C-MAPSS data with the signed reference bundle on each, aarch64 and
 #     armv7 under qemu-user, and requires predictions equal to x86_64's within 1e-4;
 #  4. packages the x86_64 agent, installs the .deb with dpkg -i, runs it (--version, then
 #     `run` under a fake systemd notify socket: READY, WATCHDOG, STOPPING), purges it.
 #
-# It builds with the `ci-cross` profile (release without LTO, many codegen units) so the three
-# builds fit in CI's time; the shipped `edge` binaries come from cross/build.sh, whose sizes
-# and parity cross/README.md reports.
+# The ARM agents build with the `ci-cross` profile (release without LTO, many codegen units),
+# the x86_64 one with `ci-static` (unoptimised), so the three builds fit in CI's time; the
+# shipped `edge` binaries come from cross/build.sh, whose sizes and parity cross/README.md
+# reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source cross/tools.sh
 started=$(date +%s)
 say() { printf -- '--- %s (%ds)\n' "$*" $(($(date +%s) - started)); }
 
-profile=ci-cross
+# The profile of each target's build.
+profile_for() { [ "$1" = x86_64-unknown-linux-musl ] && echo ci-static || echo ci-cross; }
 target_dir=${CARGO_TARGET_DIR:-target}
 out=$target_dir/ci/cross
 data=data/cmapss/test_FD001_units_1-15.txt
@@ -36,6 +39,7 @@ install_zig
 for target in "${AGENT_TARGETS[@]}"; do
   prepare_target "$target"
   runner=$(qemu_for "$target")
+  profile=$(profile_for "$target")
   # The binary and the unit tests in one invocation, so a std built from source is built once.
   # x86_64's unit tests already ran natively in `cargo test --workspace`.
   units=(--bin millwright-agent)
@@ -65,7 +69,8 @@ for target in "${AGENT_TARGETS[@]}"; do
 done
 
 say ".deb: package, dpkg -i, run, dpkg --purge"
-cross/package.sh x86_64-unknown-linux-musl "$target_dir/x86_64-unknown-linux-musl/$profile" "$out/dist"
+cross/package.sh x86_64-unknown-linux-musl \
+  "$target_dir/x86_64-unknown-linux-musl/$(profile_for x86_64-unknown-linux-musl)" "$out/dist"
 ls -l "$out/dist"
 deb=$(ls "$out"/dist/millwright-agent_*_amd64.deb)
 tar -tzf "$out"/dist/millwright-agent-*-x86_64-unknown-linux-musl.tar.gz
