@@ -377,13 +377,12 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
 /// may have (`additionalProperties: false`), so a field added to an answer but not to the
 /// document fails here too.
 fn the_api_answers_as_its_openapi_document_says(demo: &Demo) {
-    let doc = demo.get("/api/v1/openapi.json");
-    assert_eq!(doc["openapi"], "3.1.0");
     // OpenAPI 3.1 schemas are JSON Schema 2020-12; the components become the `$defs` of each.
-    let local = |v: &Value| -> Value {
-        serde_json::from_str(&v.to_string().replace("#/components/schemas/", "#/$defs/")).unwrap()
-    };
-    let defs = local(&doc["components"]["schemas"]);
+    let served = demo.get("/api/v1/openapi.json").to_string();
+    let doc: Value =
+        serde_json::from_str(&served.replace("#/components/schemas/", "#/$defs/")).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let defs = &doc["components"]["schemas"];
     let schema_of = |path: &str| -> &Value {
         &doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     };
@@ -408,7 +407,7 @@ fn the_api_answers_as_its_openapi_document_says(demo: &Demo) {
     assert!(raised, "no retraining event to check\n{}", demo.proc.log_text());
     let mut failures = Vec::new();
     for (url, schema) in &reads {
-        let mut schema = local(schema);
+        let mut schema = (*schema).clone();
         schema["$defs"] = defs.clone();
         let validator = jsonschema::validator_for(&schema)
             .unwrap_or_else(|e| panic!("the schema of {url} does not compile: {e}"));
