@@ -2,6 +2,7 @@
 //! refused); [`Config`] is validated, with paths resolved against the file's folder and the
 //! trusted keys read. Every option and its default is in `agent/millwright-agent.example.toml`.
 
+use crate::identity::Identity;
 use crate::uplink;
 use millwright_shared::drift::{DriftSettings, Metric};
 use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_BROKER_PORT: u16 = 1883;
+pub const DEFAULT_TLS_BROKER_PORT: u16 = 8883;
 pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 10;
 pub const DEFAULT_BATCH_MAX: usize = 500;
 pub const DEFAULT_MAX_INFLIGHT: usize = 4;
@@ -42,6 +44,11 @@ pub struct RawConfig {
     /// The hardware class model bundles may be restricted to (default: the CPU architecture).
     pub device_class: Option<String>,
     pub data_dir: PathBuf,
+    /// Plaintext on the network (an `mqtt://` broker off this host, a local page on a
+    /// non-loopback address without a certificate) is refused unless this is true.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    pub identity: Option<RawIdentity>,
     pub uplink: RawUplink,
     pub trust: RawTrust,
     #[serde(default)]
@@ -90,16 +97,27 @@ impl RawDrift {
     }
 }
 
+/// The folder of credentials `millwright device enroll` wrote for this gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub dir: PathBuf,
+}
+
 /// The operator's local page (off unless `listen` is set).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLocal {
     pub listen: Option<String>,
     pub operator_pin: Option<String>,
+    /// A certificate and key for HTTPS (e.g. the `page.crt.pem` / `page.key.pem` enrollment
+    /// wrote with `--page-host`); without them the page is plain HTTP.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl RawLocal {
-    pub fn resolve(&self) -> Result<LocalConfig, ConfigError> {
+    pub fn resolve(&self, base: &Path, allow_plaintext: bool) -> Result<LocalConfig, ConfigError> {
         let listen = match &self.listen {
             Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
                 ConfigError::Invalid(format!(
@@ -116,7 +134,28 @@ impl RawLocal {
                 )));
             }
         }
-        Ok(LocalConfig { listen, operator_pin: self.operator_pin.clone() })
+        let tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((base.join(cert), base.join(key))),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "local: give both cert and key for HTTPS, or neither".into(),
+                ));
+            }
+        };
+        if let Some(addr) = listen
+            && tls.is_none()
+            && !addr.ip().is_loopback()
+            && !allow_plaintext
+        {
+            return Err(ConfigError::Invalid(format!(
+                "local.listen {addr} is off this host but the page has no certificate: the \
+                 operator PIN would cross the network in clear. Give [local] cert and key \
+                 (millwright device enroll --page-host), listen on 127.0.0.1, or set \
+                 allow_plaintext = true"
+            )));
+        }
+        Ok(LocalConfig { listen, operator_pin: self.operator_pin.clone(), tls })
     }
 }
 
@@ -172,6 +211,7 @@ pub enum RawSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub device: DeviceId,
+    pub identity: Identity,
     pub site: Option<String>,
     pub tags: Vec<String>,
     pub device_class: String,
@@ -185,12 +225,13 @@ pub struct Config {
     pub assets: Vec<AssetConfig>,
 }
 
-/// The local page: where it listens (none: off) and the PIN that acknowledges alerts (none:
-/// acknowledging is refused).
+/// The local page: where it listens (none: off), the PIN that acknowledges alerts (none:
+/// acknowledging is refused) and its HTTPS certificate and key (none: plain HTTP).
 #[derive(Debug, Clone, Default)]
 pub struct LocalConfig {
     pub listen: Option<SocketAddr>,
     pub operator_pin: Option<String>,
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +248,8 @@ pub struct UpdatesConfig {
 pub struct UplinkConfig {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: TLS with this gateway's client certificate.
+    pub tls: bool,
     pub client_id: String,
     pub keep_alive: Duration,
     pub settings: uplink::Settings,
@@ -248,18 +291,50 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Splits `host:port` or `mqtt://host:port` (port optional).
-pub fn parse_broker(broker: &str) -> Result<(String, u16), ConfigError> {
-    let rest = broker.strip_prefix("mqtt://").unwrap_or(broker);
-    let bad = || ConfigError::Invalid(format!("uplink.broker {broker:?} is not host:port"));
+/// A broker address: `mqtts://host:port` (TLS, port 8883 by default), or `mqtt://host:port` /
+/// `host:port` (plain TCP, port 1883 by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    /// Whether plain TCP to it stays on this host.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+pub fn parse_broker(broker: &str) -> Result<BrokerAddress, ConfigError> {
+    let (tls, rest) = match broker.strip_prefix("mqtts://") {
+        Some(rest) => (true, rest),
+        None => (false, broker.strip_prefix("mqtt://").unwrap_or(broker)),
+    };
+    let bad = || ConfigError::Invalid(format!("broker {broker:?} is not [mqtts://]host:port"));
+    let default_port = if tls { DEFAULT_TLS_BROKER_PORT } else { DEFAULT_BROKER_PORT };
     let (host, port) = match rest.rsplit_once(':') {
         Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
-        None => (rest, DEFAULT_BROKER_PORT),
+        None => (rest, default_port),
     };
     if host.is_empty() || host.contains('/') {
         return Err(bad());
     }
-    Ok((host.to_owned(), port))
+    Ok(BrokerAddress { host: host.to_owned(), port, tls })
+}
+
+/// Refuses plain TCP to a broker off this host unless plaintext is allowed.
+pub fn check_plaintext(broker: &BrokerAddress, allow_plaintext: bool) -> Result<(), ConfigError> {
+    if broker.tls || broker.is_loopback() || allow_plaintext {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "broker {}:{} is off this host and not mqtts://: messages (and the broker password) \
+         would cross the network in clear. Use mqtts://, or set allow_plaintext = true",
+        broker.host, broker.port
+    )))
 }
 
 /// Reads the public key files a verifier trusts; `threshold` distinct ones must sign.
@@ -277,12 +352,27 @@ pub fn load_trusted(paths: &[PathBuf], threshold: usize) -> Result<TrustedKeys, 
     Ok(TrustedKeys::new(keys, threshold))
 }
 
-/// Reads and checks a root document (signed by a threshold of its own root keys, unexpired).
+/// Reads and checks a root document (signed by a threshold of its own root keys). An expired
+/// one is returned too: the gateway may have accepted a newer root since, and the runtime
+/// decides (see `runtime::current_root`).
 pub fn load_root(path: &Path) -> Result<Root, ConfigError> {
     let bytes = std::fs::read(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    Root::provision(&bytes, crate::clock::now())
+    Root::provision_expired_too(&bytes)
         .map_err(|e| ConfigError::Invalid(format!("trust root {}: {e}", path.display())))
+}
+
+/// Free text the gateway sends as a label: printable and short enough to be stored as sent.
+fn check_label(what: &str, text: String) -> Result<String, ConfigError> {
+    let clean =
+        millwright_shared::wire::clean_text(&text, millwright_shared::wire::MAX_LABEL_BYTES);
+    if clean != text || text.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {text:?} must be 1-{} bytes of printable text",
+            millwright_shared::wire::MAX_LABEL_BYTES
+        )));
+    }
+    Ok(text)
 }
 
 impl Config {
@@ -298,7 +388,10 @@ impl Config {
     pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         let invalid = |m: String| ConfigError::Invalid(m);
         let device = DeviceId::new(raw.device).map_err(|e| invalid(e.to_string()))?;
-        let (host, port) = parse_broker(&raw.uplink.broker)?;
+        let broker =
+            parse_broker(&raw.uplink.broker).map_err(|e| invalid(format!("uplink.{e}")))?;
+        check_plaintext(&broker, raw.allow_plaintext)?;
+        let local = raw.local.resolve(base, raw.allow_plaintext)?;
         let u = &raw.uplink;
         let settings = uplink::Settings {
             batch_max: u.batch_max.unwrap_or(DEFAULT_BATCH_MAX),
@@ -311,8 +404,9 @@ impl Config {
             ));
         }
         let uplink = UplinkConfig {
-            host,
-            port,
+            host: broker.host,
+            port: broker.port,
+            tls: broker.tls,
             client_id: u.client_id.clone().unwrap_or_else(|| format!("millwright-{device}")),
             keep_alive: Duration::from_secs(
                 u.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS).max(1),
@@ -389,11 +483,22 @@ impl Config {
             ),
             settings: raw.drift.settings()?,
         };
-        let local = raw.local.resolve()?;
+        let identity = match &raw.identity {
+            Some(i) => Identity::load(&base.join(&i.dir), &device)?,
+            None => {
+                return Err(invalid(format!(
+                    "no [identity]: enroll this gateway (millwright device enroll {device}) and \
+                     name the folder it wrote in [identity] dir"
+                )));
+            }
+        };
+        let site = raw.site.map(|s| check_label("site", s)).transpose()?;
+        let tags = raw.tags.into_iter().map(|t| check_label("tag", t)).collect::<Result<_, _>>()?;
         Ok(Config {
             device,
-            site: raw.site,
-            tags: raw.tags,
+            identity,
+            site,
+            tags,
             device_class: raw.device_class.unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
             data_dir: base.join(raw.data_dir),
             drift,
@@ -412,10 +517,29 @@ mod tests {
 
     #[test]
     fn broker_addresses_parse_with_or_without_scheme_and_port() {
-        assert_eq!(parse_broker("mqtt://10.0.0.5:1884").unwrap(), ("10.0.0.5".into(), 1884));
-        assert_eq!(parse_broker("broker.local").unwrap(), ("broker.local".into(), 1883));
+        let at = |host: &str, port, tls| BrokerAddress { host: host.into(), port, tls };
+        assert_eq!(parse_broker("mqtt://10.0.0.5:1884").unwrap(), at("10.0.0.5", 1884, false));
+        assert_eq!(parse_broker("broker.local").unwrap(), at("broker.local", 1883, false));
+        assert_eq!(parse_broker("mqtts://broker.local").unwrap(), at("broker.local", 8883, true));
         assert!(parse_broker("localhost:http").is_err());
         assert!(parse_broker("mqtt://").is_err());
+    }
+
+    #[test]
+    fn plaintext_off_this_host_is_refused_unless_allowed() {
+        let remote = parse_broker("mqtt://10.0.0.5:1883").unwrap();
+        let err = check_plaintext(&remote, false).unwrap_err().to_string();
+        assert!(err.contains("allow_plaintext") && err.contains("mqtts://"), "{err}");
+        assert!(check_plaintext(&remote, true).is_ok());
+        assert!(check_plaintext(&parse_broker("mqtts://10.0.0.5").unwrap(), false).is_ok());
+        assert!(check_plaintext(&parse_broker("127.0.0.1:1883").unwrap(), false).is_ok());
+        assert!(check_plaintext(&parse_broker("localhost").unwrap(), false).is_ok());
+        let page = RawLocal { listen: Some("0.0.0.0:8090".into()), ..Default::default() };
+        let err = page.resolve(Path::new("."), false).unwrap_err().to_string();
+        assert!(err.contains("in clear") && err.contains("allow_plaintext"), "{err}");
+        assert!(page.resolve(Path::new("."), true).is_ok());
+        let https = RawLocal { cert: Some("c.pem".into()), key: Some("k.pem".into()), ..page };
+        assert!(https.resolve(Path::new("."), false).unwrap().tls.is_some());
     }
 
     #[test]
@@ -440,20 +564,28 @@ mod tests {
 
     #[test]
     fn the_local_page_is_off_by_default_and_checks_its_address_and_pin() {
-        let off = RawLocal::default().resolve().unwrap();
+        let off = RawLocal::default().resolve(Path::new("."), false).unwrap();
         assert_eq!((off.listen, off.operator_pin), (None, None));
-        let on =
-            RawLocal { listen: Some("0.0.0.0:8090".into()), operator_pin: Some("4711".into()) }
-                .resolve()
-                .unwrap();
+        let on = RawLocal {
+            listen: Some("0.0.0.0:8090".into()),
+            operator_pin: Some("4711".into()),
+            ..Default::default()
+        }
+        .resolve(Path::new("."), true)
+        .unwrap();
         assert_eq!(on.listen.map(|a| a.port()), Some(8090));
         let err = RawLocal { listen: Some("localhost".into()), ..Default::default() }
-            .resolve()
+            .resolve(Path::new("."), false)
             .unwrap_err();
         assert!(err.to_string().contains("local.listen \"localhost\""), "{err}");
         for pin in ["12", "12 34"] {
             let raw = RawLocal { operator_pin: Some(pin.into()), ..Default::default() };
-            assert!(raw.resolve().unwrap_err().to_string().contains("operator_pin"));
+            assert!(
+                raw.resolve(Path::new("."), false)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("operator_pin")
+            );
         }
     }
 
@@ -468,5 +600,16 @@ mod tests {
         .unwrap();
         let err = Config::from_raw(raw, Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/nope.json"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+        let public = serde_json::to_vec(&PublicKeyFile::new(&key)).unwrap();
+        std::fs::write(dir.path().join("k.json"), public).unwrap();
+        let text =
+            "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = 'h:1'\n[trust]\nkeys = ['k.json']";
+        let err = Config::from_raw(toml::from_str(text).unwrap(), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no [identity]"), "{err}");
+        let text = format!("{text}\n[identity]\ndir = 'id'");
+        let err = Config::from_raw(toml::from_str(&text).unwrap(), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("id/identity.json"), "{err}");
     }
 }

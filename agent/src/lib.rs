@@ -4,28 +4,27 @@
 //! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`], [`status`] (the snapshot),
 //! [`page`] (the local page's HTML), [`metrics`] (Prometheus text).
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
-//! [`mqtt`] (rumqttc), [`local_http`] (axum: the local page and its API), [`sources`] (file replay pacing), [`runtime`] (the event loop),
-//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files), [`clock`], [`signal`], [`logging`],
-//! [`watchdog`] (systemd notifications).
+//! [`local_http`] (axum: the local page and its API), [`sources`] (file replay pacing), [`runtime`] (the event loop),
+//! [`replay`] (offline evaluation), [`cli`] (the command line), [`config`] (TOML and key files),
+//! [`identity`] (the gateway's enrolled credentials), [`watchdog`] (systemd notifications). The
+//! MQTT and HTTPS transports, the clock, signals and logging are `millwright_io`'s, re-exported
+//! here as [`mqtt`], [`clock`], [`signal`], [`logging`].
 
 pub mod activation;
 pub mod alert;
 pub mod asset;
 pub mod cli;
-pub mod clock;
 pub mod cmapss;
 pub mod config;
+pub mod identity;
 pub mod inference;
 pub mod local_http;
-pub mod logging;
 pub mod metrics;
-pub mod mqtt;
 pub mod page;
 pub mod reading;
 pub mod reference;
 pub mod replay;
 pub mod runtime;
-pub mod signal;
 pub mod sources;
 pub mod staging;
 pub mod status;
@@ -36,6 +35,7 @@ pub mod watchdog;
 pub mod window;
 
 pub use config::Config;
+pub use millwright_io::{clock, logging, mqtt, signal};
 pub use runtime::run;
 
 /// The agent's version, reported in its status message.

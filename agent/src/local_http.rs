@@ -11,17 +11,25 @@
 //! | `POST /api/alerts/{asset}/ack` | JSON `{"pin": "…"}`: acknowledge its open alert |
 //! | `POST /alerts/{asset}/ack` | the page's form (`pin=…`); answers with a redirect to `/` |
 //! | `GET /metrics` | Prometheus text ([`crate::metrics`]) |
+//! | `GET /page.js` | the page's few lines of script (reload every few seconds) |
+//!
+//! Every answer carries a strict content security policy and `X-Frame-Options: DENY`; the
+//! form is refused when a browser says it was posted from another site; wrong PINs lock the
+//! client's address out for a while ([`millwright_shared::lockout`]), during which even the
+//! right PIN is refused.
 
 use crate::status::{AckOutcome, Point, Status, since};
 use crate::{clock, metrics, page};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
+use millwright_shared::lockout::{Decision, Limits, Lockout};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -44,11 +52,44 @@ pub const DEFAULT_HISTORY_HOURS: f64 = 12.0;
 /// A wrong PIN is answered this late, to slow down guessing.
 const WRONG_PIN_DELAY: Duration = Duration::from_millis(500);
 
+/// Scripts only from the page's own origin, styles inline, nothing else loaded, no framing.
+const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                      img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+/// Wrong PINs per client address: the attempts allowed before a lockout, and the lockouts.
+#[derive(Debug)]
+pub struct PinGuard {
+    lockout: Mutex<Lockout<IpAddr>>,
+}
+
+impl Default for PinGuard {
+    fn default() -> Self {
+        PinGuard { lockout: Mutex::new(Lockout::new(Limits::default())) }
+    }
+}
+
+impl PinGuard {
+    /// Lockouts started since the agent started.
+    pub fn lockouts(&self) -> u64 {
+        self.lockout.lock().map_or(0, |l| l.lockouts)
+    }
+
+    fn begin(&self, client: IpAddr) -> Decision {
+        let mut l = self.lockout.lock().unwrap_or_else(|e| e.into_inner());
+        l.begin(&client, clock::now_ms())
+    }
+
+    fn success(&self, client: IpAddr) {
+        self.lockout.lock().unwrap_or_else(|e| e.into_inner()).success(&client);
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     requests: mpsc::Sender<LocalRequest>,
     pin: Option<Arc<str>>,
+    guard: Arc<PinGuard>,
 }
 
 /// Why a request is refused.
@@ -60,6 +101,10 @@ pub enum LocalError {
     NoPin,
     #[error("wrong operator PIN")]
     WrongPin,
+    #[error("too many wrong PINs from this address; try again in {0} s")]
+    LockedOut(i64),
+    #[error("the form was posted from another site")]
+    CrossSite,
     #[error("unknown asset {0:?}")]
     UnknownAsset(String),
     #[error("asset {0:?} has no open alert")]
@@ -73,7 +118,10 @@ pub enum LocalError {
 impl LocalError {
     fn status(&self) -> StatusCode {
         match self {
-            LocalError::NoPin | LocalError::WrongPin => StatusCode::FORBIDDEN,
+            LocalError::NoPin | LocalError::WrongPin | LocalError::CrossSite => {
+                StatusCode::FORBIDDEN
+            }
+            LocalError::LockedOut(_) => StatusCode::TOO_MANY_REQUESTS,
             LocalError::UnknownAsset(_) => StatusCode::NOT_FOUND,
             LocalError::NoOpenAlert(_) => StatusCode::CONFLICT,
             LocalError::BadHours => StatusCode::BAD_REQUEST,
@@ -84,7 +132,12 @@ impl LocalError {
 
 impl IntoResponse for LocalError {
     fn into_response(self) -> Response {
-        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        let mut response =
+            (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response();
+        if let LocalError::LockedOut(secs) = self {
+            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -99,22 +152,33 @@ pub fn router(
     snapshot: watch::Receiver<Arc<Snapshot>>,
     requests: mpsc::Sender<LocalRequest>,
     pin: Option<String>,
+    guard: Arc<PinGuard>,
+    https: bool,
 ) -> Router {
-    let state = AppState { snapshot, requests, pin: pin.map(Arc::from) };
+    let state = AppState { snapshot, requests, pin: pin.map(Arc::from), guard };
     Router::new()
         .route("/", get(page_route))
+        .route("/page.js", get(script_route))
         .route("/api/status", get(status_route))
         .route("/api/assets/{asset}/history", get(history_route))
         .route("/api/alerts/{asset}/ack", post(ack_json))
         .route("/alerts/{asset}/ack", post(ack_form))
         .route("/metrics", get(metrics_route))
+        .layer(axum::middleware::map_response(move |mut response: Response| async move {
+            millwright_io::https::secure_headers(response.headers_mut(), POLICY, https);
+            response
+        }))
         .with_state(state)
 }
 
-/// Serves on `listener` until the process ends.
-pub fn spawn(listener: tokio::net::TcpListener, router: Router) {
+/// Serves on `listener` until the process ends: HTTPS with `tls`, plain HTTP without.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+) {
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        if let Err(e) = millwright_io::https::serve(listener, tls, router).await {
             tracing::error!("local page server stopped: {e}");
         }
     });
@@ -127,6 +191,10 @@ fn current(state: &AppState) -> Arc<Snapshot> {
 async fn page_route(State(state): State<AppState>) -> Html<String> {
     let s = current(&state);
     Html(page::render(&s.status, &s.history, clock::now_ms()))
+}
+
+async fn script_route() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], page::script())
 }
 
 async fn status_route(State(state): State<AppState>) -> Json<Status> {
@@ -171,13 +239,29 @@ struct AckBody {
     pin: String,
 }
 
-async fn acknowledge(state: &AppState, asset: String, pin: &str) -> Result<AckOutcome, LocalError> {
+async fn acknowledge(
+    state: &AppState,
+    client: IpAddr,
+    asset: String,
+    pin: &str,
+) -> Result<AckOutcome, LocalError> {
     let Some(expected) = &state.pin else { return Err(LocalError::NoPin) };
+    match state.guard.begin(client) {
+        Decision::Attempt => {}
+        Decision::Locked { retry_after_ms } => {
+            return Err(LocalError::LockedOut((retry_after_ms + 999) / 1000));
+        }
+        Decision::LockedNow { retry_after_ms } => {
+            tracing::warn!(%client, "operator PIN: too many wrong attempts; address locked out");
+            return Err(LocalError::LockedOut((retry_after_ms + 999) / 1000));
+        }
+    }
     if !pin_matches(expected, pin) {
-        tracing::warn!(asset, "alert acknowledgement refused: wrong operator PIN");
+        tracing::warn!(asset, %client, "alert acknowledgement refused: wrong operator PIN");
         tokio::time::sleep(WRONG_PIN_DELAY).await;
         return Err(LocalError::WrongPin);
     }
+    state.guard.success(client);
     let (reply, answer) = oneshot::channel();
     state
         .requests
@@ -193,29 +277,46 @@ async fn acknowledge(state: &AppState, asset: String, pin: &str) -> Result<AckOu
 
 async fn ack_json(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(asset): Path<String>,
     Json(body): Json<AckBody>,
 ) -> Result<Json<serde_json::Value>, LocalError> {
-    let outcome = acknowledge(&state, asset.clone(), &body.pin).await?;
+    if !millwright_io::https::same_origin(&headers) {
+        return Err(LocalError::CrossSite);
+    }
+    let outcome = acknowledge(&state, client.ip(), asset.clone(), &body.pin).await?;
     Ok(Json(serde_json::json!({ "asset": asset, "outcome": outcome })))
 }
 
 async fn ack_form(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(asset): Path<String>,
     Form(body): Form<AckBody>,
 ) -> Response {
-    match acknowledge(&state, asset, &body.pin).await {
+    let outcome = match millwright_io::https::same_origin(&headers) {
+        true => acknowledge(&state, client.ip(), asset, &body.pin).await,
+        false => Err(LocalError::CrossSite),
+    };
+    match outcome {
         Ok(_) => Redirect::to("/").into_response(),
-        Err(e) => (
-            e.status(),
-            Html(format!(
-                "<!doctype html><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-                 <title>Not acknowledged</title><p>Not acknowledged: {}.</p><p><a href=\"/\">Back</a></p>",
-                page::escape(&e.to_string())
-            )),
-        )
-            .into_response(),
+        Err(e) => {
+            let mut response = (
+                e.status(),
+                Html(format!(
+                    "<!doctype html><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+                     <title>Not acknowledged</title><p>Not acknowledged: {}.</p><p><a href=\"/\">Back</a></p>",
+                    page::escape(&e.to_string())
+                )),
+            )
+                .into_response();
+            if let LocalError::LockedOut(secs) = e {
+                response.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            }
+            response
+        }
     }
 }
 
@@ -280,7 +381,8 @@ mod tests {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        spawn(listener, router(rx, requests, pin.map(str::to_owned)));
+        let guard = Arc::new(PinGuard::default());
+        spawn(listener, None, router(rx, requests, pin.map(str::to_owned), guard, false));
         base
     }
 

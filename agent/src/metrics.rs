@@ -120,8 +120,25 @@ pub fn render(status: &Status, now_ms: i64) -> String {
     for (kind, n) in &status.counters.readings_rejected {
         let _ = writeln!(out, "millwright_readings_rejected_total{{kind=\"{}\"}} {n}", label(kind));
     }
+    header(
+        &mut out,
+        "millwright_refused_total",
+        "counter",
+        "Messages refused before they were acted on, by reason (forged, unsigned, replayed).",
+    );
+    for (reason, n) in &status.counters.refused {
+        let _ = writeln!(out, "millwright_refused_total{{reason=\"{}\"}} {n}", label(reason));
+    }
+    header(
+        &mut out,
+        "millwright_clock_untrusted",
+        "gauge",
+        "1 while the wall clock is behind the time floor.",
+    );
+    let _ = writeln!(out, "millwright_clock_untrusted {}", u8::from(status.clock.untrusted));
     let c = &status.counters;
     for (name, help, value) in [
+        ("pin_lockouts", "Client addresses locked out after wrong operator PINs.", c.pin_lockouts),
         ("readings", "Readings accepted for inference.", c.readings),
         ("predictions", "Predictions made.", c.predictions),
         ("inference_failures", "Windows the model failed on.", c.inference_failures),

@@ -1,5 +1,5 @@
 //! The operator's local page: one self-contained HTML document (inline CSS, server-side SVG
-//! charts, a few lines of inline script that reload it) rendered from a [`Status`] snapshot
+//! charts, a few lines of script, served apart, that reload it) rendered from a [`Status`] snapshot
 //! and the prediction history. Pure: no I/O, `now` is a parameter.
 
 use crate::status::{FeatureStatus, Point, Status, human_age, human_bytes};
@@ -154,7 +154,29 @@ fn gateway(out: &mut String, s: &Status, now_ms: i64) {
         .map_or("—".to_owned(), |t| format!("{} old", human_age(now_ms - t)));
     let _ = write!(
         out,
-        "<section id=\"gateway\"><h2>Gateway <span id=\"uplink\" class=\"badge {class}\">Uplink {uplink}</span></h2><dl>\
+        "<section id=\"gateway\"><h2>Gateway <span id=\"uplink\" class=\"badge {class}\">Uplink {uplink}</span></h2>"
+    );
+    if s.clock.untrusted {
+        let _ = write!(
+            out,
+            "<p id=\"clock\" class=\"badge alarm\">Clock untrustworthy: the gateway's clock is {} \
+             behind the time it last recorded. Check NTP or the RTC; expiry and certificate checks \
+             use the recorded time.</p>",
+            human_age(s.clock.floor_ms - now_ms)
+        );
+    }
+    if s.trust_root_expired {
+        out.push_str(
+            "<p id=\"root-expired\" class=\"badge alarm\">Trust root expired: models keep serving, \
+             updates are refused until a newer root arrives.</p>",
+        );
+    }
+    let refused: u64 = s.counters.refused.values().sum();
+    let site = s.site.as_deref().map_or("—".to_owned(), escape);
+    let _ = write!(
+        out,
+        "<dl><dt>Site</dt><dd id=\"site\">{site}</dd><dt>Refused</dt><dd id=\"refused\">{refused} \
+         message(s) not from the server</dd>\
          <dt>Outbox</dt><dd id=\"backlog\">{} records waiting</dd><dt>Oldest</dt><dd id=\"oldest\">{oldest}</dd>\
          <dt>Buffer</dt><dd id=\"disk\">{}</dd>",
         s.backlog_total(),
@@ -319,12 +341,14 @@ pub fn render(status: &Status, history: &BTreeMap<String, Vec<Point>>, now_ms: i
     );
     gateway(&mut out, status, now_ms);
     assets(&mut out, status, history, now_ms);
-    let _ = write!(
-        out,
-        "</main><script>{}</script></body></html>",
-        SCRIPT.replace("REFRESH_MS", &(REFRESH_SECS * 1000).to_string())
-    );
+    out.push_str("</main><script src=\"/page.js\"></script></body></html>");
     out
+}
+
+/// The page's script (served at `/page.js`, so the page needs no inline script): reload every
+/// few seconds unless the operator is typing a PIN.
+pub fn script() -> String {
+    SCRIPT.replace("REFRESH_MS", &(REFRESH_SECS * 1000).to_string())
 }
 
 #[cfg(test)]

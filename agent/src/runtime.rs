@@ -22,10 +22,15 @@ use crate::update_state::Slot;
 use crate::uplink::{PRIORITY, Uplink};
 use crate::{clock, cmapss, reading};
 use anyhow::Context as _;
+use ed25519_dalek::VerifyingKey;
 use millwright_shared::bundle::sha256_hex;
 use millwright_shared::drift::monitor::ReportMeta;
 use millwright_shared::drift::{DriftMonitor, DriftReport, DriftSettings, Severity};
+use millwright_shared::keys::KeyId;
 use millwright_shared::manifest::{Manifest, OutputKind};
+use millwright_shared::refusals::Refusals;
+use millwright_shared::signed::{self, Purpose, SignedError};
+use millwright_shared::topics::Incoming;
 use millwright_shared::trust::Root;
 use millwright_shared::wire::{
     self, Ack, DeviceStatus, RecordBody, RunningModel, Stream, UplinkBatch, WIRE_VERSION,
@@ -91,6 +96,8 @@ struct Loaded {
 struct Agent {
     config: Config,
     store: Store,
+    /// The outbox's identity, named in every batch; acks must name it back.
+    epoch: String,
     /// The trust root in force (the provisioned one, or a newer one accepted since).
     root: Root,
     models: Vec<Model>,
@@ -99,20 +106,29 @@ struct Agent {
     /// Model name → the bundle files serving it, once an update installed one.
     slots: HashMap<String, Slot>,
     update: Option<update::Update>,
-    /// SHA-256 of the last directive or root refused, so a retained one is reported once.
-    refused: Option<String>,
+    /// Refused directives and roots: which were reported, and when an unverified one last was.
+    refused: update::Refused,
     assets: Vec<Asset>,
     client: AsyncClient,
     uplink: Uplink,
     pending: Vec<NewRecord>,
     pending_cursors: HashMap<AssetId, Cursor>,
     counters: Counters,
+    /// Refused messages by reason, and which were logged.
+    refusals: Refusals,
     started_at_ms: i64,
     /// When the status was last published.
     status_sent_ms: i64,
+    /// The `at_ms` of the last status sent: statuses are ordered even if the clock steps back.
+    status_at_ms: i64,
+    /// When the time floor was last saved.
+    floor_saved_ms: i64,
+
     latency: LatencyHistogram,
     /// What the local page serves, replaced every tick and after every operator action.
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The local page's wrong-PIN lockouts.
+    pin_guard: Arc<local_http::PinGuard>,
 }
 
 /// The bundle files to try for an asset, best first: the model's active slot, its last known
@@ -210,36 +226,57 @@ fn load_models(
 pub fn load_bundle(path: &Path, root: &Root) -> anyhow::Result<Model> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let verified = root
-        .verify_bundle(&bytes, clock::now())
+        .verify_bundle(&bytes, clock::trusted_now())
         .with_context(|| format!("bundle {} rejected", path.display()))?;
+    // A bundle verified here was made no later than now, whatever the wall clock says.
+    clock::raise_floor(clock::to_ms(verified.manifest().created_at));
     Model::load(&verified).with_context(|| format!("bundle {} rejected", path.display()))
 }
 
-/// The root in force: the provisioned one, or a newer one this device accepted since.
+/// The root in force: the provisioned one, or a newer one this device accepted since. Either
+/// may have expired since it was accepted; the gateway still starts (it serves its verified
+/// models and drains its outbox) and refuses updates until a newer root arrives.
 fn current_root(config: &Config, store: &Store) -> Root {
     let stored = store.stored_root().ok().flatten().and_then(|bytes| {
-        Root::provision(&bytes, clock::now())
+        Root::provision_expired_too(&bytes)
             .map_err(|e| tracing::error!("stored trust root refused: {e}"))
             .ok()
     });
-    match stored {
+    let root = match stored {
         Some(root) if root.version() > config.root.version() => root,
         _ => config.root.clone(),
+    };
+    if root.is_expired(clock::trusted_now()) {
+        tracing::error!(
+            version = root.version(),
+            "the trust root in force has expired: models keep serving, updates are refused \
+             until the server publishes a newer root"
+        );
     }
+    root
 }
 
 /// How often a connected agent resends its status (with its backlog) to the fleet server.
 const STATUS_EVERY_MS: i64 = 10_000;
 
+/// The largest uplink batch body: the broker's packet limit less room for the topic, the
+/// signature header and MQTT framing. A batch above it is cut.
+const MAX_BATCH_BYTES: usize = mqtt::MAX_PACKET_BYTES - (64 << 10);
+
+/// The status message, signed. The last will is the offline form with `at_ms` equal to the
+/// run's start, built before the first connection.
 fn status_payload(
     config: &Config,
+    (at_ms, started_ms): (i64, i64),
     online: bool,
     models: Vec<RunningModel>,
     backlog: Option<wire::Backlog>,
 ) -> Vec<u8> {
-    wire::encode(&DeviceStatus {
+    let body = wire::encode(&DeviceStatus {
         v: WIRE_VERSION,
         device: config.device.clone(),
+        at_ms,
+        started_ms,
         online,
         agent_version: crate::VERSION.to_owned(),
         site: config.site.clone(),
@@ -247,14 +284,44 @@ fn status_payload(
         device_class: Some(config.device_class.clone()),
         models,
         backlog,
+    });
+    signed::seal(&config.identity.key, Purpose::Status, &config.device, &body)
+}
+
+/// How the uplink connects: TLS with the gateway's client certificate for `mqtts://`, and
+/// the embedded broker's credentials (the device id and a signature over the client id).
+fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::Connect> {
+    let u = &config.uplink;
+    let transport = match u.tls {
+        true => mqtt::Transport::Tls(
+            millwright_io::tls::client_config(&config.identity.ca, Some(&config.identity.tls))
+                .context("uplink TLS")?,
+        ),
+        false => mqtt::Transport::Tcp,
+    };
+    let password = signed::connect_password(&config.identity.key, &config.device, &u.client_id);
+    Ok(mqtt::Connect {
+        client_id: u.client_id.clone(),
+        host: u.host.clone(),
+        port: u.port,
+        transport,
+        credentials: Some((config.device.to_string(), password)),
+        keep_alive: u.keep_alive,
+        reconnect_max: u.reconnect_max,
+        last_will: Some((topics::status(&config.device), last_will)),
     })
 }
+
+/// How often the time floor is saved while the clock moves forward.
+const FLOOR_SAVE_EVERY_MS: i64 = 600_000;
 
 /// Runs the agent until `shutdown` completes, then flushes and disconnects.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir.join("outbox.sqlite"))?;
+    let mut store = Store::open(&config.data_dir.join("outbox.sqlite"))?;
+    clock::raise_floor(store.time_floor()?);
+    let epoch = store.epoch()?;
     let cursors = store.cursors()?;
     let root = current_root(&config, &store);
     let slots = store.slots()?;
@@ -263,24 +330,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         anyhow::bail!("no asset could start (see the errors above)");
     }
 
+    if clock::is_untrusted() {
+        tracing::error!(
+            clock_ms = clock::now_ms(),
+            floor_ms = clock::floor_ms(),
+            "the wall clock is behind what this gateway recorded before: it is not trusted, \
+             expiry and certificate checks use the recorded time instead"
+        );
+    }
+    let started_at_ms = clock::trusted_now_ms();
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(1024);
-    let u = &config.uplink;
-    let client = mqtt::start(
-        mqtt::Connect {
-            client_id: u.client_id.clone(),
-            host: u.host.clone(),
-            port: u.port,
-            keep_alive: u.keep_alive,
-            reconnect_max: u.reconnect_max,
-            last_will: Some((
-                topics::status(&config.device),
-                status_payload(&config, false, vec![], None),
-            )),
-        },
-        mqtt_tx,
-    );
+    let will = status_payload(&config, (started_at_ms, started_at_ms), false, vec![], None);
+    let client = mqtt::start(connect_options(&config, will)?, mqtt_tx);
 
     let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let pin_guard = Arc::new(local_http::PinGuard::default());
     let (local_tx, mut local_rx) = mpsc::channel(16);
     if let Some(addr) = config.local.listen {
         // The page is a convenience: a gateway whose port is taken keeps inferring and buffering.
@@ -288,9 +352,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Ok(listener) => {
                 let local = listener.local_addr().map_or(addr.to_string(), |a| a.to_string());
                 tracing::info!(address = %local, "local page listening");
-                let router =
-                    local_http::router(snapshot_rx, local_tx, config.local.operator_pin.clone());
-                local_http::spawn(listener, router);
+                let tls = match &config.local.tls {
+                    Some((cert, key)) => Some(
+                        millwright_io::tls::server_config(cert, key, None)
+                            .context("local page certificate")?,
+                    ),
+                    None => None,
+                };
+                let router = local_http::router(
+                    snapshot_rx,
+                    local_tx,
+                    config.local.operator_pin.clone(),
+                    pin_guard.clone(),
+                    tls.is_some(),
+                );
+                local_http::spawn(listener, tls, router);
             }
             Err(e) => tracing::error!(address = %addr, "local page disabled: cannot listen: {e}"),
         }
@@ -322,21 +398,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         uplink: Uplink::new(config.uplink.settings),
         config,
         store,
+        epoch,
         root,
         models,
         loaded,
         slots,
         update: None,
-        refused: None,
+        refused: update::Refused::default(),
         assets,
         client,
         pending: Vec::new(),
         pending_cursors: HashMap::new(),
         counters: Counters::default(),
-        started_at_ms: clock::now_ms(),
+        refusals: Refusals::default(),
+        started_at_ms,
         status_sent_ms: 0,
+        status_at_ms: started_at_ms,
+        floor_saved_ms: 0,
         latency: LatencyHistogram::default(),
         snapshot,
+        pin_guard,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -357,10 +438,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let event = tokio::select! {
             biased;
             _ = &mut shutdown => Event::Shutdown,
+            // Before MQTT: a flood on a subscribed topic must not starve the tick, which feeds
+            // the systemd watchdog.
+            _ = tick.tick() => Event::Tick,
             Some(e) = mqtt_rx.recv() => Event::Mqtt(e),
             // Only armed while records wait, so an idle agent does not wake 20 times a second.
             _ = flush.tick(), if !agent.pending.is_empty() => Event::Flush,
-            _ = tick.tick() => Event::Tick,
             Some(r) = local_rx.recv() => Event::Local(r),
             Some(e) = source_rx.recv(), if room => Event::Source(e),
         };
@@ -402,6 +485,10 @@ impl Agent {
                     self.counters.resends += 1;
                     tracing::info!("acks overdue; resending the outbox");
                 }
+                if let Some(line) = self.refusals.summary(clock::now_ms()) {
+                    tracing::warn!("{line}");
+                }
+                self.keep_time_floor();
                 self.close_drift_intervals(clock::now_ms(), false);
                 self.on_update_tick(clock::now_ms());
                 self.pump();
@@ -608,32 +695,25 @@ impl Agent {
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
-        let device = &self.config.device;
-        if topic == topics::desired(device) {
-            return self.on_directive(payload);
-        }
-        if topic == topics::chunk(device) {
-            return self.on_chunk(payload);
-        }
-        if topic == topics::TRUST_ROOT {
-            return self.on_root(payload);
-        }
-        if topic == topics::ack(&self.config.device) {
-            match Ack::decode(payload) {
-                Ok(ack) => {
-                    match self.store.delete(&ack) {
-                        Ok(n) => self.counters.records_acked += n as u64,
-                        Err(e) => tracing::error!("outbox delete failed: {e}"),
-                    }
-                    self.uplink.on_ack(&ack);
-                    self.pump();
-                }
-                Err(e) => {
-                    self.counters.bad_acks += 1;
-                    tracing::warn!("ignoring malformed ack: {e}");
-                }
+        match topics::parse(topic) {
+            // A retained message cleared (by the server, after someone else set it).
+            Some(Incoming::TrustRoot | Incoming::Desired { .. }) if payload.is_empty() => {
+                return;
             }
-            return;
+            Some(Incoming::TrustRoot) => return self.on_root(payload),
+            Some(Incoming::Desired { device }) if device == self.config.device => {
+                return self.on_directive(payload);
+            }
+            Some(Incoming::Chunk { device }) if device == self.config.device => {
+                if let Some(body) = self.open_from_server(payload, Purpose::Chunk, "chunk") {
+                    self.on_chunk(&body);
+                }
+                return;
+            }
+            Some(Incoming::Ack { device }) if device == self.config.device => {
+                return self.on_ack(payload);
+            }
+            _ => {}
         }
         let Some(index) = self.assets.iter().position(|a| a.input_topic.as_deref() == Some(topic))
         else {
@@ -662,11 +742,110 @@ impl Agent {
         }
     }
 
+    /// An ack: signed by a server key for this device, naming this outbox's epoch. Only the
+    /// records it covers that are in flight are deleted.
+    fn on_ack(&mut self, payload: &[u8]) {
+        let Some(body) = self.open_from_server(payload, Purpose::Ack, "ack") else { return };
+        let ack = match Ack::decode(&body) {
+            Ok(ack) => ack,
+            Err(e) => {
+                self.counters.bad_acks += 1;
+                return self.refuse("malformed", "ack", format!("ack: {e}"));
+            }
+        };
+        if ack.epoch != self.epoch {
+            return self.refuse(
+                "stale_epoch",
+                "ack",
+                format!(
+                    "ack for outbox epoch {:?}, this outbox is {} (an ack from before a \
+                     reinstall deletes nothing)",
+                    wire::clean_text(&ack.epoch, 32),
+                    self.epoch
+                ),
+            );
+        }
+        let ranges = self.uplink.releasable(&ack);
+        if !ranges.is_empty() {
+            match self.store.delete(ack.stream, &ranges) {
+                Ok(n) => self.counters.records_acked += n as u64,
+                Err(e) => tracing::error!("outbox delete failed: {e}"),
+            }
+        }
+        self.uplink.on_ack(&ack);
+        self.pump();
+    }
+
+    /// The server keys this gateway accepts: the root's, and the one its enrollment named
+    /// (unless the root revokes it).
+    fn server_key(&self, id: &KeyId) -> Option<VerifyingKey> {
+        if let Some(key) = self.root.server_keys().and_then(|keys| keys.get(id)) {
+            return Some(*key);
+        }
+        self.config.identity.server_key.filter(|k| &KeyId::of(k) == id && !self.root.is_revoked(id))
+    }
+
+    /// The body of a message the server signed for this device and `purpose`, or `None` (the
+    /// refusal counted and logged once).
+    pub(super) fn open_from_server(
+        &mut self,
+        payload: &[u8],
+        purpose: Purpose,
+        what: &'static str,
+    ) -> Option<Vec<u8>> {
+        let verified = signed::open(payload).and_then(|frame| {
+            let key = self
+                .server_key(&frame.key_id.key_id())
+                .ok_or(SignedError::WrongKey(frame.key_id))?;
+            frame.verify(&key, purpose, &self.config.device).map(<[u8]>::to_vec)
+        });
+        match verified {
+            Ok(body) => Some(body),
+            Err(e) => {
+                if what == "ack" {
+                    self.counters.bad_acks += 1;
+                }
+                self.refuse(e.reason(), what, format!("{what} refused: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Counts a refused message under `reason`; logs it the first time for this source.
+    pub(super) fn refuse(&mut self, reason: &'static str, source: &str, detail: String) {
+        if self.refusals.refuse(reason, source, clock::now_ms()) {
+            tracing::warn!(reason, source, "refused: {detail}");
+        }
+    }
+
+    /// Raises the time floor while the clock moves forward, and saves it now and then, so a
+    /// restart with a clock reset to 1970 still knows roughly when it is.
+    fn keep_time_floor(&mut self) {
+        let now = clock::now_ms();
+        if now < clock::floor_ms() {
+            return;
+        }
+        clock::raise_floor(now);
+        if now - self.floor_saved_ms >= FLOOR_SAVE_EVERY_MS {
+            self.save_time_floor();
+        }
+    }
+
+    fn save_time_floor(&mut self) {
+        let floor = clock::floor_ms();
+        match self.store.save_time_floor(floor) {
+            Ok(()) => self.floor_saved_ms = floor,
+            Err(e) => tracing::warn!("cannot save the time floor: {e}"),
+        }
+    }
+
     /// The retained status message; its `online: false` form is also the last will.
     fn publish_status(&mut self, online: bool) {
         self.status_sent_ms = clock::now_ms();
+        self.status_at_ms = clock::trusted_now_ms().max(self.status_at_ms + 1);
         let backlog = online.then(|| self.backlog()).flatten();
-        let payload = status_payload(&self.config, online, self.running_models(), backlog);
+        let order = (self.status_at_ms, self.started_at_ms);
+        let payload = status_payload(&self.config, order, online, self.running_models(), backlog);
         let topic = topics::status(&self.config.device);
         let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, payload);
     }
@@ -685,11 +864,12 @@ impl Agent {
             .collect()
     }
 
-    /// Sends outbox records while the uplink window has room.
+    /// Sends outbox records while the uplink window has room, each batch signed and kept
+    /// under the broker's packet limit.
     fn pump(&mut self) {
         for stream in PRIORITY {
             while let Some(req) = self.uplink.next_request(stream) {
-                let records = match self.store.read(stream, req.after, req.limit) {
+                let mut records = match self.store.read(stream, req.after, req.limit) {
                     Ok(r) if r.is_empty() => break,
                     Ok(r) => r,
                     Err(e) => {
@@ -697,19 +877,32 @@ impl Agent {
                         return;
                     }
                 };
-                let (first, last) = (records[0].seq, records[records.len() - 1].seq);
-                let batch = UplinkBatch {
+                let mut batch = UplinkBatch {
                     v: WIRE_VERSION,
                     device: self.config.device.clone(),
+                    epoch: self.epoch.clone(),
                     stream,
-                    records,
+                    records: Vec::new(),
                 };
+                let body = loop {
+                    batch.records = records;
+                    let body = wire::encode(&batch);
+                    if body.len() <= MAX_BATCH_BYTES || batch.records.len() == 1 {
+                        break body;
+                    }
+                    records = std::mem::take(&mut batch.records);
+                    records.truncate(records.len() / 2);
+                };
+                let records = &batch.records;
+                let (first, last) = (records[0].seq, records[records.len() - 1].seq);
                 let topic = topics::uplink(&self.config.device, stream);
-                if self
-                    .client
-                    .try_publish(topic, QoS::AtLeastOnce, false, wire::encode(&batch))
-                    .is_err()
-                {
+                let frame = signed::seal(
+                    &self.config.identity.key,
+                    Purpose::Uplink(stream),
+                    &self.config.device,
+                    &body,
+                );
+                if self.client.try_publish(topic, QoS::AtLeastOnce, false, frame).is_err() {
                     return;
                 }
                 self.counters.batches_sent += 1;
@@ -768,8 +961,13 @@ impl Agent {
                 }
             })
             .collect();
+        let mut counters = self.counters.clone();
+        counters.refused =
+            self.refusals.counts().iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+        counters.pin_lockouts = self.pin_guard.lockouts();
         Status {
             device: self.config.device.to_string(),
+            site: self.config.site.clone(),
             agent_version: crate::VERSION.to_owned(),
             at_ms: clock::now_ms(),
             started_at_ms: self.started_at_ms,
@@ -781,7 +979,16 @@ impl Agent {
             models: self.running_models(),
             update: self.update.as_ref().map(update::Update::status),
             trust_root_version: self.root.version(),
-            counters: self.counters.clone(),
+            trust_root_expired: self.root.is_expired(clock::trusted_now()),
+            clock: status::ClockStatus {
+                untrusted: clock::is_untrusted(),
+                floor_ms: clock::floor_ms(),
+            },
+            last_seq: Stream::ALL
+                .into_iter()
+                .filter_map(|s| Some((s.as_str().to_owned(), self.store.last_seq(s).ok()?)))
+                .collect(),
+            counters,
             inference_latency: self.latency.clone(),
         }
     }
@@ -803,6 +1010,7 @@ impl Agent {
     async fn shut_down(&mut self) {
         self.close_drift_intervals(clock::now_ms(), true);
         self.flush();
+        self.save_time_floor();
         self.write_status();
         self.publish_status(false);
         let _ = self.client.try_disconnect();

@@ -39,6 +39,11 @@ pub struct Counters {
     pub chunks_received: u64,
     pub chunks_refused: u64,
     pub alerts_acknowledged: u64,
+    /// Messages refused before they were acted on, per reason (unsigned, bad_signature,
+    /// stale_epoch, ...): forged acks, chunks and roots, garbage on subscribed topics.
+    pub refused: BTreeMap<String, u64>,
+    /// Lockouts of a client address after too many wrong operator PINs.
+    pub pin_lockouts: u64,
 }
 
 /// The whole gateway at one instant: `status.json` and `GET /api/status`.
@@ -46,6 +51,8 @@ pub struct Counters {
 #[serde(default)]
 pub struct Status {
     pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub agent_version: String,
     /// When this snapshot was taken.
     pub at_ms: i64,
@@ -61,8 +68,25 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateStatus>,
     pub trust_root_version: u64,
+    /// The trust root in force has expired: updates are refused until a newer one arrives.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub trust_root_expired: bool,
+    /// The wall clock against what this gateway knows to have passed already.
+    pub clock: ClockStatus,
+    /// The last sequence number given out per outbox stream (what the server must end up with).
+    pub last_seq: BTreeMap<String, u64>,
     pub counters: Counters,
     pub inference_latency: LatencyHistogram,
+}
+
+/// Whether the gateway's wall clock can be believed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClockStatus {
+    /// The clock is well behind the time floor (the latest time this gateway recorded, or the
+    /// creation time of a bundle it verified): expiry and certificate checks use the floor.
+    pub untrusted: bool,
+    pub floor_ms: i64,
 }
 
 /// One asset: its health, last prediction, open alert and drift verdicts.

@@ -6,7 +6,7 @@
 
 use crate::asset::Cursor;
 use millwright_shared::AssetId;
-use millwright_shared::wire::{Ack, Level, Record, RecordBody, Stream};
+use millwright_shared::wire::{Level, Record, RecordBody, Stream};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
@@ -153,15 +153,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes what the server acknowledged; returns how many records went.
-    pub fn delete(&mut self, ack: &Ack) -> Result<usize, StoreError> {
+    /// Deletes what the server acknowledged (the caller passes only ranges that were in flight);
+    /// returns how many records went.
+    pub fn delete(&mut self, stream: Stream, ranges: &[(u64, u64)]) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut deleted = 0;
         {
             let mut stmt = tx
                 .prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")?;
-            for &(first, last) in &ack.ranges {
-                deleted += stmt.execute(params![ack.stream.as_str(), first, last])?;
+            for &(first, last) in ranges {
+                deleted += stmt.execute(params![stream.as_str(), first, last])?;
             }
         }
         tx.commit()?;
@@ -233,7 +234,7 @@ mod tests {
             store
                 .append(&batch, &[(asset.clone(), Cursor { cycle: 3, level: Level::Ok })])
                 .unwrap();
-            store.delete(&Ack::from_seqs(Stream::Predictions, vec![1, 2])).unwrap();
+            store.delete(Stream::Predictions, &[(1, 2)]).unwrap();
         }
         let mut store = Store::open(&path).unwrap();
         store

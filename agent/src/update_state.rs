@@ -158,6 +158,39 @@ impl Store {
             .optional()?)
     }
 
+    /// The outbox's identity, chosen (at random) the first time it is asked for. Batches name
+    /// it and acks must name it back, so an ack meant for an earlier installation of this
+    /// gateway deletes nothing from a new outbox.
+    pub fn epoch(&mut self) -> Result<String, StoreError> {
+        if let Some(bytes) = self.trust_value("outbox_epoch")? {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let mut random = [0u8; 8];
+        getrandom::getrandom(&mut random)
+            .map_err(|e| StoreError::Corrupt(format!("no randomness for the outbox epoch: {e}")))?;
+        let epoch = hex::encode(random);
+        self.conn.execute(
+            "INSERT INTO trust_state (name, value) VALUES ('outbox_epoch', ?1)",
+            [epoch.as_bytes()],
+        )?;
+        Ok(epoch)
+    }
+
+    /// The latest wall-clock time this gateway recorded (milliseconds), the floor under its
+    /// clock after a restart.
+    pub fn time_floor(&self) -> Result<i64, StoreError> {
+        let value = self.trust_value("time_floor_ms")?;
+        Ok(value.and_then(|b| String::from_utf8(b).ok()?.parse().ok()).unwrap_or(0))
+    }
+
+    pub fn save_time_floor(&mut self, ms: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO trust_state (name, value) VALUES ('time_floor_ms', ?1)",
+            [ms.to_string().into_bytes()],
+        )?;
+        Ok(())
+    }
+
     /// The newest root this device accepted (beyond the provisioned one).
     pub fn stored_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.trust_value("root")

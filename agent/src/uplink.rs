@@ -1,6 +1,8 @@
 //! What to send next from the outbox, and when to send it again.
 //!
-//! Records leave the outbox only on the server's ack (the store deletes them), so this state
+//! Records leave the outbox only on the server's ack (the store deletes them), and only those
+//! the ack covers *and* that are in flight on the current connection ([`Uplink::releasable`]):
+//! an ack for records never sent, or sent before a reconnect, deletes nothing. This state
 //! only remembers what is in flight on the current connection. After a reconnect, or when a batch
 //! has waited `retry_after_ms` for its ack, everything still in the outbox is sent again from the
 //! start; the server's de-duplication turns that at-least-once delivery into exactly-once storage.
@@ -102,6 +104,21 @@ impl Uplink {
         s.inflight.push(Inflight { first, last, sent_at_ms: now_ms });
     }
 
+    /// The ranges of `ack` that are in flight: the only records an ack may delete.
+    pub fn releasable(&self, ack: &Ack) -> Vec<(u64, u64)> {
+        let s = &self.streams[index(ack.stream)];
+        let mut out = Vec::new();
+        for b in &s.inflight {
+            for &(first, last) in &ack.ranges {
+                let (from, to) = (first.max(b.first), last.min(b.last));
+                if from <= to {
+                    out.push((from, to));
+                }
+            }
+        }
+        out
+    }
+
     /// Forgets in-flight batches the ack covers completely.
     pub fn on_ack(&mut self, ack: &Ack) {
         let s = &mut self.streams[index(ack.stream)];
@@ -147,7 +164,7 @@ mod tests {
         assert_eq!(u.next_request(P).unwrap().after, 100);
         u.on_sent(P, 101, 200, 0);
         assert_eq!(u.next_request(P), None);
-        u.on_ack(&Ack::from_seqs(P, (1..=100).collect()));
+        u.on_ack(&Ack::from_seqs("e", P, (1..=100).collect()));
         assert_eq!(u.next_request(P).unwrap().after, 200);
         assert!(u.next_request(Stream::Alerts).is_some());
     }
@@ -157,8 +174,24 @@ mod tests {
         let mut u = Uplink::new(S);
         u.on_connected();
         u.on_sent(P, 1, 10, 0);
-        u.on_ack(&Ack::from_seqs(P, (1..=9).collect()));
+        u.on_ack(&Ack::from_seqs("e", P, (1..=9).collect()));
         assert_eq!(u.inflight_batches(), 1);
+    }
+
+    #[test]
+    fn an_ack_releases_only_what_is_in_flight() {
+        let mut u = Uplink::new(S);
+        u.on_connected();
+        u.on_sent(P, 11, 20, 0);
+        u.on_sent(P, 21, 30, 0);
+        let forged = Ack { ranges: vec![(1, u64::MAX)], ..Ack::from_seqs("e", P, vec![]) };
+        assert_eq!(u.releasable(&forged), vec![(11, 20), (21, 30)]);
+        let partly = Ack::from_seqs("e", P, vec![5, 6, 15, 16, 17, 40]);
+        assert_eq!(u.releasable(&partly), vec![(15, 17)]);
+        assert_eq!(u.releasable(&Ack::from_seqs("e", Stream::Alerts, vec![15])), vec![]);
+        u.on_disconnected();
+        u.on_connected();
+        assert_eq!(u.releasable(&forged), vec![], "nothing is in flight after a reconnect");
     }
 
     #[test]

@@ -1,26 +1,112 @@
 //! The embedded MQTT broker (rumqttd), for one-command installs. It runs on its own threads;
 //! production fleets point the server at an external broker instead.
+//!
+//! With the server's TLS files it listens with TLS and requires a client certificate chained
+//! to the fleet CA. Every connection must also log in: the user name is the device id (or the
+//! server's), the client id must be `millwright-<device>` (or the device id), and the password
+//! is that party's signature over the client id ([`millwright_shared::signed::connect_password`]),
+//! checked against the device registry. So unknown and revoked devices are refused at connect,
+//! and nobody can take over another party's client id. rumqttd has no topic ACLs: what a
+//! connected device may *say* is decided by the server's gate, not by the broker.
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use crate::config::TlsFiles;
+use crate::identity::{SERVER_USER, SharedRegistry};
+use ed25519_dalek::VerifyingKey;
+use millwright_shared::DeviceId;
+use millwright_shared::refusals::Refusals;
+use millwright_shared::signed;
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Who may connect.
+#[derive(Clone)]
+pub struct Logins {
+    pub registry: SharedRegistry,
+    /// The server's own message key and client id.
+    pub server_key: VerifyingKey,
+    pub server_client_id: String,
+    pub refusals: Arc<Mutex<Refusals>>,
+}
+
+impl Logins {
+    /// Whether a CONNECT with these credentials may proceed; refusals are counted.
+    pub fn check(&self, client_id: &str, user: &str, password: &str) -> Result<(), &'static str> {
+        let server = || DeviceId::new(SERVER_USER).map_err(|_| "bad_login");
+        let verdict = if user == SERVER_USER {
+            match client_id == self.server_client_id {
+                true => signed::check_connect_password(
+                    &self.server_key,
+                    &server()?,
+                    client_id,
+                    password,
+                )
+                .map_err(|_| "bad_login"),
+                false => Err("client_id_taken"),
+            }
+        } else {
+            self.check_device(client_id, user, password)
+        };
+        if let Err(reason) = verdict {
+            let now_ms = millwright_io::clock::now_ms();
+            let log = self.refusals.lock().map(|mut r| r.refuse(reason, user, now_ms));
+            if log.unwrap_or(false) {
+                tracing::warn!(user = %millwright_shared::wire::clean_text(user, 64), reason, "embedded broker refused a connection");
+            }
+        }
+        verdict
+    }
+
+    fn check_device(
+        &self,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(), &'static str> {
+        let device = DeviceId::new(user).map_err(|_| "unknown_device")?;
+        if device.is_reserved() {
+            return Err("unknown_device");
+        }
+        if client_id != device.as_str() && client_id != format!("millwright-{device}") {
+            return Err("client_id_taken");
+        }
+        let key = self
+            .registry
+            .read()
+            .map_err(|_| "unknown_device")?
+            .active_key(&device)
+            .map_err(|e| e.reason())?;
+        signed::check_connect_password(&key, &device, client_id, password).map_err(|_| "bad_login")
+    }
+}
+
 /// Starts the broker on `listen` and waits until it accepts connections.
-pub fn start(listen: SocketAddr) -> anyhow::Result<()> {
+pub fn start(listen: SocketAddr, tls: Option<&TlsFiles>, logins: Logins) -> anyhow::Result<()> {
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: millwright_io::mqtt::MAX_PACKET_BYTES,
+        max_inflight_count: 200,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    connections.set_auth_handler(move |client_id: String, user: String, password: String| {
+        let verdict = logins.check(&client_id, &user, &password);
+        async move { verdict.is_ok() }
+    });
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let server = ServerSettings {
         name: "v4-1".into(),
         listen,
-        tls: None,
+        tls: tls.map(|t| TlsConfig::Rustls {
+            capath: Some(path(&t.ca)),
+            certpath: path(&t.cert),
+            keypath: path(&t.key),
+        }),
         next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: millwright_agent::mqtt::MAX_PACKET_BYTES,
-            max_inflight_count: 200,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+        connections,
     };
     let config = Config {
         id: 0,
@@ -43,7 +129,9 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<()> {
         }
     })?;
     for _ in 0..100 {
-        if mqtt_handshake(listen).is_ok() {
+        if std::net::TcpStream::connect_timeout(&probe_address(listen), Duration::from_millis(200))
+            .is_ok()
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -51,28 +139,10 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<()> {
     anyhow::bail!("embedded broker did not start listening on {listen}")
 }
 
-/// A complete MQTT 3.1.1 CONNECT / CONNACK / DISCONNECT exchange, so readiness probes do not
-/// show up in the broker's log as aborted connections.
-fn mqtt_handshake(listen: SocketAddr) -> std::io::Result<()> {
-    use std::io::{Read as _, Write as _};
-    const CONNECT: [u8; 22] = [
-        0x10, 20, // CONNECT, remaining length
-        0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0,
-        10, // protocol, level 4, clean session, keep-alive
-        0, 8, b'm', b'w', b'-', b'p', b'r', b'o', b'b', b'e', // client id
-    ];
-    let addr = if listen.ip().is_unspecified() {
+fn probe_address(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], listen.port()))
     } else {
         listen
-    };
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    stream.write_all(&CONNECT)?;
-    let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack)?;
-    if connack[0] != 0x20 || connack[3] != 0 {
-        return Err(std::io::Error::other("broker refused the probe"));
     }
-    stream.write_all(&[0xE0, 0])
 }

@@ -2,14 +2,18 @@
 //! module; failures print one line naming the cause and exit non-zero (64 usage, 65 bad data).
 
 mod api;
+mod broker;
 mod bundle;
+pub mod ca;
 mod demo;
 mod demo_rollout;
+pub mod device;
 mod drift;
 mod model;
 mod rollout;
 mod root;
 mod score;
+pub mod user;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -19,7 +23,7 @@ use std::process::ExitCode;
 #[command(
     name = "millwright",
     version,
-    about = "Millwright: keys, trust root, model bundles, registry, rollouts, evaluation, fleet drift, demo"
+    about = "Millwright: keys, fleet CA and device enrollment, trust root, model bundles, registry, rollouts, evaluation, fleet drift, demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -99,6 +103,18 @@ enum Command {
     Model(model::ModelArgs),
     /// Roll a registered release out to the fleet, watch it, pause, resume, abort or revert it.
     Rollout(rollout::RolloutArgs),
+    /// The fleet's certificate authority: create it, issue server and broker certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// Gateways: enroll (credentials and registration), revoke, list.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
+    /// Broker configuration from the device registry.
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
+    /// API users: make a token.
+    #[command(subcommand)]
+    User(user::UserCommand),
 }
 
 /// A failure with its exit code.
@@ -116,7 +132,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 pub const EX_DATAERR: u8 = 65;
 
 pub fn main() -> ExitCode {
-    millwright_agent::logging::init(
+    millwright_io::logging::init(
         "warn,millwright_agent=info,millwright_server=info,rumqttd::router::routing=off",
     );
     let result = match Cli::parse().command {
@@ -140,6 +156,10 @@ pub fn main() -> ExitCode {
         Command::Root(args) => root::run(args),
         Command::Model(args) => model::run(args),
         Command::Rollout(args) => rollout::run(args),
+        Command::Ca(command) => ca::run(command),
+        Command::Device(command) => device::run(command),
+        Command::Broker(command) => broker::run(command),
+        Command::User(command) => user::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,10 @@
 
 use crate::ingest::Accepted;
 use millwright_shared::DeviceId;
-use millwright_shared::wire::{Ack, DeviceStatus, RecordBody, RunningModel};
+use millwright_shared::wire::{
+    Ack, DeviceStatus, MAX_LABEL_BYTES, MAX_REASON_BYTES, MAX_TAGS, RecordBody, RunningModel,
+    clean_text,
+};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use std::path::Path;
@@ -67,13 +70,15 @@ CREATE TABLE IF NOT EXISTS update_reports (
 ";
 
 /// Columns added to `devices` after its first release; added on open when missing.
-const DEVICE_COLUMNS: [&str; 6] = [
+const DEVICE_COLUMNS: [&str; 8] = [
     "site TEXT",
     "tags TEXT",
     "device_class TEXT",
     "models TEXT",
     "backlog_records INTEGER",
     "backlog_oldest_ms INTEGER",
+    "status_at_ms INTEGER",
+    "status_started_ms INTEGER",
 ];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -102,6 +107,13 @@ impl DeviceRow {
     pub fn serving(&self, model: &str) -> Option<u64> {
         self.models.iter().find(|m| m.model.as_str() == model).map(|m| m.release.0)
     }
+}
+
+/// One stream of one device as stored.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct StreamCount {
+    pub records: u64,
+    pub last_seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -147,6 +159,7 @@ impl Db {
         conn.execute_batch(crate::drift_db::SCHEMA)?;
         conn.execute_batch(crate::rollout_db::SCHEMA)?;
         conn.execute_batch(crate::alerts_db::SCHEMA)?;
+        conn.execute_batch(crate::identity_db::SCHEMA)?;
         for column in DEVICE_COLUMNS {
             let name = column.split(' ').next().unwrap_or(column);
             let exists = conn
@@ -234,12 +247,12 @@ impl Db {
                         .execute(params![
                             d,
                             r.seq,
-                            u.rollout,
+                            u.rollout.as_deref().map(|r| clean_text(r, MAX_LABEL_BYTES)),
                             u.directive,
                             u.model.as_ref().map(|m| m.as_str()),
                             u.release.map(|r| r.0),
                             u.phase.as_str(),
-                            u.reason,
+                            u.reason.as_deref().map(|r| clean_text(r, MAX_REASON_BYTES)),
                             u.health.as_ref().and_then(|h| serde_json::to_string(h).ok()),
                             r.at_ms,
                             now_ms
@@ -248,17 +261,48 @@ impl Db {
             }
         }
         tx.commit()?;
-        Ok(Ack::from_seqs(batch.stream, batch.records.iter().map(|r| r.seq).collect()))
+        Ok(Ack::from_seqs(
+            &batch.epoch,
+            batch.stream,
+            batch.records.iter().map(|r| r.seq).collect(),
+        ))
     }
 
-    /// Records a status message. The last will (`online: false`, nothing else) leaves the
-    /// inventory as the device last described it.
-    pub fn set_status(&mut self, status: &DeviceStatus, now_ms: i64) -> rusqlite::Result<()> {
+    /// Records a status message if it is newer than the last one accepted
+    /// ([`crate::identity::status_in_order`]); false (and nothing written) for a stale one. The
+    /// last will (`online: false`, nothing else) leaves the inventory as the device last
+    /// described it. Labels the registry holds (site, tags, class) win over the device's own.
+    pub fn set_status(&mut self, status: &DeviceStatus, now_ms: i64) -> rusqlite::Result<bool> {
         let tx = self.conn.transaction()?;
+        let last: Option<(Option<i64>, Option<i64>)> = tx
+            .query_row(
+                "SELECT status_at_ms, status_started_ms FROM devices WHERE device = ?1",
+                [status.device.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let last = match last {
+            Some((Some(at_ms), Some(started_ms))) => {
+                Some(crate::identity::StatusOrder { at_ms, started_ms })
+            }
+            _ => None,
+        };
+        if !crate::identity::status_in_order(last, status) {
+            return Ok(false);
+        }
         Self::touch(&tx, &status.device, now_ms)?;
+        let label = |t: &Option<String>| t.as_deref().map(|t| clean_text(t, MAX_LABEL_BYTES));
         tx.execute(
-            "UPDATE devices SET online = ?2, agent_version = ?3 WHERE device = ?1",
-            params![status.device.as_str(), status.online, status.agent_version],
+            "UPDATE devices SET online = ?2, agent_version = ?3,
+                    status_at_ms = max(coalesce(status_at_ms, ?4), ?4), status_started_ms = ?5
+             WHERE device = ?1",
+            params![
+                status.device.as_str(),
+                status.online,
+                clean_text(&status.agent_version, MAX_LABEL_BYTES),
+                status.at_ms,
+                status.started_ms
+            ],
         )?;
         if let Some(b) = status.backlog {
             tx.execute(
@@ -267,19 +311,29 @@ impl Db {
             )?;
         }
         if status.online {
+            let tags: Vec<String> =
+                status.tags.iter().take(MAX_TAGS).map(|t| clean_text(t, MAX_LABEL_BYTES)).collect();
+            let models: Vec<&RunningModel> = status.models.iter().take(64).collect();
             tx.execute(
-                "UPDATE devices SET site = ?2, tags = ?3, device_class = ?4, models = ?5
+                "UPDATE devices SET
+                    site = coalesce((SELECT e.site FROM enrolled e WHERE e.device = ?1), ?2),
+                    tags = coalesce((SELECT e.tags FROM enrolled e WHERE e.device = ?1
+                                     AND e.tags != '[]'), ?3),
+                    device_class = coalesce((SELECT e.device_class FROM enrolled e
+                                             WHERE e.device = ?1), ?4),
+                    models = ?5
                  WHERE device = ?1",
                 params![
                     status.device.as_str(),
-                    status.site,
-                    serde_json::to_string(&status.tags).ok(),
-                    status.device_class,
-                    serde_json::to_string(&status.models).ok()
+                    label(&status.site),
+                    serde_json::to_string(&tags).ok(),
+                    label(&status.device_class),
+                    serde_json::to_string(&models).ok()
                 ],
             )?;
         }
-        tx.commit()
+        tx.commit()?;
+        Ok(true)
     }
 
     pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRow>> {
@@ -416,6 +470,29 @@ impl Db {
     }
 
     /// Counts for the health endpoint.
+    /// Per uplink stream, the device's stored records and the highest sequence number: with
+    /// exactly-once delivery the two agree with the device's own last sequence number.
+    pub fn streams(
+        &self,
+        device: &str,
+    ) -> rusqlite::Result<std::collections::BTreeMap<&'static str, StreamCount>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (stream, table) in [
+            ("pred", "predictions"),
+            ("alert", "alerts"),
+            ("drift", "drift_reports"),
+            ("update", "update_reports"),
+        ] {
+            let count = self.conn.query_row(
+                &format!("SELECT COUNT(*), MAX(seq) FROM {table} WHERE device = ?1"),
+                [device],
+                |r| Ok(StreamCount { records: r.get(0)?, last_seq: r.get(1)? }),
+            )?;
+            out.insert(stream, count);
+        }
+        Ok(out)
+    }
+
     pub fn totals(&self) -> rusqlite::Result<(u64, u64, u64)> {
         self.conn.query_row(
             "SELECT (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM predictions),
@@ -462,6 +539,7 @@ mod tests {
     fn accepted(seqs: &[u64]) -> Accepted {
         Accepted {
             device: DeviceId::new("gw1").unwrap(),
+            epoch: "e1".into(),
             stream: Stream::Predictions,
             records: seqs
                 .iter()

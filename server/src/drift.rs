@@ -34,6 +34,117 @@ impl Profiles {
     }
 }
 
+/// The most values one feature of one report may have counted (a year of one reading a
+/// second is 3e7): beyond it the counts are not plausible, and their sums could overflow.
+pub const MAX_REPORT_VALUES: u64 = 1 << 32;
+
+/// A drift report, or a feature of one, the server would not take as the device sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriftProblem {
+    #[error("no reference profile for {model} release {release}: its severities are not judged")]
+    UnknownRelease { model: String, release: u64 },
+    #[error("feature {0:?} is not in the release's profile")]
+    UnknownFeature(String),
+    #[error("feature {feature:?} has {found} bins, its profile {expected}")]
+    Bins { feature: String, found: usize, expected: usize },
+    #[error("feature {0:?} counts are not plausible (their sum differs from n, or is too large)")]
+    Counts(String),
+}
+
+impl DriftProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DriftProblem::UnknownRelease { .. } => "drift_unknown_release",
+            DriftProblem::UnknownFeature(_)
+            | DriftProblem::Bins { .. }
+            | DriftProblem::Counts(_) => "drift_invalid",
+        }
+    }
+}
+
+/// Checks a device's drift report against its release's profile and judges it the server's
+/// way: features the profile does not know, or whose counts do not fit it, are dropped (the rest
+/// of the report is kept, so a bad feature cannot hold the device's drift stream hostage), and
+/// every kept feature's severity is recomputed from its counts against the reference (the
+/// device's own verdict is not believed). Without a profile the features are kept but judged
+/// `insufficient`, so they can never raise a retraining event. Returns what was wrong.
+pub fn judge(
+    report: &mut millwright_shared::drift::DriftReport,
+    profile: Option<&DriftProfile>,
+    settings: &DriftSettings,
+) -> Vec<DriftProblem> {
+    let Some(profile) = profile else {
+        for f in report.features.iter_mut().chain(report.output.as_mut()) {
+            f.severity = Severity::Insufficient;
+        }
+        return vec![DriftProblem::UnknownRelease {
+            model: report.model.to_string(),
+            release: report.release.0,
+        }];
+    };
+    let mut problems = Vec::new();
+    let mut check =
+        |f: &mut FeatureDrift, reference: Option<&millwright_shared::drift::FeatureProfile>| {
+            let Some(reference) = reference else {
+                problems.push(DriftProblem::UnknownFeature(wire_name(&f.name)));
+                return false;
+            };
+            if f.counts.len() != reference.bins() {
+                problems.push(DriftProblem::Bins {
+                    feature: wire_name(&f.name),
+                    found: f.counts.len(),
+                    expected: reference.bins(),
+                });
+                return false;
+            }
+            let total = f.counts.iter().try_fold(0u64, |acc, c| acc.checked_add(*c));
+            if total != Some(f.n) || f.n > MAX_REPORT_VALUES || !f.sum.is_finite() {
+                problems.push(DriftProblem::Counts(wire_name(&f.name)));
+                return false;
+            }
+            let merged = Merged {
+                reports: 1,
+                n: f.n,
+                counts: f.counts.clone(),
+                sum: f.sum,
+                ..Default::default()
+            };
+            let scores = merged.scores(reference);
+            let value = settings.judged(
+                scores.map(|s| Scores { psi: s.psi, js: s.js, ks: s.ks }),
+                scores.and_then(|s| s.shift),
+            );
+            f.severity = match value {
+                Some(v) if f.n >= settings.min_samples => {
+                    let out_of_range = f.out_of_range.min(f.n) as f64;
+                    if out_of_range >= settings.out_of_range_drift * f.n as f64 {
+                        Severity::Drift
+                    } else {
+                        settings.next_severity(Severity::Insufficient, v)
+                    }
+                }
+                _ => Severity::Insufficient,
+            };
+            true
+        };
+    report.features.retain_mut(|f| {
+        let reference = profile.feature(&f.name);
+        check(f, reference)
+    });
+    if let Some(output) = report.output.as_mut() {
+        let reference = profile.output.as_ref().filter(|o| o.name == output.name);
+        if !check(output, reference) {
+            report.output = None;
+        }
+    }
+    problems
+}
+
+/// A feature name as it may appear in a log line.
+fn wire_name(name: &str) -> String {
+    millwright_shared::wire::clean_text(name, 64)
+}
+
 /// What fleet summaries are grouped by, besides model, release and feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -341,6 +452,59 @@ mod tests {
         assert_eq!(found[0].since_ms, 2000);
         assert!(persistent(&rows, &Policy { persist_reports: 3, min_devices: 2 }).is_empty());
         assert!(persistent(&rows, &Policy { persist_reports: 4, min_devices: 1 }).is_empty());
+    }
+
+    #[test]
+    fn the_server_judges_reports_from_their_counts_and_drops_what_does_not_fit() {
+        use millwright_shared::drift::{DriftReport, FeatureProfile};
+        use millwright_shared::{AssetId, ModelName, Release};
+        let values: Vec<f32> = (0..1000).map(|i| (i % 100) as f32).collect();
+        let profile = DriftProfile {
+            source: "test".into(),
+            features: vec![FeatureProfile::build("s2", &values, 10)],
+            output: None,
+        };
+        let reference = &profile.features[0];
+        let feature = |name: &str, severity, counts: Vec<u64>, sum: f64| FeatureDrift {
+            name: name.into(),
+            n: counts.iter().fold(0u64, |a, c| a.wrapping_add(*c)),
+            sum,
+            counts,
+            ..row("x", 1, severity, vec![]).feature
+        };
+        let spread = vec![10u64; reference.bins()];
+        let in_range_sum = 100.0 * 49.5;
+        let mut report = DriftReport {
+            asset: AssetId::new("a").unwrap(),
+            model: ModelName::new("m").unwrap(),
+            release: Release(1),
+            site: None,
+            from_ms: 0,
+            to_ms: 1,
+            first_cycle: None,
+            last_cycle: None,
+            samples: 100,
+            gaps: 0,
+            features: vec![
+                feature("s2", Severity::Drift, spread.clone(), in_range_sum),
+                feature("fake_x", Severity::Drift, spread.clone(), in_range_sum),
+                feature("s2", Severity::Ok, vec![100], in_range_sum),
+                feature("s2", Severity::Ok, vec![u64::MAX, 1, 0, 0, 0, 0, 0, 0, 0, 0], 1.0),
+            ],
+            output: None,
+        };
+        let problems = judge(&mut report, Some(&profile), &DriftSettings::default());
+        let reasons: Vec<&str> = problems.iter().map(DriftProblem::reason).collect();
+        assert_eq!(reasons, ["drift_invalid"; 3]);
+        assert!(matches!(problems[0], DriftProblem::UnknownFeature(_)));
+        assert!(matches!(problems[1], DriftProblem::Bins { found: 1, .. }));
+        assert!(matches!(problems[2], DriftProblem::Counts(_)));
+        assert_eq!(report.features.len(), 1);
+        assert_eq!(report.features[0].severity, Severity::Ok, "the claimed drift is not believed");
+        let mut unknown = report.clone();
+        let problems = judge(&mut unknown, None, &DriftSettings::default());
+        assert!(matches!(problems[..], [DriftProblem::UnknownRelease { .. }]));
+        assert_eq!(unknown.features[0].severity, Severity::Insufficient);
     }
 
     #[test]

@@ -32,34 +32,84 @@
 //! ([`ui`]) is served at `/`.
 
 mod alerts;
+mod enrollments;
 mod rollouts;
 mod ui;
 
-use crate::auth::{authorize_read, signed_in};
+use crate::auth::{authorize_read, bearer, signed_in, user_of};
 use crate::config::Role;
 use crate::db::Db;
 use crate::drift::{self, GroupBy, Profiles};
 use crate::drift_db::Filter;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use millwright_shared::drift::DriftSettings;
+use millwright_shared::lockout::{Decision, Lockout};
+use millwright_shared::refusals::Refusals;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub db: Arc<Mutex<Db>>,
+    pub db: Arc<ReadPool>,
     pub broker_connected: Arc<AtomicBool>,
     pub profiles: Arc<std::sync::RwLock<Profiles>>,
-    /// The writer task, when rollouts are configured.
-    pub requests: Option<tokio::sync::mpsc::Sender<crate::rollouts::Request>>,
+    /// The writer task.
+    pub requests: Option<tokio::sync::mpsc::Sender<crate::writer::Request>>,
     pub users: Arc<Vec<crate::config::User>>,
     pub served: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+    /// Wrong tokens per client address.
+    pub lockout: Arc<Mutex<Lockout<IpAddr>>>,
+    /// Refused MQTT messages and connections (shared with the ingest loop and the broker).
+    pub refusals: Arc<Mutex<Refusals>>,
+    /// Messages waiting for their device's budget (set by the ingest loop).
+    pub queued: Arc<AtomicU64>,
+    pub registry: crate::identity::SharedRegistry,
+    /// The server's message key (hex), for enrollment.
+    pub server_key: String,
+    pub https: bool,
+    /// The last `/metrics` text and when it was made: scrapes more often than once a second
+    /// get it again instead of new database queries.
+    pub metrics_cache: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>,
+}
+
+/// Reader connections to the database: WAL lets any number of them read beside the writer,
+/// so concurrent API reads do not queue behind one connection. Idle ones are kept for reuse.
+pub struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Db>>,
+}
+
+/// Idle reader connections kept.
+const POOL_IDLE: usize = 8;
+
+impl ReadPool {
+    pub fn new(path: PathBuf) -> ReadPool {
+        ReadPool { path, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Runs `f` on a reader connection (blocking: call it off the async threads).
+    pub fn with<T>(&self, f: impl FnOnce(&Db) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let db = match pooled {
+            Some(db) => db,
+            None => Db::open_reader(&self.path)?,
+        };
+        let result = f(&db);
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < POOL_IDLE
+        {
+            idle.push(db);
+        }
+        result
+    }
 }
 
 /// How the drift summary route groups (the rest of its query is a [`Filter`]).
@@ -79,7 +129,14 @@ pub struct Page {
     pub limit: Option<u64>,
 }
 
+/// The body a request may carry, except a bundle being registered.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Answers are JSON or the dashboard's own files: nothing may frame them or load anything else.
+const API_POLICY: &str = "default-src 'none'; frame-ancestors 'none'";
+
 pub fn router(state: ApiState) -> Router {
+    let https = state.https;
     Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/devices", get(devices))
@@ -88,10 +145,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}/predictions", get(predictions))
         .route("/api/v1/devices/{device}/alerts", get(alerts))
         .route("/api/v1/devices/{device}/updates", get(updates))
+        .route("/api/v1/devices/{device}/streams", get(streams))
         .route("/api/v1/drift", get(fleet_drift))
         .route("/api/v1/drift/drifting", get(drifting))
         .route("/api/v1/drift/events", get(retraining_events))
-        .route("/api/v1/models", post(rollouts::register).get(rollouts::models))
+        .route("/api/v1/models", bundles(post(rollouts::register).get(rollouts::models)))
         .route("/api/v1/models/{model}", get(rollouts::model))
         .route("/api/v1/rollouts", post(rollouts::start).get(rollouts::rollouts))
         .route("/api/v1/rollouts/{id}", get(rollouts::rollout))
@@ -100,33 +158,82 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/delivery", get(rollouts::delivery))
         .route("/api/v1/alerts", get(alerts::feed))
         .route("/api/v1/alerts/{device}/{seq}/ack", post(alerts::acknowledge))
+        .route("/api/v1/enrollments", post(enrollments::enroll).get(enrollments::list))
+        .route("/api/v1/enrollments/{device}/revoke", post(enrollments::revoke))
+        .route("/api/v1/identity", get(enrollments::identity))
         .route("/api/v1/session", get(session))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .merge(ui::router())
-        .layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), reads_need_a_viewer))
+        .layer(axum::middleware::map_response(move |mut response: Response| async move {
+            millwright_io::https::secure_headers(response.headers_mut(), API_POLICY, https);
+            response
+        }))
         .with_state(state)
 }
 
-/// Reads that anyone may make without signing in.
-const OPEN_READS: [&str; 2] = ["/api/v1/health", "/api/v1/openapi.json"];
+/// A route whose POST carries a bundle: its body limit is the registry's, not [`MAX_BODY`].
+fn bundles(route: axum::routing::MethodRouter<ApiState>) -> axum::routing::MethodRouter<ApiState> {
+    route.layer(axum::extract::DefaultBodyLimit::max(crate::REGISTRY_MAX_BODY))
+}
 
-async fn reads_need_a_viewer(
+/// Reads that anyone may make without signing in.
+const OPEN_READS: [&str; 3] = ["/api/v1/health", "/api/v1/openapi.json", "/api/v1/identity"];
+
+/// Before any handler runs (and before a request body is read): a token that is sent must
+/// belong to a user, or the client's address is counted towards a lockout; writes (POST) need
+/// a token at all; reads need a viewer's once users exist. A locked-out address gets 429.
+async fn authenticate(
     State(state): State<ApiState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    // Every method but POST (whose handlers check for an operator or admin themselves) reads:
-    // GET, and HEAD, which axum answers from the GET handlers.
     let path = request.uri().path();
-    let guarded = request.method() != axum::http::Method::POST
-        && path.starts_with("/api/v1/")
-        && !OPEN_READS.contains(&path);
+    let write = request.method() == axum::http::Method::POST;
+    let now_ms = millwright_io::clock::now_ms();
+    if state.users.is_empty() {
+        // Open to read, closed to writes: no token can be right, so none is checked.
+        if write {
+            return error(StatusCode::UNAUTHORIZED, "this server has no users: it takes no writes");
+        }
+        return next.run(request).await;
+    }
+    if let Some(token) = bearer(request.headers()) {
+        let ip = client.ip();
+        let locked = state.lockout.lock().map(|mut l| l.check(&ip, now_ms));
+        if let Ok(Decision::Locked { retry_after_ms }) = locked {
+            return too_many(retry_after_ms);
+        }
+        if user_of(&state.users, token).is_none() {
+            let decision = state.lockout.lock().map(|mut l| l.failure(&ip, now_ms));
+            if let Ok(Decision::LockedNow { retry_after_ms }) = decision {
+                tracing::warn!(%ip, "too many wrong API tokens; address locked out");
+                return too_many(retry_after_ms);
+            }
+            return error(StatusCode::UNAUTHORIZED, "unknown token");
+        }
+    } else if write {
+        return error(StatusCode::UNAUTHORIZED, "sign in: send Authorization: Bearer <token>");
+    }
+    // Every method but POST reads: GET, and HEAD, which axum answers from the GET handlers.
+    let guarded = !write && path.starts_with("/api/v1/") && !OPEN_READS.contains(&path);
     if guarded && let Err((status, m)) = authorize_read(request.headers(), &state.users) {
         return error(status, m);
     }
     next.run(request).await
+}
+
+fn too_many(retry_after_ms: i64) -> Response {
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many wrong tokens from this address; try again later",
+    );
+    let secs = (retry_after_ms + 999) / 1000;
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+    response
 }
 
 /// Who is signed in: the name and role of the bearer token's user. A server without users is
@@ -148,21 +255,25 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
 }
 
-/// Runs a query on the reader connection off the async threads.
+/// Runs a query on a reader connection off the async threads.
 async fn query<T: serde::Serialize + Send + 'static>(
     state: &ApiState,
     f: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
 ) -> Response {
     let db = state.db.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let db = db.lock().map_err(|_| "database lock poisoned".to_owned())?;
-        f(&db).map_err(|e| e.to_string())
-    })
-    .await;
+    let result = tokio::task::spawn_blocking(move || db.with(f).map_err(|e| e.to_string())).await;
     match result {
         Ok(Ok(value)) => Json(value).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// A sequence number given in a query, which SQLite stores as a signed 64-bit integer.
+fn seq_param(seq: u64) -> Result<u64, Box<Response>> {
+    match i64::try_from(seq) {
+        Ok(_) => Ok(seq),
+        Err(_) => Err(Box::new(error(StatusCode::BAD_REQUEST, "after_seq is above 2^63 - 1"))),
     }
 }
 
@@ -190,13 +301,17 @@ async fn devices(State(state): State<ApiState>) -> Response {
 
 async fn device(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
     let db = state.db.clone();
-    let found =
-        tokio::task::spawn_blocking(move || db.lock().ok().map(|db| db.device(&device))).await;
+    let found = tokio::task::spawn_blocking(move || db.with(|db| db.device(&device))).await;
     match found {
-        Ok(Some(Ok(Some(row)))) => Json(row).into_response(),
-        Ok(Some(Ok(None))) => error(StatusCode::NOT_FOUND, "no such device"),
+        Ok(Ok(Some(row))) => Json(row).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no such device"),
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "query failed"),
     }
+}
+
+/// Per stream: how many records of the device are stored and the highest sequence number.
+async fn streams(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
+    query(&state, move |db| db.streams(&device)).await
 }
 
 async fn latest(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
@@ -209,8 +324,11 @@ async fn predictions(
     Query(page): Query<Page>,
 ) -> Response {
     let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
-    query(&state, move |db| db.predictions(&device, page.asset.as_deref(), page.after_seq, limit))
-        .await
+    let after = match seq_param(page.after_seq) {
+        Ok(a) => a,
+        Err(e) => return *e,
+    };
+    query(&state, move |db| db.predictions(&device, page.asset.as_deref(), after, limit)).await
 }
 
 async fn alerts(
@@ -219,24 +337,40 @@ async fn alerts(
     Query(page): Query<Page>,
 ) -> Response {
     let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
-    query(&state, move |db| db.alerts(&device, page.after_seq, limit)).await
+    let after = match seq_param(page.after_seq) {
+        Ok(a) => a,
+        Err(e) => return *e,
+    };
+    query(&state, move |db| db.alerts(&device, after, limit)).await
 }
 
-/// Prometheus text format.
+/// Prometheus text format, made at most once a second.
 async fn metrics(State(state): State<ApiState>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    let mut cache = state.metrics_cache.lock().await;
+    if let Some((at, text)) = cache.as_ref()
+        && at.elapsed() < std::time::Duration::from_secs(1)
+    {
+        return ([(axum::http::header::CONTENT_TYPE, content_type)], text.clone()).into_response();
+    }
     let db = state.db.clone();
     let snapshot = tokio::task::spawn_blocking(move || {
-        let db = db.lock().map_err(|_| "database lock poisoned".to_owned())?;
-        crate::metrics::read(&db).map_err(|e| e.to_string())
+        db.with(crate::metrics::read).map_err(|e| e.to_string())
     })
     .await;
     match snapshot {
         Ok(Ok(mut s)) => {
             s.broker_connected = state.broker_connected.load(Ordering::Relaxed);
             s.bundle_bytes_sent = state.served.lock().map(|m| m.values().sum()).unwrap_or(0);
-            let content_type = "text/plain; version=0.0.4; charset=utf-8";
-            ([(axum::http::header::CONTENT_TYPE, content_type)], crate::metrics::render(&s))
-                .into_response()
+            if let Ok(r) = state.refusals.lock() {
+                s.refused = r.counts().iter().map(|(k, n)| ((*k).to_owned(), *n)).collect();
+            }
+            s.enrolled = state.registry.read().map_or(0, |r| r.enrolled() as u64);
+            s.sign_in_lockouts = state.lockout.lock().map_or(0, |l| l.lockouts);
+            s.queued = state.queued.load(Ordering::Relaxed);
+            let text = crate::metrics::render(&s);
+            *cache = Some((tokio::time::Instant::now(), text.clone()));
+            ([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response()
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -261,7 +395,8 @@ async fn fleet_drift(
 ) -> Response {
     let profiles = state.profiles.read().map(|p| p.clone()).unwrap_or_default();
     let by = g.by.unwrap_or(GroupBy::Feature);
-    let bucket_ms = g.bucket_s.unwrap_or(3600).max(1) * 1000;
+    // At most a year: `* 1000` stays far from overflowing.
+    let bucket_ms = g.bucket_s.unwrap_or(3600).clamp(1, 366 * 86_400) * 1000;
     query(&state, move |db| {
         let rows = db.drift_rows(&filter)?;
         Ok(drift::summarize(&rows, by, bucket_ms, &profiles, &DriftSettings::default()))
@@ -318,7 +453,7 @@ mod tests {
         }
         served.sort();
         documented.sort();
-        assert!(served.len() >= 19, "routes not found in the source: {served:?}");
+        assert!(served.len() >= 23, "routes not found in the source: {served:?}");
         assert_eq!(served, documented);
     }
 }

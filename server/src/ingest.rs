@@ -2,7 +2,7 @@
 //! stores what this returns.
 
 use millwright_shared::DeviceId;
-use millwright_shared::wire::{DecodeError, Record, Stream, UplinkBatch};
+use millwright_shared::wire::{self, DecodeError, Record, Stream, UplinkBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -20,12 +20,34 @@ pub enum IngestError {
     NonFinite { seq: u64 },
     #[error("batch is empty")]
     Empty,
+    #[error("outbox epoch {0:?} is not 1-64 letters and digits")]
+    BadEpoch(String),
+    #[error("record seq {0} is above 2^63 - 1")]
+    SeqTooLarge(u64),
+}
+
+impl IngestError {
+    /// The label refusals are counted under.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::Decode(_) => "malformed",
+            IngestError::IdentityMismatch { .. } => "identity_mismatch",
+            IngestError::StreamMismatch { .. } | IngestError::WrongKind { .. } => "wrong_stream",
+            IngestError::ZeroSeq
+            | IngestError::NonFinite { .. }
+            | IngestError::Empty
+            | IngestError::BadEpoch(_)
+            | IngestError::SeqTooLarge(_) => "malformed",
+        }
+    }
 }
 
 /// A batch that may be stored: identity, stream and record kinds agree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
     pub device: DeviceId,
+    /// The sending outbox's epoch, named back in the ack.
+    pub epoch: String,
     pub stream: Stream,
     pub records: Vec<Record>,
 }
@@ -42,9 +64,18 @@ pub fn accept(device: &DeviceId, stream: Stream, payload: &[u8]) -> Result<Accep
     if batch.records.is_empty() {
         return Err(IngestError::Empty);
     }
+    let epoch_ok = !batch.epoch.is_empty()
+        && batch.epoch.len() <= 64
+        && batch.epoch.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !epoch_ok {
+        return Err(IngestError::BadEpoch(wire::clean_text(&batch.epoch, 64)));
+    }
     for r in &batch.records {
         if r.seq == 0 {
             return Err(IngestError::ZeroSeq);
+        }
+        if r.seq > i64::MAX as u64 {
+            return Err(IngestError::SeqTooLarge(r.seq));
         }
         if r.body.stream() != stream {
             return Err(IngestError::WrongKind { seq: r.seq, kind: r.body.stream(), stream });
@@ -55,19 +86,20 @@ pub fn accept(device: &DeviceId, stream: Stream, payload: &[u8]) -> Result<Accep
             return Err(IngestError::NonFinite { seq: r.seq });
         }
     }
-    Ok(Accepted { device: batch.device, stream, records: batch.records })
+    Ok(Accepted { device: batch.device, epoch: batch.epoch, stream, records: batch.records })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use millwright_shared::wire::{self, Prediction, RecordBody, WIRE_VERSION};
+    use millwright_shared::wire::{Prediction, RecordBody, WIRE_VERSION};
     use millwright_shared::{AssetId, ModelName, Release};
 
     fn batch(device: &str, stream: Stream, seq: u64) -> Vec<u8> {
         wire::encode(&UplinkBatch {
             v: WIRE_VERSION,
             device: DeviceId::new(device).unwrap(),
+            epoch: "e1".into(),
             stream,
             records: vec![Record {
                 seq,

@@ -1,9 +1,15 @@
 //! Millwright fleet server and the central team's CLI.
 //!
-//! Pure core: [`ingest`] (what an uplink message means and whether to accept it), [`drift`]
-//! (fleet drift: merged histograms, drifting assets, the retraining policy).
-//! Shell: [`db`] (SQLite), [`drift_db`] (drift reports and events in SQLite), [`broker`] (embedded rumqttd), [`http`] (axum JSON API),
-//! [`runtime`] (the MQTT ingest loop and wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright` command).
+//! Pure core: [`identity`] (the device registry and the gate every MQTT message passes),
+//! [`ingest`] (what an uplink message means and whether to accept it), [`drift`] (fleet drift:
+//! the server's judgement of reports, merged histograms, drifting assets, the retraining
+//! policy), [`rollout`] (the rollout engine), [`mosquitto`] (broker config and ACL from the
+//! registry).
+//! Shell: [`db`] (SQLite), [`drift_db`], [`identity_db`], [`alerts_db`], [`rollout_db`] (its
+//! parts), [`broker`] (embedded rumqttd), [`http`] (axum JSON API), [`writer`] (the writer task's
+//! protocol), [`rollouts`] (the rollout engine's shell), [`runtime`] (the MQTT ingest loop and
+//! wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright`
+//! command).
 
 pub mod alerts_db;
 pub mod auth;
@@ -16,12 +22,17 @@ pub mod db;
 pub mod drift;
 pub mod drift_db;
 pub mod http;
+pub mod identity;
+pub mod identity_db;
 pub mod ingest;
 pub mod metrics;
+pub mod mosquitto;
+pub mod pki;
 pub mod rollout;
 pub mod rollout_db;
 pub mod rollouts;
 pub mod runtime;
+pub mod writer;
 
 pub use config::Config;
 pub use runtime::run;

@@ -21,6 +21,14 @@ pub struct Snapshot {
     pub bundle_bytes_sent: u64,
     pub retraining_events: u64,
     pub broker_connected: bool,
+    /// (reason, messages refused before anything acted on them)
+    pub refused: Vec<(String, u64)>,
+    /// Enrolled devices that are not revoked.
+    pub enrolled: u64,
+    /// Client addresses locked out after wrong API tokens.
+    pub sign_in_lockouts: u64,
+    /// Messages waiting for their device's budget.
+    pub queued: u64,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -51,6 +59,28 @@ pub fn render(s: &Snapshot) -> String {
     let broker = Gauge::<i64>::default();
     broker.set(i64::from(s.broker_connected));
     registry.register("broker_connected", "1 when the server's MQTT client is connected", broker);
+    let refused = Family::<Labels, Counter>::default();
+    for (reason, n) in &s.refused {
+        refused.get_or_create(&vec![("reason", reason.clone())]).inc_by(*n);
+    }
+    registry.register(
+        "refused",
+        "Messages and connections refused before anything acted on them, by reason",
+        refused,
+    );
+    let enrolled = Gauge::<i64>::default();
+    enrolled.set(s.enrolled as i64);
+    registry.register("enrolled_devices", "Enrolled devices that are not revoked", enrolled);
+    let lockouts = Counter::<u64>::default();
+    lockouts.inc_by(s.sign_in_lockouts);
+    registry.register(
+        "sign_in_lockouts",
+        "Client addresses locked out after wrong tokens",
+        lockouts,
+    );
+    let queued = Gauge::<i64>::default();
+    queued.set(s.queued as i64);
+    registry.register("queued_messages", "Messages waiting for their device's budget", queued);
     let mut out = String::new();
     if encode(&mut out, &registry).is_err() {
         out.clear();
@@ -87,6 +117,10 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
         bundle_bytes_sent: 0,
         retraining_events: count("retraining_events")?,
         broker_connected: false,
+        refused: Vec::new(),
+        enrolled: 0,
+        sign_in_lockouts: 0,
+        queued: 0,
     })
 }
 
@@ -104,6 +138,10 @@ mod tests {
             bundle_bytes_sent: 270_063,
             retraining_events: 1,
             broker_connected: true,
+            refused: vec![("bad_signature".into(), 3)],
+            enrolled: 20,
+            sign_in_lockouts: 2,
+            queued: 0,
         });
         for line in [
             "millwright_devices{online=\"true\"} 19",
@@ -113,6 +151,9 @@ mod tests {
             "millwright_bundle_bytes_sent_total 270063",
             "millwright_retraining_events_total 1",
             "millwright_broker_connected 1",
+            "millwright_refused_total{reason=\"bad_signature\"} 3",
+            "millwright_enrolled_devices 20",
+            "millwright_sign_in_lockouts_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
         }

@@ -212,6 +212,24 @@ impl Db {
         Ok(())
     }
 
+    /// The latest directive of one device.
+    pub fn directive_of(&self, device: &str) -> rusqlite::Result<Option<StoredDirective>> {
+        self.conn
+            .prepare_cached(
+                "SELECT device, seq, rollout, envelope, expires_ms FROM directives WHERE device = ?1",
+            )?
+            .query_row([device], |r| {
+                Ok(StoredDirective {
+                    device: r.get(0)?,
+                    seq: r.get(1)?,
+                    rollout: r.get(2)?,
+                    envelope: r.get(3)?,
+                    expires_ms: r.get(4)?,
+                })
+            })
+            .optional()
+    }
+
     pub fn directives(&self) -> rusqlite::Result<Vec<StoredDirective>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT device, seq, rollout, envelope, expires_ms FROM directives ORDER BY device",

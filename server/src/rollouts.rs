@@ -8,11 +8,14 @@ use crate::db::Db;
 use crate::drift::Profiles;
 use crate::rollout::{self, Action, Command, DeviceState, Rollout, Spec};
 use crate::rollout_db::{ReleaseRow, StoredDirective};
+use crate::writer::{Refusal, Request, db_error, refuse};
 use base64::Engine as _;
 use millwright_agent::inference::Model;
 use millwright_shared::bundle::sha256_hex;
 use millwright_shared::directive::{self, Activation, BundleRef, Directive};
 use millwright_shared::gates::Gates;
+use millwright_shared::signed::{self, Purpose};
+use millwright_shared::trust::Envelope;
 use millwright_shared::wire::{self, Chunk, FetchRequest, UpdateReport, WIRE_VERSION};
 use millwright_shared::{DeviceId, ModelName, Release, topics};
 use rumqttc::{AsyncClient, QoS};
@@ -21,70 +24,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::oneshot;
 
 /// Chunks sent for one request at most.
 pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
-
-/// A refusal with the HTTP status it maps to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub status: u16,
-    pub message: String,
-}
-
-pub fn refuse(status: u16, message: impl std::fmt::Display) -> Refusal {
-    Refusal { status, message: message.to_string() }
-}
-
-pub type Reply = oneshot::Sender<Result<serde_json::Value, Refusal>>;
-
-/// What the HTTP API asks the writer task to do.
-#[derive(Debug)]
-pub enum Request {
-    Register {
-        bundle: Vec<u8>,
-        actor: String,
-        reply: Reply,
-    },
-    Start {
-        spec: Spec,
-        actor: String,
-        reason: String,
-        reply: Reply,
-    },
-    Act {
-        id: String,
-        command: Command,
-        actor: String,
-        reason: String,
-        reply: Reply,
-    },
-    /// Not a rollout request, but the same writer: an operator acknowledges an alert.
-    AckAlert {
-        device: String,
-        seq: u64,
-        actor: String,
-        note: String,
-        reply: Reply,
-    },
-}
-
-impl Request {
-    /// Answers a rollout request on a server without `[rollouts]`.
-    pub fn refuse_unconfigured(self) {
-        let reply = match self {
-            Request::Register { reply, .. }
-            | Request::Start { reply, .. }
-            | Request::Act { reply, .. }
-            | Request::AckAlert { reply, .. } => reply,
-        };
-        let _ = reply.send(Err(refuse(
-            503,
-            "rollouts are not configured on this server ([rollouts] root and server_key)",
-        )));
-    }
-}
 
 pub struct Rollouts {
     config: config::Rollouts,
@@ -101,35 +43,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-fn db_error(e: rusqlite::Error) -> Refusal {
-    refuse(500, format!("database: {e}"))
-}
-
 fn ms_to_time(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// Records an acknowledgement and, the first time, its audit entry.
-pub fn acknowledge(
-    db: &mut Db,
-    device: &str,
-    seq: u64,
-    actor: &str,
-    note: &str,
-    now_ms: i64,
-) -> Result<serde_json::Value, Refusal> {
-    use crate::alerts_db::AckError;
-    let acked = db.acknowledge_alert(device, seq, actor, note, now_ms).map_err(|e| match e {
-        AckError::NotFound { .. } => refuse(404, &e),
-        AckError::NotAnAlarm { .. } => refuse(409, &e),
-        AckError::Db(_) => refuse(500, &e),
-    })?;
-    if !acked.already_acknowledged {
-        let target = format!("{device}/alert/{seq}");
-        db.audit(now_ms, actor, "alert_acknowledged", &target, note, "").map_err(db_error)?;
-    }
-    Ok(to_json(&acked))
 }
 
 /// A revert goes straight back: no shadow, no probation.
@@ -159,6 +75,15 @@ impl Rollouts {
 
     pub fn tick(&self) -> Duration {
         self.config.tick
+    }
+
+    /// The root document the server publishes (retained) for gateways.
+    pub fn root_bytes(&self) -> &[u8] {
+        &self.config.root_bytes
+    }
+
+    pub fn root_expired(&self) -> bool {
+        self.config.root_expired
     }
 
     /// Adds the drift profiles of every registered release.
@@ -199,8 +124,10 @@ impl Rollouts {
                     .map(|r| to_json(&r));
                 let _ = reply.send(result);
             }
-            Request::AckAlert { device, seq, actor, note, reply } => {
-                let _ = reply.send(acknowledge(db, &device, seq, &actor, &note, now_ms));
+            Request::AckAlert { reply, .. }
+            | Request::Enroll { reply, .. }
+            | Request::Revoke { reply, .. } => {
+                let _ = reply.send(Err(refuse(500, "not a rollout request")));
             }
         }
     }
@@ -214,6 +141,12 @@ impl Rollouts {
         actor: &str,
         now_ms: i64,
     ) -> Result<ReleaseRow, Refusal> {
+        if self.config.root.is_expired(ms_to_time(now_ms)) {
+            return Err(refuse(
+                409,
+                "the trust root has expired: sign and install a newer root before registering",
+            ));
+        }
         let verified = self
             .config
             .root
@@ -577,22 +510,40 @@ impl Rollouts {
         }
     }
 
-    /// A chunk request: chunks of a registered bundle, paced by `delivery_bytes_per_sec`.
-    pub fn on_fetch(&mut self, db: &Db, client: &AsyncClient, device: &DeviceId, payload: &[u8]) {
-        let request = match FetchRequest::decode(payload) {
-            Ok(r) => r,
-            Err(e) => return tracing::warn!(%device, "ignoring a malformed chunk request: {e}"),
-        };
+    /// A chunk request (signed by the device): chunks of the bundle its current directive
+    /// names, and no other, at most [`MAX_CHUNKS_PER_REQUEST`] at a time, paced by
+    /// `delivery_bytes_per_sec`, each chunk signed for the device. A request without such a
+    /// directive is refused with the reason (for counting).
+    pub fn on_fetch(
+        &mut self,
+        db: &Db,
+        client: &AsyncClient,
+        device: &DeviceId,
+        payload: &[u8],
+    ) -> Result<(), (&'static str, String)> {
+        let request = FetchRequest::decode(payload)
+            .map_err(|e| ("malformed", format!("chunk request: {e}")))?;
+        let directed = db
+            .directive_of(device.as_str())
+            .ok()
+            .flatten()
+            .and_then(|d| Envelope::parse(&d.envelope).ok())
+            .and_then(|e| e.payload_bytes().ok())
+            .and_then(|p| serde_json::from_slice::<Directive>(&p).ok());
+        if directed.as_ref().is_none_or(|d| d.bundle.sha256 != request.sha256) {
+            return Err((
+                "no_directive",
+                format!(
+                    "chunk request for bundle {} that no directive for this device names",
+                    millwright_shared::wire::clean_text(&request.sha256, 64)
+                ),
+            ));
+        }
         let row = match db.release_by_sha(&request.sha256) {
             Ok(Some(row)) => row,
-            _ => {
-                return tracing::warn!(%device, sha256 = %request.sha256, "chunk request for a bundle that is not registered");
-            }
+            _ => return Err(("no_directive", "the directed bundle is not registered".into())),
         };
-        let (plan, bytes) = match self.plan_of(&row) {
-            Ok(p) => p,
-            Err(e) => return tracing::error!("{}", e.message),
-        };
+        let (plan, bytes) = self.plan_of(&row).map_err(|e| ("internal", e.message))?;
         let count = request.count.min(MAX_CHUNKS_PER_REQUEST);
         let chunks: Vec<(u32, Vec<u8>)> = (request.first..request.first.saturating_add(count))
             .filter_map(|index| {
@@ -603,6 +554,7 @@ impl Rollouts {
             .collect();
         let (client, device, served) = (client.clone(), device.clone(), self.served.clone());
         let (rate, pacing) = (self.config.delivery_bytes_per_sec, self.pacing.clone());
+        let key = self.config.server_key.clone();
         let sha256 = request.sha256;
         tokio::spawn(async move {
             for (index, data) in chunks {
@@ -625,8 +577,9 @@ impl Rollouts {
                     index,
                     data: base64::engine::general_purpose::STANDARD.encode(&data),
                 };
+                let frame = signed::seal(&key, Purpose::Chunk, &device, &wire::encode(&chunk));
                 if client
-                    .publish(topics::chunk(&device), QoS::AtLeastOnce, false, wire::encode(&chunk))
+                    .publish(topics::chunk(&device), QoS::AtLeastOnce, false, frame)
                     .await
                     .is_err()
                 {
@@ -637,5 +590,6 @@ impl Rollouts {
                 }
             }
         });
+        Ok(())
     }
 }

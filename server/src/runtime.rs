@@ -1,25 +1,34 @@
 //! Wiring and the ingest loop: embedded broker (optional), HTTP API, and one MQTT client whose
-//! messages are validated ([`crate::ingest`]), stored ([`crate::db`]) and acknowledged. Stored
-//! drift reports are checked against the retraining policy ([`crate::drift`]).
+//! messages pass the identity gate ([`crate::identity`]), are validated ([`crate::ingest`]),
+//! stored ([`crate::db`]) and acknowledged with a signed ack. Stored drift reports are judged
+//! against their profile ([`crate::drift::judge`]) and checked against the retraining policy.
+//! Retained messages on topics only the server may set (directives, the trust root) are put
+//! back when anyone else overwrites them.
 
 use crate::config::{Broker, Config};
 use crate::db::Db;
 use crate::drift::{self, Policy, Profiles, RetrainingEvent};
 use crate::drift_db::Filter;
-use crate::rollouts::{Request, Rollouts};
+use crate::identity::{self, Admitted, Gate, SERVER_USER, SharedRegistry, Verdict};
+use crate::rollouts::Rollouts;
+use crate::writer::{Request, db_error, refuse};
 use crate::{http, ingest};
 use anyhow::Context as _;
-use millwright_agent::clock::now_ms;
-use millwright_agent::mqtt::{self, MqttEvent};
+use ed25519_dalek::SigningKey;
+use millwright_io::clock::now_ms;
+use millwright_io::mqtt::{self, MqttEvent};
+use millwright_shared::drift::DriftSettings;
+use millwright_shared::refusals::Refusals;
+use millwright_shared::signed::{self, Purpose};
 use millwright_shared::topics::{self, Incoming};
 use millwright_shared::wire::{self, DeviceStatus, RecordBody, Stream};
-use millwright_shared::{ModelName, bundle};
+use millwright_shared::{DeviceId, ModelName, bundle};
 use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -29,26 +38,36 @@ enum Event {
     Mqtt(MqttEvent),
     Request(Box<Request>),
     Tick,
+    /// Messages that waited for their device's budget may go on.
+    Due,
     Shutdown,
 }
 
-/// Where the server's MQTT client connects.
-fn broker_address(broker: &Broker) -> anyhow::Result<(String, u16)> {
-    match broker {
+/// Where the server's MQTT client connects: host, port, and whether over TLS.
+fn broker_address(
+    config: &Config,
+    logins: crate::broker::Logins,
+) -> anyhow::Result<(String, u16, bool)> {
+    let tls = config.identity.tls.is_some();
+    match &config.broker {
         #[cfg(feature = "embedded-broker")]
         Broker::Embedded(listen) => {
-            crate::broker::start(*listen)?;
+            crate::broker::start(*listen, config.identity.tls.as_ref(), logins)?;
             let ip = if listen.ip().is_unspecified() {
                 IpAddr::V4(Ipv4Addr::LOCALHOST)
             } else {
                 listen.ip()
             };
-            tracing::info!(%listen, "embedded MQTT broker listening");
-            Ok((ip.to_string(), listen.port()))
+            let scheme = if tls { "mqtts" } else { "mqtt" };
+            tracing::info!(%listen, "embedded MQTT broker listening ({scheme})");
+            Ok((ip.to_string(), listen.port(), tls))
         }
         #[cfg(not(feature = "embedded-broker"))]
-        Broker::Embedded(_) => anyhow::bail!("this build has no embedded broker"),
-        Broker::External { host, port } => Ok((host.clone(), *port)),
+        Broker::Embedded(_) => {
+            let _ = logins;
+            anyhow::bail!("this build has no embedded broker")
+        }
+        Broker::External(address) => Ok((address.host.clone(), address.port, address.tls)),
     }
 }
 
@@ -56,6 +75,21 @@ fn broker_address(broker: &Broker) -> anyhow::Result<(String, u16)> {
 struct Ingest {
     policy: Policy,
     webhook: Option<String>,
+    gate: Gate,
+    server_key: SigningKey,
+    refusals: Arc<Mutex<Refusals>>,
+    profiles: Arc<RwLock<Profiles>>,
+    identity: crate::config::Identity,
+}
+
+impl Ingest {
+    /// Counts a refusal; logs it the first time for this source lately.
+    fn refuse(&self, reason: &'static str, source: &str, detail: impl std::fmt::Display) {
+        let log = self.refusals.lock().map(|mut r| r.refuse(reason, source, now_ms()));
+        if log.unwrap_or(false) {
+            tracing::warn!(reason, source, "refused: {detail}");
+        }
+    }
 }
 
 /// Verifies the configured bundles and keeps their drift reference profiles. A bundle that
@@ -66,7 +100,7 @@ pub fn load_profiles(config: &Config) -> Profiles {
     for path in &config.bundles {
         let verified = std::fs::read(path)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| Ok(bundle::verify(&bytes, trusted, millwright_agent::clock::now())?));
+            .and_then(|bytes| Ok(bundle::verify(&bytes, trusted, millwright_io::clock::now())?));
         match verified {
             Ok(v) => {
                 let m = v.manifest();
@@ -90,62 +124,114 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let path = config.data_dir.join("server.sqlite");
     let mut db = Db::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = Db::open_reader(&path)?;
-    let (host, port) = tokio::task::block_in_place(|| broker_address(&config.broker))?;
+    let registry: SharedRegistry = Arc::new(RwLock::new(db.registry()?));
+    let refusals = Arc::new(Mutex::new(Refusals::default()));
+    let server_key = config.identity.server_key.clone();
+    let logins = crate::broker::Logins {
+        registry: registry.clone(),
+        server_key: server_key.verifying_key(),
+        server_client_id: config.client_id.clone(),
+        refusals: refusals.clone(),
+    };
+    let (host, port, tls) = tokio::task::block_in_place(|| broker_address(&config, logins))?;
 
     let broker_connected = Arc::new(AtomicBool::new(false));
-    let profiles = Arc::new(std::sync::RwLock::new(load_profiles(&config)));
+    let queued = Arc::new(AtomicU64::new(0));
+    let profiles = Arc::new(RwLock::new(load_profiles(&config)));
     let mut rollouts =
         config.rollouts.clone().map(|r| Rollouts::new(r, &config.data_dir, profiles.clone()));
     if let Some(r) = &rollouts {
         r.load_profiles(&db);
+        if r.root_expired() {
+            tracing::error!(
+                "the configured trust root has expired: gateways refuse its directives; sign \
+                 and install a newer root version (millwright root sign)"
+            );
+        }
     }
     let (request_tx, mut request_rx) = mpsc::channel(64);
+    let http_tls = match &config.identity.tls {
+        Some(t) => Some(millwright_io::tls::server_config(&t.cert, &t.key, None)?),
+        None => None,
+    };
     let api = http::router(http::ApiState {
-        db: Arc::new(Mutex::new(reader)),
+        db: Arc::new(http::ReadPool::new(path.clone())),
         broker_connected: broker_connected.clone(),
-        profiles,
+        profiles: profiles.clone(),
         requests: Some(request_tx),
         users: Arc::new(config.users.clone()),
         served: rollouts.as_ref().map(|r| r.served.clone()).unwrap_or_default(),
+        lockout: Arc::new(Mutex::new(millwright_shared::lockout::Lockout::new(Default::default()))),
+        refusals: refusals.clone(),
+        queued: queued.clone(),
+        registry: registry.clone(),
+        server_key: hex::encode(server_key.verifying_key().as_bytes()),
+        https: http_tls.is_some(),
+        metrics_cache: Default::default(),
     });
-    let ingest = Ingest { policy: config.retraining, webhook: config.webhook.clone() };
+    let mut ingest = Ingest {
+        policy: config.retraining,
+        webhook: config.webhook.clone(),
+        gate: Gate::new(registry.clone(), identity::Limits::default()),
+        server_key: server_key.clone(),
+        refusals: refusals.clone(),
+        profiles,
+        identity: config.identity.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_listen))?;
     let http_addr: SocketAddr = listener.local_addr()?;
+    let scheme = if http_tls.is_some() { "https" } else { "http" };
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, api).await {
+        if let Err(e) = millwright_io::https::serve(listener, http_tls, api).await {
             tracing::error!("http server stopped: {e}");
         }
     });
-    tracing::info!(%http_addr, "HTTP API listening");
+    tracing::info!(%http_addr, "{scheme} API listening");
 
+    let transport = match (tls, &config.identity.tls) {
+        (true, Some(t)) => {
+            let client =
+                millwright_io::tls::ClientIdentity { cert: t.cert.clone(), key: t.key.clone() };
+            mqtt::Transport::Tls(millwright_io::tls::client_config(&t.ca, Some(&client))?)
+        }
+        (true, None) => anyhow::bail!("the broker is mqtts:// but [identity] has no TLS files"),
+        (false, _) => mqtt::Transport::Tcp,
+    };
+    let server_id = DeviceId::new(SERVER_USER)?;
+    let password = signed::connect_password(&server_key, &server_id, &config.client_id);
     let (tx, mut rx) = mpsc::channel(4096);
     let client = mqtt::start(
         mqtt::Connect {
             client_id: config.client_id.clone(),
             host: host.clone(),
             port,
+            transport,
+            credentials: Some((SERVER_USER.to_owned(), password)),
             keep_alive: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(5),
             last_will: None,
         },
         tx,
     );
-    tracing::info!(broker = %format!("{host}:{port}"), "server started");
+    tracing::info!(broker = %format!("{host}:{port}"), tls, "server started");
 
-    let tick_every = rollouts.as_ref().map_or(Duration::from_secs(3600), Rollouts::tick);
+    let tick_every = rollouts.as_ref().map_or(Duration::from_secs(1), Rollouts::tick);
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due = tokio::time::interval(Duration::from_millis(50));
+    due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
+        let waiting = ingest.gate.queued() > 0;
         let event = tokio::select! {
             biased;
             _ = &mut shutdown => Event::Shutdown,
+            _ = tick.tick() => Event::Tick,
+            _ = due.tick(), if waiting => Event::Due,
             Some(e) = rx.recv() => Event::Mqtt(e),
             Some(r) = request_rx.recv() => Event::Request(Box::new(r)),
-            _ = tick.tick() => Event::Tick,
         };
         match event {
             Event::Shutdown => break,
@@ -153,21 +239,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 if let Some(r) = &mut rollouts {
                     tokio::task::block_in_place(|| r.on_tick(&mut db, &client, now_ms()));
                 }
+                if let Some(line) = refusals.lock().ok().and_then(|mut r| r.summary(now_ms())) {
+                    tracing::warn!("{line}");
+                }
             }
-            Event::Request(request) => match (*request, &mut rollouts) {
-                (Request::AckAlert { device, seq, actor, note, reply }, _) => {
+            Event::Due => {
+                for admitted in ingest.gate.due(now_ms()) {
+                    on_admitted(&mut db, &client, &ingest, rollouts.as_mut(), admitted).await;
+                }
+            }
+            Event::Request(request) => match *request {
+                Request::AckAlert { device, seq, actor, note, reply } => {
                     let result = tokio::task::block_in_place(|| {
-                        crate::rollouts::acknowledge(&mut db, &device, seq, &actor, &note, now_ms())
+                        crate::writer::acknowledge(&mut db, &device, seq, &actor, &note, now_ms())
                     });
                     let _ = reply.send(result);
                 }
-                (request, Some(r)) => r.handle(&mut db, &client, request, now_ms()).await,
-                (request, None) => request.refuse_unconfigured(),
+                Request::Enroll { enrollment, actor, reply } => {
+                    let result = tokio::task::block_in_place(|| {
+                        enroll(&mut db, &registry, &ingest.identity, &enrollment, &actor)
+                    });
+                    let _ = reply.send(result);
+                }
+                Request::Revoke { device, reason, actor, reply } => {
+                    let result = tokio::task::block_in_place(|| {
+                        revoke(&mut db, &registry, &ingest.identity, &device, &reason, &actor)
+                    });
+                    let _ = reply.send(result);
+                }
+                request => match &mut rollouts {
+                    Some(r) => r.handle(&mut db, &client, request, now_ms()).await,
+                    None => request.refuse_unconfigured(),
+                },
             },
             Event::Mqtt(MqttEvent::Connected) => {
                 broker_connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");
-                for filter in [topics::UPLINK_FILTER, topics::STATUS_FILTER] {
+                for filter in [
+                    topics::UPLINK_FILTER,
+                    topics::STATUS_FILTER,
+                    topics::DESIRED_FILTER,
+                    topics::TRUST_ROOT,
+                ] {
                     let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
                 }
                 if let Some(r) = &rollouts {
@@ -178,87 +291,293 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 broker_connected.store(false, Ordering::Relaxed)
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => {
-                on_message(&mut db, &client, &ingest, rollouts.as_mut(), &topic, &payload).await
+                on_message(&mut db, &client, &mut ingest, rollouts.as_mut(), &topic, &payload).await
             }
         }
+        queued.store(ingest.gate.queued() as u64, Ordering::Relaxed);
     }
     let _ = client.disconnect().await;
     tracing::info!("server stopped");
     Ok(())
 }
 
+/// Enrolls a device: stored, audited, admitted by the gate at once, and the broker's ACL
+/// file (when configured) rewritten.
+fn enroll(
+    db: &mut Db,
+    registry: &SharedRegistry,
+    identity: &crate::config::Identity,
+    enrollment: &millwright_shared::enrollment::Enrollment,
+    actor: &str,
+) -> Result<serde_json::Value, crate::writer::Refusal> {
+    use crate::identity_db::EnrollError;
+    let row = db.enroll(enrollment, actor, now_ms()).map_err(|e| match e {
+        EnrollError::Enrolled(_) => refuse(409, &e),
+        EnrollError::Db(_) => refuse(500, &e),
+        _ => refuse(422, &e),
+    })?;
+    if let (Ok(mut r), Some(key)) =
+        (registry.write(), crate::identity_db::parse_key(&row.public_key))
+    {
+        r.insert(enrollment.device.clone(), identity::Entry { key, revoked: false });
+    }
+    let detail = format!("key {} certificate {}", row.key_id, &row.cert_sha256[..16]);
+    db.audit(now_ms(), actor, "device_enrolled", &row.device, "", &detail).map_err(db_error)?;
+    tracing::info!(device = row.device, actor, "device enrolled");
+    refresh_acl(db, identity);
+    Ok(serde_json::to_value(&row).unwrap_or_default())
+}
+
+/// Revokes a device: from this moment the gate refuses everything it sends, and the embedded
+/// broker refuses its next connection; the ACL file (when configured) loses its entries.
+fn revoke(
+    db: &mut Db,
+    registry: &SharedRegistry,
+    identity: &crate::config::Identity,
+    device: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<serde_json::Value, crate::writer::Refusal> {
+    use crate::identity_db::EnrollError;
+    let row = db.revoke(device, actor, reason, now_ms()).map_err(|e| match e {
+        EnrollError::NotFound(_) => refuse(404, &e),
+        _ => refuse(500, &e),
+    })?;
+    if let (Ok(mut r), Ok(id)) = (registry.write(), DeviceId::new(device)) {
+        r.revoke(&id);
+    }
+    db.audit(now_ms(), actor, "device_revoked", device, reason, "").map_err(db_error)?;
+    tracing::warn!(device, actor, reason, "device revoked");
+    refresh_acl(db, identity);
+    Ok(serde_json::to_value(&row).unwrap_or_default())
+}
+
+/// Rewrites the Mosquitto ACL file from the registry and runs the reload command.
+fn refresh_acl(db: &Db, identity: &crate::config::Identity) {
+    let Some(path) = &identity.mosquitto_acl else { return };
+    let acl = match db.enrollments() {
+        Ok(rows) => crate::mosquitto::acl(&rows, &[]),
+        Err(e) => return tracing::error!("cannot read the registry for the ACL file: {e}"),
+    };
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, acl).and_then(|()| std::fs::rename(&tmp, path)) {
+        return tracing::error!(path = %path.display(), "cannot write the Mosquitto ACL file: {e}");
+    }
+    if let Some(command) = &identity.mosquitto_reload {
+        let status = std::process::Command::new("sh").arg("-c").arg(command).status();
+        match status {
+            Ok(s) if s.success() => tracing::info!(command, "broker ACL reloaded"),
+            Ok(s) => tracing::error!(command, "broker reload command failed: {s}"),
+            Err(e) => tracing::error!(command, "cannot run the broker reload command: {e}"),
+        }
+    }
+}
+
 async fn on_message(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &mut Ingest,
+    rollouts: Option<&mut Rollouts>,
+    topic: &str,
+    payload: &[u8],
+) {
+    let (device, purpose) = match topics::parse(topic) {
+        Some(Incoming::Uplink { device, stream }) => (device, Purpose::Uplink(stream)),
+        Some(Incoming::Status { device }) => (device, Purpose::Status),
+        Some(Incoming::Fetch { device }) => (device, Purpose::Fetch),
+        Some(Incoming::Desired { device }) => {
+            return watch_desired(db, client, ingest, rollouts.is_some(), &device, payload).await;
+        }
+        Some(Incoming::TrustRoot) => {
+            let ours = rollouts.as_ref().map(|r| r.root_bytes().to_vec()).unwrap_or_default();
+            return watch_retained(
+                client,
+                ingest,
+                topics::TRUST_ROOT,
+                "trust_root",
+                &ours,
+                payload,
+            )
+            .await;
+        }
+        _ => {
+            return tracing::debug!(
+                topic,
+                "ignoring message on a topic the server does not act on"
+            );
+        }
+    };
+    match ingest.gate.admit(&device, purpose, payload, now_ms()) {
+        Verdict::Now(admitted) => on_admitted(db, client, ingest, rollouts, admitted).await,
+        Verdict::Queued => {}
+        Verdict::Refused(r) => ingest.refuse(r.reason(), device.as_str(), format!("{topic}: {r}")),
+    }
+}
+
+/// A retained directive that is not the server's own (or none where the server has none) was
+/// set by someone else: the server's is put back (or the topic cleared).
+async fn watch_desired(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &Ingest,
+    rollouts: bool,
+    device: &DeviceId,
+    payload: &[u8],
+) {
+    let ours = match rollouts {
+        true => match tokio::task::block_in_place(|| db.directive_of(device.as_str())) {
+            Ok(d) => d.map(|d| d.envelope).unwrap_or_default(),
+            Err(e) => return tracing::error!("cannot read the latest directive: {e}"),
+        },
+        false => Vec::new(),
+    };
+    watch_retained(client, ingest, &topics::desired(device), device.as_str(), &ours, payload).await
+}
+
+async fn watch_retained(
+    client: &AsyncClient,
+    ingest: &Ingest,
+    topic: &str,
+    source: &str,
+    ours: &[u8],
+    payload: &[u8],
+) {
+    if payload == ours {
+        return;
+    }
+    ingest.refuse(
+        "retained_overwritten",
+        source,
+        format!(
+            "{topic} was set by another client ({} bytes); the server's is put back",
+            payload.len()
+        ),
+    );
+    let _ = client.try_publish(topic, QoS::AtLeastOnce, true, ours.to_vec());
+}
+
+/// A message that passed the gate: acted on by what its topic is for.
+async fn on_admitted(
     db: &mut Db,
     client: &AsyncClient,
     ingest: &Ingest,
     mut rollouts: Option<&mut Rollouts>,
-    topic: &str,
-    payload: &[u8],
+    admitted: Admitted,
 ) {
-    match topics::parse(topic) {
-        Some(Incoming::Uplink { device, stream }) => {
-            let batch = match ingest::accept(&device, stream, payload) {
+    let Admitted { device, purpose, body } = admitted;
+    match purpose {
+        Purpose::Uplink(stream) => {
+            let mut batch = match ingest::accept(&device, stream, &body) {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(%device, topic, "rejected uplink message: {e}");
-                    return;
+                    return ingest.refuse(
+                        e.reason(),
+                        device.as_str(),
+                        format!("uplink {}: {e}", stream.as_str()),
+                    );
                 }
             };
+            if stream == Stream::Drift {
+                judge_drift(ingest, &device, &mut batch);
+            }
             let stored = tokio::task::block_in_place(|| db.store(&batch, now_ms()));
-            match stored {
-                Ok(ack) => {
-                    let _ = client
-                        .publish(topics::ack(&device), QoS::AtLeastOnce, false, wire::encode(&ack))
-                        .await;
-                    if stream == Stream::Drift {
-                        let releases: BTreeSet<(ModelName, u64)> = batch
-                            .records
-                            .iter()
-                            .filter_map(|r| match &r.body {
-                                RecordBody::Drift(d) => Some((d.model.clone(), d.release.0)),
-                                _ => None,
-                            })
-                            .collect();
-                        for (model, release) in releases {
-                            check_retraining(db, client, ingest, model.as_str(), release).await;
-                        }
-                    }
-                    if let Some(r) = rollouts.as_deref_mut() {
-                        for record in &batch.records {
-                            if let RecordBody::Update(report) = &record.body {
-                                tokio::task::block_in_place(|| {
-                                    r.on_report(db, client, device.as_str(), report, now_ms())
-                                });
-                            }
-                        }
+            let ack = match stored {
+                Ok(ack) => ack,
+                Err(e) => {
+                    return tracing::error!(%device, "cannot store batch (not acknowledged): {e}");
+                }
+            };
+            let frame =
+                signed::seal(&ingest.server_key, Purpose::Ack, &device, &wire::encode(&ack));
+            let _ = client.publish(topics::ack(&device), QoS::AtLeastOnce, false, frame).await;
+            if stream == Stream::Drift {
+                let releases: BTreeSet<(ModelName, u64)> = batch
+                    .records
+                    .iter()
+                    .filter_map(|r| match &r.body {
+                        RecordBody::Drift(d) => Some((d.model.clone(), d.release.0)),
+                        _ => None,
+                    })
+                    .collect();
+                for (model, release) in releases {
+                    check_retraining(db, client, ingest, model.as_str(), release).await;
+                }
+            }
+            if let Some(r) = rollouts.as_deref_mut() {
+                for record in &batch.records {
+                    if let RecordBody::Update(report) = &record.body {
+                        tokio::task::block_in_place(|| {
+                            r.on_report(db, client, device.as_str(), report, now_ms())
+                        });
                     }
                 }
-                Err(e) => tracing::error!(%device, "cannot store batch (not acknowledged): {e}"),
             }
         }
-        Some(Incoming::Status { device }) => match DeviceStatus::decode(payload) {
-            Ok(status) if status.device == device => {
-                if let Err(e) = tokio::task::block_in_place(|| db.set_status(&status, now_ms())) {
-                    tracing::error!(%device, "cannot store device status: {e}");
+        Purpose::Status => {
+            let status = match DeviceStatus::decode(&body) {
+                Ok(s) if s.device == device => s,
+                Ok(s) => {
+                    return ingest.refuse(
+                        "identity_mismatch",
+                        device.as_str(),
+                        format!("status claims device {}", s.device),
+                    );
                 }
-                if status.online
-                    && let Some(r) = rollouts.as_deref_mut()
-                {
-                    tokio::task::block_in_place(|| {
-                        r.on_device_online(db, client, device.as_str(), now_ms())
-                    });
+                Err(e) => {
+                    return ingest.refuse("malformed", device.as_str(), format!("status: {e}"));
+                }
+            };
+            match tokio::task::block_in_place(|| db.set_status(&status, now_ms())) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return ingest.refuse(
+                        "stale_status",
+                        device.as_str(),
+                        "a status older than the last one accepted (a replay)",
+                    );
+                }
+                Err(e) => return tracing::error!(%device, "cannot store device status: {e}"),
+            }
+            if status.online
+                && let Some(r) = rollouts.as_deref_mut()
+            {
+                tokio::task::block_in_place(|| {
+                    r.on_device_online(db, client, device.as_str(), now_ms())
+                });
+            }
+        }
+        Purpose::Fetch => match rollouts {
+            Some(r) => {
+                if let Err(reason) = r.on_fetch(db, client, &device, &body) {
+                    ingest.refuse(reason.0, device.as_str(), reason.1);
                 }
             }
-            Ok(status) => {
-                tracing::warn!(%device, claimed = %status.device, "status claims another device's identity")
+            None => ingest.refuse(
+                "no_directive",
+                device.as_str(),
+                "chunk request, but rollouts are not configured",
+            ),
+        },
+        Purpose::Ack | Purpose::Chunk | Purpose::Connect => {}
+    }
+}
+
+/// Judges each drift report of a batch against its release's profile; what does not fit is
+/// dropped from the report and counted.
+fn judge_drift(ingest: &Ingest, device: &DeviceId, batch: &mut ingest::Accepted) {
+    let profiles = ingest.profiles.read().map(|p| p.clone()).unwrap_or_default();
+    let settings = DriftSettings::default();
+    for record in &mut batch.records {
+        if let RecordBody::Drift(report) = &mut record.body {
+            let profile = profiles.get(report.model.as_str(), report.release.0);
+            for problem in drift::judge(report, profile, &settings) {
+                ingest.refuse(
+                    problem.reason(),
+                    device.as_str(),
+                    format!("drift seq {}: {problem}", record.seq),
+                );
             }
-            Err(e) => tracing::warn!(%device, "rejected status message: {e}"),
-        },
-        Some(Incoming::Fetch { device }) => match rollouts {
-            Some(r) => r.on_fetch(db, client, &device, payload),
-            None => tracing::debug!(%device, "chunk request, but rollouts are not configured"),
-        },
-        None => tracing::debug!(topic, "ignoring message on an unknown topic"),
+        }
     }
 }
 

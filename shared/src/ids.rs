@@ -1,7 +1,7 @@
 //! Newtypes for the identifiers that travel in topics and messages.
 //!
-//! Every id is 1–64 characters of `[A-Za-z0-9_.-]`, so it can stand in an MQTT topic level and a
-//! file name without escaping.
+//! Every id is 1–64 characters of `[A-Za-z0-9_.-]`, other than `.` and `..`, so it can stand in
+//! an MQTT topic level and a file name without escaping, and never names a parent folder.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -15,6 +15,8 @@ pub enum IdError {
     TooLong { kind: &'static str, value: String },
     #[error("{kind} {value:?} may only contain letters, digits, '_', '.' and '-'")]
     BadCharacter { kind: &'static str, value: String },
+    #[error("{kind} {value:?} names a folder, not a thing")]
+    Dots { kind: &'static str, value: String },
 }
 
 fn check(kind: &'static str, value: &str) -> Result<(), IdError> {
@@ -26,6 +28,9 @@ fn check(kind: &'static str, value: &str) -> Result<(), IdError> {
     }
     if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
         return Err(IdError::BadCharacter { kind, value: value.to_owned() });
+    }
+    if value == "." || value == ".." {
+        return Err(IdError::Dots { kind, value: value.to_owned() });
     }
     Ok(())
 }
@@ -94,6 +99,16 @@ id_type!(
     "model name"
 );
 
+impl DeviceId {
+    /// Topic levels under `millwright/v1/` that are not devices, and the server's own name on
+    /// the broker: no device may be enrolled under them.
+    pub const RESERVED: [&'static str; 3] = ["trust", "events", "millwright-server"];
+
+    pub fn is_reserved(&self) -> bool {
+        Self::RESERVED.contains(&self.as_str())
+    }
+}
+
 /// Monotonic release number of a model; a device never accepts a release lower than one it ran.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -118,6 +133,10 @@ mod tests {
         assert!(matches!(DeviceId::new("a/b"), Err(IdError::BadCharacter { .. })));
         assert!(matches!(AssetId::new("+"), Err(IdError::BadCharacter { .. })));
         assert!(matches!(ModelName::new("x".repeat(65)), Err(IdError::TooLong { .. })));
+        assert!(matches!(ModelName::new(".."), Err(IdError::Dots { .. })));
+        assert!(matches!(DeviceId::new("."), Err(IdError::Dots { .. })));
+        assert!(DeviceId::new("..a").is_ok());
+        assert!(DeviceId::new("trust").unwrap().is_reserved());
     }
 
     #[test]

@@ -7,10 +7,14 @@
 pub mod bundle;
 pub mod directive;
 pub mod drift;
+pub mod enrollment;
 pub mod gates;
 pub mod ids;
 pub mod keys;
+pub mod lockout;
 pub mod manifest;
+pub mod refusals;
+pub mod signed;
 pub mod topics;
 pub mod trust;
 pub mod wire;

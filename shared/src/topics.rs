@@ -55,23 +55,40 @@ pub const TRUST_ROOT: &str = "millwright/v1/trust/root";
 /// Where the server announces "retraining recommended" events.
 pub const RETRAINING: &str = "millwright/v1/events/retraining";
 
-/// A topic the server receives, parsed back into what it names.
+/// Where the server watches every device's retained directive: a broker without ACLs lets any
+/// client overwrite it, and the server puts its own back.
+pub const DESIRED_FILTER: &str = "millwright/v1/+/desired";
+
+/// A Millwright topic, parsed back into what it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     Uplink { device: DeviceId, stream: Stream },
     Status { device: DeviceId },
     Fetch { device: DeviceId },
+    Ack { device: DeviceId },
+    Desired { device: DeviceId },
+    Chunk { device: DeviceId },
+    TrustRoot,
 }
 
 /// Parses a topic under [`ROOT`]; `None` for anything that is not ours.
 pub fn parse(topic: &str) -> Option<Incoming> {
+    if topic == TRUST_ROOT {
+        return Some(Incoming::TrustRoot);
+    }
     let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
     let mut levels = rest.split('/');
     let device = DeviceId::new(levels.next()?).ok()?;
+    if device.is_reserved() {
+        return None;
+    }
     let incoming = match (levels.next()?, levels.next()) {
         ("up", Some(stream)) => Incoming::Uplink { device, stream: Stream::parse(stream)? },
         ("status", None) => return Some(Incoming::Status { device }),
         ("fetch", None) => return Some(Incoming::Fetch { device }),
+        ("ack", None) => return Some(Incoming::Ack { device }),
+        ("desired", None) => return Some(Incoming::Desired { device }),
+        ("chunk", None) => return Some(Incoming::Chunk { device }),
         _ => return None,
     };
     levels.next().is_none().then_some(incoming)
@@ -92,6 +109,10 @@ mod tests {
         assert_eq!(parse("millwright/v1/gw1/up/unknown"), None);
         assert_eq!(parse("millwright/v1/gw1/up/pred/extra"), None);
         assert_eq!(parse("other/v1/gw1/status"), None);
-        assert_eq!(parse(&ack(&d)), None);
+        assert_eq!(parse(&ack(&d)), Some(Incoming::Ack { device: d.clone() }));
+        assert_eq!(parse(&desired(&d)), Some(Incoming::Desired { device: d.clone() }));
+        assert_eq!(parse(TRUST_ROOT), Some(Incoming::TrustRoot));
+        assert_eq!(parse("millwright/v1/trust/status"), None, "reserved levels are no device");
+        assert_eq!(parse(RETRAINING), None);
     }
 }

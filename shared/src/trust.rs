@@ -172,6 +172,20 @@ impl Root {
     /// Parses and checks a root document on its own: kind, keys, thresholds, and a threshold
     /// of its own root keys (the first root a device holds is trusted because it was installed).
     pub fn provision(bytes: &[u8], now: OffsetDateTime) -> Result<Root, TrustError> {
+        let root = Root::provision_expired_too(bytes)?;
+        if root.is_expired(now) {
+            return Err(TrustError::Expired {
+                version: root.metadata.version,
+                expired_at: rfc3339(root.metadata.expires_at),
+            });
+        }
+        Ok(root)
+    }
+
+    /// Like [`Root::provision`], but an expired root is returned too: a gateway provisioned
+    /// with a root that has since expired may hold a newer one, and a server must still start to
+    /// say so. Callers check [`Root::is_expired`] before trusting it with anything new.
+    pub fn provision_expired_too(bytes: &[u8]) -> Result<Root, TrustError> {
         if bytes.len() > MAX_ROOT_BYTES {
             return Err(TrustError::TooLarge(bytes.len()));
         }
@@ -191,13 +205,12 @@ impl Root {
         };
         let root = Root { metadata, envelope, root_keys, release, server };
         root.check_signed_by(&root.root_keys, "new", &payload)?;
-        if now >= root.metadata.expires_at {
-            return Err(TrustError::Expired {
-                version: root.metadata.version,
-                expired_at: rfc3339(root.metadata.expires_at),
-            });
-        }
         Ok(root)
+    }
+
+    /// Whether the root has expired at `now` (a root made from bare release keys never does).
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.metadata.version > 0 && now >= self.metadata.expires_at
     }
 
     /// A trust state for devices configured with bare release keys (no root document): bundles
@@ -351,6 +364,19 @@ mod tests {
             next.rotate(&both, NOW),
             Err(TrustError::Version { found: 2, current: 2 })
         ));
+    }
+
+    #[test]
+    fn an_expired_root_is_refused_for_trust_but_can_still_be_read() {
+        let v1 = metadata(1, &[1, 2, 3], vec![]);
+        let bytes = Root::sign(&v1, &[&key(1), &key(2)]).to_bytes();
+        let later = datetime!(2031-01-01 0:00 UTC);
+        assert!(matches!(Root::provision(&bytes, later), Err(TrustError::Expired { .. })));
+        let root = Root::provision_expired_too(&bytes).unwrap();
+        assert!(root.is_expired(later) && !root.is_expired(NOW));
+        let v2 = metadata(2, &[1, 2, 3], vec![]);
+        let next = Root::sign(&v2, &[&key(1), &key(2)]).to_bytes();
+        assert_eq!(root.rotate(&next, NOW).unwrap().version(), 2, "an expired root can rotate");
     }
 
     #[test]

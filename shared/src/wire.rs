@@ -1,16 +1,37 @@
-//! Versioned wire messages, JSON on MQTT. Every message carries `v` ([`WIRE_VERSION`]);
-//! receivers reject other versions with a named error instead of guessing.
+//! Versioned wire messages, JSON on MQTT inside signed frames ([`crate::signed`]). Every
+//! message carries `v` ([`WIRE_VERSION`]); receivers reject other versions with a named error
+//! instead of guessing.
 //!
 //! Delivery contract: the agent numbers records per (device, stream) from 1 without gaps;
 //! the server stores each (device, stream, seq) once and answers with an [`Ack`] only after the
-//! records are durable; the agent deletes a record from its outbox only on that ack.
+//! records are durable; the agent deletes a record from its outbox only on that ack, only if the
+//! record is in flight to the server, and only if the ack names its outbox's epoch.
 
 use crate::drift::DriftReport;
 use crate::gates::Health;
 use crate::ids::{AssetId, DeviceId, ModelName, Release};
 use serde::{Deserialize, Serialize};
 
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
+
+/// The longest free text (site, tag, device class, agent version) a device may send, in bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+/// The longest reason an update report carries, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// The most tags a device may carry.
+pub const MAX_TAGS: usize = 32;
+
+/// `text` without control characters, cut at a character boundary to at most `max` bytes.
+pub fn clean_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// The numbered streams a device sends; each has its own sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,6 +70,9 @@ impl Stream {
 pub struct UplinkBatch {
     pub v: u32,
     pub device: DeviceId,
+    /// The identity of the outbox the records come from, chosen when it was created; acks
+    /// name it, so an ack for an earlier installation deletes nothing.
+    pub epoch: String,
     pub stream: Stream,
     pub records: Vec<Record>,
 }
@@ -257,6 +281,8 @@ pub struct Alert {
 #[serde(deny_unknown_fields)]
 pub struct Ack {
     pub v: u32,
+    /// The outbox epoch of the batch acknowledged.
+    pub epoch: String,
     pub stream: Stream,
     /// Inclusive ranges `[first, last]`.
     pub ranges: Vec<(u64, u64)>,
@@ -264,7 +290,7 @@ pub struct Ack {
 
 impl Ack {
     /// Builds an ack from sequence numbers in any order, merging runs into ranges.
-    pub fn from_seqs(stream: Stream, mut seqs: Vec<u64>) -> Ack {
+    pub fn from_seqs(epoch: &str, stream: Stream, mut seqs: Vec<u64>) -> Ack {
         seqs.sort_unstable();
         seqs.dedup();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -274,7 +300,7 @@ impl Ack {
                 _ => ranges.push((seq, seq)),
             }
         }
-        Ack { v: WIRE_VERSION, stream, ranges }
+        Ack { v: WIRE_VERSION, epoch: epoch.to_owned(), stream, ranges }
     }
 
     pub fn contains(&self, seq: u64) -> bool {
@@ -283,11 +309,20 @@ impl Ack {
 }
 
 /// Agent → server, retained; the broker publishes the `online: false` form as the last will.
+///
+/// Signed statuses could be replayed by another party on a broker without ACLs, so they are
+/// ordered: `at_ms` grows with every status an agent sends (it never goes back, whatever the
+/// clock does), and `started_ms` is when the agent process started. The last will is built at
+/// start, so its `at_ms` equals its `started_ms`. The server accepts an online status only if it
+/// is newer than the last one accepted, and an offline one only if it comes from the same run
+/// as that status, or a later one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceStatus {
     pub v: u32,
     pub device: DeviceId,
+    pub at_ms: i64,
+    pub started_ms: i64,
     pub online: bool,
     pub agent_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,8 +395,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn device_text_loses_control_characters_and_is_cut_at_a_character() {
+        assert_eq!(clean_text("plant\u{1b}[31m-north\n", 64), "plant[31m-north");
+        assert_eq!(clean_text("ééé", 5), "éé");
+        assert_eq!(clean_text("<img src=x onerror=alert(1)>", 128), "<img src=x onerror=alert(1)>");
+    }
+
+    #[test]
     fn ack_merges_sequence_numbers_into_ranges() {
-        let ack = Ack::from_seqs(Stream::Alerts, vec![5, 1, 2, 3, 7, 8, 2]);
+        let ack = Ack::from_seqs("e1", Stream::Alerts, vec![5, 1, 2, 3, 7, 8, 2]);
         assert_eq!(ack.ranges, vec![(1, 3), (5, 5), (7, 8)]);
         assert!(ack.contains(2) && ack.contains(8) && !ack.contains(4) && !ack.contains(9));
     }
@@ -371,6 +413,7 @@ mod tests {
         let batch = UplinkBatch {
             v: WIRE_VERSION,
             device: DeviceId::new("gw1").unwrap(),
+            epoch: "e1".into(),
             stream: Stream::Predictions,
             records: vec![Record {
                 seq: 1,
@@ -386,10 +429,10 @@ mod tests {
         };
         let bytes = encode(&batch);
         assert_eq!(UplinkBatch::decode(&bytes).unwrap(), batch);
-        let v2 = String::from_utf8(bytes).unwrap().replace("\"v\":1", "\"v\":2");
+        let v1 = String::from_utf8(bytes).unwrap().replace("\"v\":2", "\"v\":1");
         assert!(matches!(
-            UplinkBatch::decode(v2.as_bytes()),
-            Err(DecodeError::Version { found: 2 })
+            UplinkBatch::decode(v1.as_bytes()),
+            Err(DecodeError::Version { found: 1 })
         ));
         assert!(matches!(UplinkBatch::decode(b"not json"), Err(DecodeError::Json(_))));
     }

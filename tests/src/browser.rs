@@ -36,6 +36,9 @@ fn run(url: &str, extra: &[String]) -> anyhow::Result<Load> {
     let output = Command::new(exe()?)
         .args(["--headless", "--disable-gpu", "--no-sandbox", "--no-first-run"])
         .args(["--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0"])
+        // The pages are served over HTTPS with the test's own CA, which Chromium does not know;
+        // the certificate chain is checked by the rustls clients of the other tests.
+        .arg("--ignore-certificate-errors")
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("--virtual-time-budget={VIRTUAL_TIME_MS}"))
         .args(extra)
@@ -105,6 +108,8 @@ impl Browser {
                 std::ffi::OsStr::new("--disable-gpu"),
                 std::ffi::OsStr::new("--disable-dev-shm-usage"),
                 std::ffi::OsStr::new("--no-first-run"),
+                // HTTPS with the test's own CA (see `run`).
+                std::ffi::OsStr::new("--ignore-certificate-errors"),
             ])
             .build()
             .map_err(|e| anyhow::anyhow!("chromium options: {e}"))?;

@@ -1,8 +1,13 @@
 //! The end-to-end harness: real processes (Mosquitto, `millwright-server`, `millwright-agent`)
 //! on free ports with temporary folders, and the faults the scenarios inject (broker stops,
 //! SIGKILL, garbage input). Every process is killed when its handle drops.
+//!
+//! Every fleet is secure as a real one: a test CA ([`pki::Pki`]), TLS with client certificates
+//! on both brokers, HTTPS on the server, every agent enrolled through `millwright device enroll`
+//! before it starts, and the server's users with hashed tokens.
 
 use anyhow::{Context as _, bail};
+use rumqttc::MqttOptions;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -13,9 +18,12 @@ use std::time::{Duration, Instant};
 pub use millwright_shared as shared;
 
 pub mod browser;
+pub mod pki;
 pub mod rogue;
 pub mod trust;
 pub mod variants;
+
+use pki::Pki;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -131,9 +139,24 @@ impl Drop for Proc {
     }
 }
 
-/// A Mosquitto broker on a free loopback port.
+/// How a Mosquitto broker decides what an authenticated client may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acl {
+    /// The ACL file the server writes from its registry (`[identity] mosquitto_acl`): each
+    /// device confined to its own topics.
+    Registry,
+    /// No ACL: any client with a fleet certificate may publish and subscribe anywhere (a broker
+    /// set up wrongly; identity must still hold).
+    Open,
+}
+
+/// A Mosquitto broker on a free loopback port: TLS only, a client certificate of the test CA
+/// required, its common name the user name and the client id.
 pub struct Mosquitto {
     pub port: u16,
+    pub acl: Acl,
+    pub acl_file: PathBuf,
+    pub pid_file: PathBuf,
     conf: PathBuf,
     dir: PathBuf,
     proc: Option<Proc>,
@@ -141,16 +164,37 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+        Self::start_with(dir, Acl::Registry)
+    }
+
+    /// Starts with `acl`.
+    pub fn start_with(dir: &Path, acl: Acl) -> anyhow::Result<Mosquitto> {
+        let pki = Pki::at(dir)?;
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
+        let acl_file = dir.join("mosquitto.acl");
+        let pid_file = dir.join("mosquitto.pid");
+        std::fs::write(&acl_file, millwright_server::mosquitto::acl(&[], &[]))?;
+        let acl_line = match acl {
+            Acl::Registry => format!("acl_file {}\n", acl_file.display()),
+            Acl::Open => String::new(),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\nlog_type all\nlog_dest stderr\n"
+                "user root\nper_listener_settings true\npersistence false\npid_file {}\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nlog_type all\nlog_dest stderr\n\
+                 listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate true\nuse_identity_as_username true\n\
+                 use_username_as_clientid true\nallow_anonymous false\n{acl_line}",
+                pid_file.display(),
+                pki.ca_cert.display(),
+                pki.broker_cert.display(),
+                pki.broker_key.display(),
             ),
         )?;
-        let mut m = Mosquitto { port, conf, dir: dir.to_owned(), proc: None };
+        let mut m =
+            Mosquitto { port, acl, acl_file, pid_file, conf, dir: dir.to_owned(), proc: None };
         m.restart()?;
         Ok(m)
     }
@@ -160,7 +204,9 @@ impl Mosquitto {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .context("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
+            .context(
+                "mosquitto is not installed (apt-get install mosquitto); scripts/test installs it",
+            )
     }
 
     /// Starts (again) on the same port.
@@ -176,6 +222,11 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// The command the server runs after it rewrote the ACL file.
+    fn reload_command(&self) -> String {
+        format!("kill -HUP $(cat {})", self.pid_file.display())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
@@ -188,42 +239,91 @@ impl Mosquitto {
 }
 
 /// Where a server's MQTT traffic goes.
-pub enum BrokerChoice {
+pub enum BrokerChoice<'a> {
     Embedded,
-    External(u16),
+    Mosquitto(&'a Mosquitto),
 }
 
 /// A `millwright-server` process.
 pub struct Server {
     pub http_port: u16,
-    /// The port agents connect to (embedded or external broker).
+    /// The port agents connect to (embedded or external broker), always TLS.
     pub mqtt_port: u16,
     pub proc: Proc,
     pub dir: PathBuf,
+    pub pki: Pki,
+    /// The test's root folder (enrolled identities go under it).
+    pub root: PathBuf,
     args: Vec<std::ffi::OsString>,
     log: PathBuf,
 }
 
+/// An HTTPS client that trusts the test CA.
+pub fn https(pki: &Pki) -> ureq::Agent {
+    let tls = millwright_io::tls::client_config(&pki.ca_cert, None).expect("test CA");
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).tls_config(tls).build()
+}
+
 impl Server {
-    pub fn start(dir: &Path, broker: BrokerChoice) -> anyhow::Result<Server> {
+    pub fn start(dir: &Path, broker: BrokerChoice<'_>) -> anyhow::Result<Server> {
         Self::start_with_config(dir, broker, "")
     }
 
-    /// Starts a server with `config` (TOML: `[models]`, `[drift]` ...) as its config file.
+    /// Starts a server with `config` (TOML tables: `[models]`, `[drift]` ...) in its config
+    /// file, after its identity and the test users (admin, operator, viewer).
     pub fn start_with_config(
         dir: &Path,
-        broker: BrokerChoice,
+        broker: BrokerChoice<'_>,
         config: &str,
     ) -> anyhow::Result<Server> {
+        Self::launch(dir, broker, config, true)
+    }
+
+    /// A server without users: open to read, closed to writes (no enrollment either).
+    pub fn start_without_users(dir: &Path, broker: BrokerChoice<'_>) -> anyhow::Result<Server> {
+        Self::launch(dir, broker, "", false)
+    }
+
+    fn launch(
+        dir: &Path,
+        broker: BrokerChoice<'_>,
+        config: &str,
+        users: bool,
+    ) -> anyhow::Result<Server> {
+        let pki = Pki::at(dir)?;
         let http_port = free_port();
         let data = dir.join("server");
         let mut cmd = Command::new(bin("millwright-server"));
-        if !config.is_empty() {
-            let path = dir.join("server.toml");
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(&path, config)?;
-            cmd.arg("--config").arg(path);
+        let mut toml = format!(
+            "[identity]\nserver_key = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.message_key, pki.ca_cert, pki.server_cert, pki.server_key
+        );
+        if let BrokerChoice::Mosquitto(m) = &broker
+            && m.acl == Acl::Registry
+        {
+            toml += &format!(
+                "mosquitto_acl = {:?}\nmosquitto_reload = {:?}\n",
+                m.acl_file,
+                m.reload_command()
+            );
         }
+        if users {
+            for (name, role, token) in [
+                ("ada", "admin", trust::ADMIN_TOKEN),
+                ("oscar", "operator", trust::OPERATOR_TOKEN),
+                ("vera", "viewer", trust::VIEWER_TOKEN),
+            ] {
+                toml += &format!(
+                    "\n[[users]]\nname = {name:?}\nrole = {role:?}\ntoken_sha256 = {:?}\n",
+                    millwright_server::auth::token_hash(token)
+                );
+            }
+        }
+        toml += &format!("\n{config}");
+        let path = dir.join("server.toml");
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(&path, toml)?;
+        cmd.arg("--config").arg(path);
         cmd.arg("--data-dir").arg(&data).arg("--http").arg(format!("127.0.0.1:{http_port}"));
         let mqtt_port = match broker {
             BrokerChoice::Embedded => {
@@ -231,15 +331,16 @@ impl Server {
                 cmd.arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
                 port
             }
-            BrokerChoice::External(port) => {
-                cmd.arg("--broker").arg(format!("127.0.0.1:{port}"));
-                port
+            BrokerChoice::Mosquitto(m) => {
+                cmd.arg("--broker").arg(format!("mqtts://127.0.0.1:{}", m.port));
+                m.port
             }
         };
         let args: Vec<std::ffi::OsString> = cmd.get_args().map(ToOwned::to_owned).collect();
         let log = dir.join("server.log");
         let proc = Proc::spawn(&mut cmd, log.clone())?;
-        let server = Server { http_port, mqtt_port, proc, dir: data, args, log };
+        let server =
+            Server { http_port, mqtt_port, proc, dir: data, pki, root: dir.to_owned(), args, log };
         server.wait_healthy()?;
         Ok(server)
     }
@@ -262,10 +363,20 @@ impl Server {
         self.wait_healthy()
     }
 
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// An HTTPS client that trusts the server's CA.
+    pub fn https(&self) -> ureq::Agent {
+        https(&self.pki)
+    }
+
     /// POSTs `body` (JSON) with a bearer token; returns the status and the JSON answer.
     pub fn post(&self, path: &str, token: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
-        let answer = ureq::post(&url)
+        let answer = self
+            .https()
+            .post(&self.url(path))
             .timeout(Duration::from_secs(60))
             .set("Authorization", &format!("Bearer {token}"))
             .send_json(body.clone());
@@ -280,20 +391,49 @@ impl Server {
     pub fn cli(&self, token: &str) -> Command {
         let mut cmd = Command::new(bin("millwright"));
         cmd.env("MILLWRIGHT_TOKEN", token)
-            .env("MILLWRIGHT_SERVER", format!("http://127.0.0.1:{}", self.http_port));
+            .env("MILLWRIGHT_SERVER", format!("https://127.0.0.1:{}", self.http_port))
+            .env("MILLWRIGHT_CA", &self.pki.ca_cert);
         cmd
+    }
+
+    /// Enrolls `device` with `millwright device enroll` (as the admin); returns its identity
+    /// folder (`<test root>/<device>/identity`, with a page certificate for 127.0.0.1).
+    pub fn enroll(&self, device: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.root.join(device).join("identity");
+        let out = self
+            .cli(trust::ADMIN_TOKEN)
+            .args(["device", "enroll", device, "--page-host", "127.0.0.1", "--ca"])
+            .arg(&self.pki.ca_dir)
+            .arg("--out-dir")
+            .arg(&dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("enroll {device}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(dir)
     }
 
     /// A non-JSON route (e.g. `/metrics`) as text. Like [`Server::get`], with a viewer's
     /// token: servers with users need one to read, and servers without users ignore it.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
-        Ok(read(&url).call()?.into_string()?)
+        Ok(self.read(path).call()?.into_string()?)
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
-        Ok(read(&url).call()?.into_json()?)
+        Ok(self.read(path).call()?.into_json()?)
+    }
+
+    /// A GET as the test viewer.
+    pub fn read(&self, path: &str) -> ureq::Request {
+        self.https()
+            .get(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", trust::VIEWER_TOKEN))
+    }
+
+    /// A series of the server's `/metrics` (0 when absent), e.g.
+    /// `millwright_refused_total{reason="bad_signature"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(&self.get_text("/metrics").unwrap_or_default(), series)
     }
 
     /// Every prediction stored for `device`, in sequence order.
@@ -317,6 +457,41 @@ impl Server {
             .and_then(|d| d["predictions"].as_u64())
             .unwrap_or(0)
     }
+}
+
+/// MQTT options for a party on the test broker at `port`: TLS with `identity`'s client
+/// certificate (an enrolled or an attacking folder), logged in as its device with a password
+/// signed by its key, under `client_id` (default `millwright-<device>`).
+pub fn mqtt_as(port: u16, identity: &Path, client_id: Option<&str>) -> anyhow::Result<MqttOptions> {
+    use millwright_shared::enrollment as files;
+    let file: millwright_shared::enrollment::IdentityFile =
+        serde_json::from_slice(&std::fs::read(identity.join(files::IDENTITY_FILE))?)?;
+    let (_, key) = millwright_shared::keys::SecretKeyFile::parse(&std::fs::read_to_string(
+        identity.join(files::DEVICE_KEY),
+    )?)?;
+    let client_id = client_id.map_or_else(|| format!("millwright-{}", file.device), str::to_owned);
+    let tls = millwright_io::tls::client_config(
+        &identity.join(files::CA_CERT),
+        Some(&millwright_io::tls::ClientIdentity {
+            cert: identity.join(files::DEVICE_CERT),
+            key: identity.join(files::DEVICE_TLS_KEY),
+        }),
+    )?;
+    let password = millwright_shared::signed::connect_password(&key, &file.device, &client_id);
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    options
+        .set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    options.set_credentials(file.device.to_string(), password);
+    Ok(options)
+}
+
+/// The value of `series` in Prometheus text (0 when absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -387,18 +562,34 @@ pub struct Agent {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub proc: Proc,
+    /// The identity folder enrollment wrote.
+    pub identity: PathBuf,
 }
 
 impl Agent {
-    pub fn start(root: &Path, spec: AgentSpec, broker_port: u16) -> anyhow::Result<Agent> {
-        Self::start_with_env(root, spec, broker_port, &[])
+    /// Enrolls the agent with `server` and starts it on the server's broker.
+    pub fn start(root: &Path, spec: AgentSpec, server: &Server) -> anyhow::Result<Agent> {
+        Self::start_with_env(root, spec, server, &[])
     }
 
     /// Starts an agent with extra environment variables (e.g. `MILLWRIGHT_PAUSE_AFTER`).
     pub fn start_with_env(
         root: &Path,
         spec: AgentSpec,
+        server: &Server,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
+        let identity = server.enroll(&spec.device)?;
+        Self::start_enrolled(root, spec, server.mqtt_port, &identity, env)
+    }
+
+    /// Starts an agent with the identity folder `identity` (enrolled already, or not: an
+    /// attack) on the broker at `broker_port`.
+    pub fn start_enrolled(
+        root: &Path,
+        spec: AgentSpec,
         broker_port: u16,
+        identity: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Agent> {
         let dir = root.join(&spec.device);
@@ -408,7 +599,8 @@ impl Agent {
             None => format!("keys = [{:?}]", repo_file(PUBLIC_KEY)),
         };
         let mut toml = format!(
-            "device = {:?}\ndata_dir = {:?}\n{}\n\n[uplink]\nbroker = \"127.0.0.1:{broker_port}\"\n\
+            "device = {:?}\ndata_dir = {:?}\n{}\n\n[identity]\ndir = {identity:?}\n\n\
+             [uplink]\nbroker = \"mqtts://127.0.0.1:{broker_port}\"\n\
              keep_alive_secs = 2\nretry_after_secs = 3\nreconnect_max_secs = 1\n\n\
              [trust]\n{trust}\n",
             spec.device,
@@ -443,7 +635,7 @@ impl Agent {
         let config = dir.join("agent.toml");
         std::fs::write(&config, toml)?;
         let proc = Self::spawn(&dir, &config, env)?;
-        Ok(Agent { spec, dir, config, proc })
+        Ok(Agent { spec, dir, config, proc, identity: identity.to_owned() })
     }
 
     fn spawn(dir: &Path, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
@@ -515,9 +707,48 @@ pub fn expected_predictions() -> anyhow::Result<&'static [ExpectedPrediction]> {
     result.as_deref().map_err(|e| anyhow::anyhow!("reference replay failed: {e}"))
 }
 
+/// Checks that every outbox stream of the agent (predictions, alerts, drift reports, update
+/// reports) arrived exactly once: for each, the server holds as many records as its highest
+/// sequence number (1..=n, so no gap and no duplicate), and that number is the agent's last.
+/// Waits up to `timeout` for the last records to arrive. Returns the records per stream.
+pub fn check_streams(
+    server: &Server,
+    agent: &Agent,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let device = &agent.spec.device;
+    let mut last = String::new();
+    let mut counted = Vec::new();
+    let done = wait_until(timeout, || {
+        let (Some(status), Ok(stored)) =
+            (agent.status(), server.get(&format!("/api/v1/devices/{device}/streams")))
+        else {
+            return false;
+        };
+        counted.clear();
+        let mut ok = true;
+        last.clear();
+        for stream in ["pred", "alert", "drift", "update"] {
+            let sent = status["last_seq"][stream].as_u64().unwrap_or(0);
+            let records = stored[stream]["records"].as_u64().unwrap_or(0);
+            let highest = stored[stream]["last_seq"].as_u64().unwrap_or(0);
+            last += &format!("{stream}: agent {sent}, server {records} records up to {highest}; ");
+            ok &= records == highest && highest == sent;
+            counted.push((stream.to_owned(), records));
+        }
+        ok
+    });
+    if !done {
+        bail!("{device}: streams not delivered exactly once: {last}");
+    }
+    Ok(counted)
+}
+
 /// Checks the server holds exactly `expected` for `device`: sequence numbers 1..=n without a
-/// gap, one prediction per (asset, cycle), values bit-equal to the reference replay.
+/// gap, one prediction per (asset, cycle), values bit-equal to the reference replay; and every
+/// other stream exactly once too ([`check_streams`]).
 pub fn check_exactly_once(server: &Server, agent: &Agent) -> anyhow::Result<usize> {
+    check_streams(server, agent, Duration::from_secs(30))?;
     let expected = agent.expected()?;
     let stored = server.predictions(&agent.spec.device)?;
     let seqs: Vec<u64> = stored.iter().map(|p| p.seq).collect();
@@ -579,20 +810,6 @@ pub fn wait_for_all(server: &Server, agents: &[&Agent], timeout: Duration) -> an
     Ok(())
 }
 
-/// A file of the full NASA data beside the repository (`../shared/data/cmapss/`), or an error
-/// that says where it was looked for.
-pub fn shared_data(name: &str) -> anyhow::Result<PathBuf> {
-    let path = repo_root().join("../shared/data/cmapss").join(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: the drift tests replay the full NASA C-MAPSS files from \
-             ../shared/data/cmapss beside the repository",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// Runs `millwright-agent replay` with drift reports on `cmapss`; returns the reports (JSON)
 /// and the prediction lines.
 pub fn replay_drift(
@@ -613,11 +830,4 @@ pub fn replay_drift(
         lines(&drift)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
     let preds = lines(&out)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
     Ok((reports, preds))
-}
-
-/// A GET of the server API as the test viewer (see [`Server::get`]).
-pub fn read(url: &str) -> ureq::Request {
-    ureq::get(url)
-        .timeout(Duration::from_secs(5))
-        .set("Authorization", &format!("Bearer {}", trust::VIEWER_TOKEN))
 }

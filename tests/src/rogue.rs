@@ -1,11 +1,17 @@
 //! A test party on the broker that speaks the server's side of model delivery: it publishes
 //! directives and roots it signed itself and answers chunk requests from a bundle it chooses,
-//! optionally damaged. Devices must refuse whatever it sends wrongly, on their own.
+//! optionally damaged, signing the chunks with a key it is given (the server's, to play a
+//! server that sends bad chunks, or another, to play a forger). Devices must refuse whatever
+//! it sends wrongly, on their own. It is an enrolled device of the fleet (`rogue-<device>`),
+//! so the embedded broker lets it in, and it publishes where a broker without ACLs lets it.
 
+use crate::Server;
 use base64::Engine as _;
+use ed25519_dalek::SigningKey;
+use millwright_shared::signed::{self, Purpose};
 use millwright_shared::topics;
 use millwright_shared::wire::{self, Chunk, FetchRequest, WIRE_VERSION};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, Packet, QoS};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,11 +40,11 @@ pub struct Rogue {
 }
 
 impl Rogue {
-    /// Connects to the broker on `port` and serves chunk requests of `device`.
-    pub fn start(port: u16, device: &str) -> anyhow::Result<Rogue> {
-        let mut options = MqttOptions::new(format!("rogue-{device}"), "127.0.0.1", port);
-        options.set_max_packet_size(4 << 20, 4 << 20);
-        options.set_keep_alive(Duration::from_secs(5));
+    /// Enrolls itself with `server`, connects to its broker and serves chunk requests of
+    /// `device`, signing chunks with `chunk_key`.
+    pub fn start(server: &Server, device: &str, chunk_key: SigningKey) -> anyhow::Result<Rogue> {
+        let identity = server.enroll(&format!("rogue-{device}"))?;
+        let options = crate::mqtt_as(server.mqtt_port, &identity, None)?;
         let (client, mut connection) = Client::new(options, 100);
         let device_id = millwright_shared::DeviceId::new(device)?;
         client.subscribe(topics::fetch(&device_id), QoS::AtLeastOnce)?;
@@ -52,7 +58,12 @@ impl Rogue {
                     }
                     continue;
                 };
-                let Ok(request) = FetchRequest::decode(&p.payload) else { continue };
+                // The device signs its requests; the rogue reads them without checking.
+                if signed::open(&p.payload).is_err() {
+                    continue;
+                }
+                let body = &p.payload[signed::HEADER_BYTES..];
+                let Ok(request) = FetchRequest::decode(body) else { continue };
                 let mut offer = shared.lock().unwrap_or_else(|e| e.into_inner());
                 if request.sha256 != offer.sha256 || offer.chunk_size == 0 {
                     continue;
@@ -76,11 +87,13 @@ impl Rogue {
                         index,
                         data: base64::engine::general_purpose::STANDARD.encode(&data),
                     };
+                    let frame =
+                        signed::seal(&chunk_key, Purpose::Chunk, &device_id, &wire::encode(&chunk));
                     let _ = responder.try_publish(
                         topics::chunk(&device_id),
                         QoS::AtLeastOnce,
                         false,
-                        wire::encode(&chunk),
+                        frame,
                     );
                 }
             }

@@ -18,6 +18,10 @@ pub fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
+/// The seed of the server's message key: every test server signs with it, and every root the
+/// kit makes names it as the server key.
+pub const SERVER_SEED: u8 = 21;
+
 /// Keys by role. Root: 3 keys, threshold 2. Release: 3 keys, threshold 2, plus one revoked.
 /// Server: one key, plus one revoked.
 pub struct TrustKit {
@@ -46,7 +50,7 @@ impl TrustKit {
             root_keys: vec![key(1), key(2), key(3)],
             release_keys: vec![key(11), key(12), key(13)],
             revoked_release: key(19),
-            server_key: key(21),
+            server_key: key(SERVER_SEED),
             revoked_server: key(29),
             root_path: dir.join("root.json"),
             server_secret: dir.join("server.secret.json"),
@@ -147,22 +151,17 @@ impl TrustKit {
     }
 }
 
-/// The operator and admin tokens of [`TrustKit::server_config`].
+/// The tokens of the users every test server has (the harness adds them, hashed).
 pub const OPERATOR_TOKEN: &str = "operator-token-0123456789";
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
 pub const VIEWER_TOKEN: &str = "viewer-token-0123456789";
 
 impl TrustKit {
-    /// Server config with rollouts on this kit's root and server key, three users, and `extra`
-    /// lines in `[rollouts]` (e.g. `chunk_size = 8192`).
+    /// Server config with rollouts on this kit's root, and `extra` lines in `[rollouts]` (e.g.
+    /// `chunk_size = 8192`). The server signs directives with its identity key, the kit's
+    /// server key.
     pub fn server_config(&self, extra: &str) -> String {
-        format!(
-            "[rollouts]\nroot = {:?}\nserver_key = {:?}\ntick_ms = 200\n{extra}\n\n\
-             [[users]]\nname = \"ada\"\nrole = \"admin\"\ntoken = {ADMIN_TOKEN:?}\n\n\
-             [[users]]\nname = \"oscar\"\nrole = \"operator\"\ntoken = {OPERATOR_TOKEN:?}\n\n\
-             [[users]]\nname = \"vera\"\nrole = \"viewer\"\ntoken = {VIEWER_TOKEN:?}\n",
-            self.root_path, self.server_secret
-        )
+        format!("[rollouts]\nroot = {:?}\ntick_ms = 200\n{extra}\n", self.root_path)
     }
 }
 

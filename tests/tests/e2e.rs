@@ -8,7 +8,6 @@ mod e2e {
     mod config_errors;
     mod dashboard;
     mod delivery;
-    mod drift;
     mod drift_fleet;
     mod faults;
     mod local_page;

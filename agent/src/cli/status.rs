@@ -24,9 +24,15 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn fetch(url: &str) -> anyhow::Result<Status> {
+/// The page's status; over HTTPS the page's certificate must chain to `ca` (the fleet CA of
+/// the gateway's identity), or to the system's roots without one.
+fn fetch(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Status> {
     let url = format!("{}/api/status", url.trim_end_matches('/'));
-    Ok(ureq::get(&url).timeout(Duration::from_secs(3)).call()?.into_json()?)
+    let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3));
+    if let Some(ca) = ca {
+        agent = agent.tls_config(millwright_io::tls::client_config(ca, None)?);
+    }
+    Ok(agent.build().get(&url).call()?.into_json()?)
 }
 
 fn read(path: &std::path::Path) -> anyhow::Result<Status> {
@@ -44,13 +50,15 @@ pub fn run(url: Option<String>, config: Option<PathBuf>) -> ExitCode {
         }
     };
     let url = url.or_else(|| {
-        let listen = config.as_ref()?.local.listen?;
-        Some(format!("http://{}", reachable(listen)))
+        let local = &config.as_ref()?.local;
+        let scheme = if local.tls.is_some() { "https" } else { "http" };
+        Some(format!("{scheme}://{}", reachable(local.listen?)))
     });
+    let ca = config.as_ref().map(|c| c.identity.ca.clone());
     let mut tried = Vec::new();
     let now_ms = crate::clock::now_ms();
     if let Some(url) = &url {
-        match fetch(url) {
+        match fetch(url, ca.as_deref()) {
             Ok(status) => {
                 println!("source: {url}");
                 print!("{}", status.summary(now_ms));

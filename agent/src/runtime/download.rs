@@ -8,6 +8,7 @@ use super::update::{Job, Stage, Update, failpoint};
 use crate::clock;
 use crate::staging::Staging;
 use millwright_shared::directive::ChunkError;
+use millwright_shared::signed::{self, Purpose};
 use millwright_shared::topics;
 use millwright_shared::wire::{self, Chunk, FetchRequest, WIRE_VERSION};
 use rumqttc::QoS;
@@ -68,7 +69,9 @@ impl Agent {
                 first: index,
                 count: 1,
             };
-            let payload = wire::encode(&request);
+            let body = wire::encode(&request);
+            let payload =
+                signed::seal(&self.config.identity.key, Purpose::Fetch, &self.config.device, &body);
             if self.client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload).is_err() {
                 break;
             }
@@ -84,7 +87,8 @@ impl Agent {
         self.request_chunks(clock::now_ms());
     }
 
-    /// A message on this device's `chunk` topic.
+    /// A chunk the server signed for this device (the signature is checked by the caller, so
+    /// an unsigned chunk from another party never counts as a bad chunk of the download).
     pub(super) fn on_chunk(&mut self, bytes: &[u8]) {
         let Some(Update { job, stage: Stage::Fetching { staging, requested, bad_chunks } }) =
             &mut self.update

@@ -23,16 +23,101 @@ use crate::status::UpdateStatus;
 use crate::store::NewRecord;
 use crate::update_state::{Change, Pending, Slot, Step};
 use millwright_shared::bundle::sha256_hex;
+use millwright_shared::directive::DirectiveError;
 use millwright_shared::directive::{self, Directive, Verdict};
 use millwright_shared::gates::{self, Health, HealthMeter};
-use millwright_shared::trust::Envelope;
-use millwright_shared::wire::{RecordBody, UpdatePhase, UpdateReport};
-use std::collections::HashMap;
+use millwright_shared::trust::{Envelope, TrustError};
+use millwright_shared::wire::{self, RecordBody, UpdatePhase, UpdateReport};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// An activation interrupted this many times by restarts is given up.
 const MAX_ATTEMPTS: u32 = 3;
+
+/// At most one report per this long about directives and roots that did not verify: anyone on
+/// a broker without ACLs can publish those, as fast as they like.
+const UNVERIFIED_REPORT_EVERY_MS: i64 = 600_000;
+/// Digests of refused messages remembered, so a retained one is reported once.
+const REFUSED_REMEMBERED: usize = 64;
+/// The longest reason about a refused directive or root (its text can quote the sender).
+const MAX_REFUSAL_REASON: usize = 256;
+
+/// What the agent remembers of refused directives and roots.
+#[derive(Debug, Default)]
+pub(super) struct Refused {
+    digests: VecDeque<String>,
+    unverified_reported_ms: Option<i64>,
+}
+
+impl Refused {
+    /// True the first time `digest` is seen lately.
+    fn first(&mut self, digest: &str) -> bool {
+        if self.digests.iter().any(|d| d == digest) {
+            return false;
+        }
+        if self.digests.len() == REFUSED_REMEMBERED {
+            self.digests.pop_front();
+        }
+        self.digests.push_back(digest.to_owned());
+        true
+    }
+
+    fn clear(&mut self) {
+        self.digests.clear();
+    }
+}
+
+/// How a refused directive or root is handled.
+enum Refusal {
+    /// Its signature did not verify: nothing it says is believed or repeated. Counted, and
+    /// reported at most every ten minutes, with its digest only.
+    Unverified,
+    /// Validly signed but old (or for another device): a replay. Counted, never reported.
+    Replay,
+    /// Validly signed and refused for a reason the server should hear about, with the
+    /// directive's (signed, so trusted) rollout and sequence number.
+    Verified(Box<Directive>),
+}
+
+/// How a directive refusal is counted (one label per cause) and reported.
+fn directive_refusal(e: &DirectiveError, bytes: &[u8]) -> (&'static str, Refusal) {
+    let verified = || match decode_directive(bytes) {
+        Some(d) => Refusal::Verified(Box::new(d)),
+        None => Refusal::Unverified,
+    };
+    match e {
+        DirectiveError::Replayed { .. } => ("directive_replayed", Refusal::Replay),
+        DirectiveError::WrongDevice { .. } => ("directive_wrong_device", Refusal::Replay),
+        DirectiveError::Expired(_) => ("directive_expired", verified()),
+        DirectiveError::ChunkPlan(_) => ("directive_chunk_plan", verified()),
+        DirectiveError::Oversized { .. } => ("directive_oversized", verified()),
+        DirectiveError::Version(_) => ("directive_version", verified()),
+        DirectiveError::TooLarge(_) => ("directive_too_large", Refusal::Unverified),
+        DirectiveError::Malformed(_) => ("directive_malformed", Refusal::Unverified),
+        DirectiveError::NoServerKey => ("directive_no_server_key", Refusal::Unverified),
+        DirectiveError::UntrustedSigner(_) => ("directive_untrusted_signer", Refusal::Unverified),
+        DirectiveError::RevokedKey(_) => ("directive_revoked_key", Refusal::Unverified),
+        DirectiveError::Signature(_) => ("directive_bad_signature", Refusal::Unverified),
+    }
+}
+
+/// How a root refusal is counted and reported: a validly signed root of a version already
+/// held (or skipped) is a replay; the rest did not verify.
+fn root_refusal(e: &TrustError) -> (&'static str, Refusal) {
+    match e {
+        TrustError::Version { .. } => ("root_version", Refusal::Replay),
+        TrustError::TooLarge(_) => ("root_too_large", Refusal::Unverified),
+        TrustError::Malformed(_) | TrustError::Kind(_) => ("root_malformed", Refusal::Unverified),
+        TrustError::BadKey { .. } | TrustError::Threshold { .. } => {
+            ("root_bad_keys", Refusal::Unverified)
+        }
+        TrustError::Signatures { .. } | TrustError::Signature(_) => {
+            ("root_signatures", Refusal::Unverified)
+        }
+        TrustError::Expired { .. } => ("root_expired", Refusal::Unverified),
+    }
+}
 
 /// What an activation is about: the directive (and its signed envelope, which the store
 /// keeps), the model it replaces and how many starts it has survived.
@@ -185,12 +270,12 @@ impl Agent {
         NewRecord {
             at_ms: clock::now_ms(),
             body: RecordBody::Update(Box::new(UpdateReport {
-                rollout: d.map(|d| d.rollout.clone()),
+                rollout: d.map(|d| wire::clean_text(&d.rollout, wire::MAX_LABEL_BYTES)),
                 directive: d.map(|d| d.seq),
                 model: d.map(|d| d.model.clone()),
                 release: d.map(|d| d.release),
                 phase,
-                reason,
+                reason: reason.map(|r| wire::clean_text(&r, wire::MAX_REASON_BYTES)),
                 health,
             })),
         }
@@ -218,19 +303,37 @@ impl Agent {
         self.persist(&[pending(job, step)], report)
     }
 
-    /// Refuses a directive or root that did not verify; the same bytes are reported once.
-    fn refuse_message(&mut self, bytes: &[u8], reason: String) {
+    /// Refuses a directive or root: counted under `label`, logged once, and reported as the
+    /// kind of refusal says. Nothing an unverified message claims is kept: its report names its
+    /// SHA-256 and a capped reason only.
+    fn refuse_message(&mut self, bytes: &[u8], label: &'static str, kind: Refusal, reason: String) {
         let digest = sha256_hex(bytes);
-        if self.refused.as_deref() == Some(digest.as_str()) {
-            return;
-        }
-        self.refused = Some(digest);
-        tracing::warn!("update refused: {reason}");
+        let reason = wire::clean_text(&reason, MAX_REFUSAL_REASON);
+        self.refuse(label, label, format!("{reason} (message SHA-256 {digest})"));
+        let now_ms = clock::now_ms();
+        let claims = match kind {
+            Refusal::Replay => return,
+            Refusal::Unverified => {
+                let recent = self
+                    .refused
+                    .unverified_reported_ms
+                    .is_some_and(|at| now_ms - at < UNVERIFIED_REPORT_EVERY_MS && now_ms >= at);
+                if recent || !self.refused.first(&digest) {
+                    return;
+                }
+                self.refused.unverified_reported_ms = Some(now_ms);
+                None
+            }
+            Refusal::Verified(d) => {
+                if !self.refused.first(&digest) {
+                    return;
+                }
+                Some(d)
+            }
+        };
         self.counters.updates_rejected += 1;
-        // The claimed rollout and sequence number help the server match the report; they are
-        // not trusted for anything else.
-        let claimed = decode_directive(bytes);
-        let report = self.report(claimed.as_ref(), UpdatePhase::Rejected, Some(reason), None);
+        let reason = format!("{reason} (message SHA-256 {digest})");
+        let report = self.report(claims.as_deref(), UpdatePhase::Rejected, Some(reason), None);
         self.persist(&[], Some(report));
     }
 
@@ -259,28 +362,50 @@ impl Agent {
             Ok(last) => last,
             Err(e) => return tracing::error!("cannot read the last directive: {e}"),
         };
+        let now = clock::trusted_now();
         let verdict = directive::verify(
             bytes,
             &self.root,
             &self.config.device,
             last.as_ref().map(|(seq, b)| (*seq, b.as_slice())),
             self.config.updates.max_bundle_bytes,
-            clock::now(),
+            now,
         );
         let d = match verdict {
             Ok(Verdict::Applied) => return,
             Ok(Verdict::New(d)) => *d,
-            Err(e) => return self.refuse_message(bytes, format!("directive refused: {e}")),
+            Err(e) => {
+                let (label, kind) = directive_refusal(&e, bytes);
+                return self.refuse_message(bytes, label, kind, format!("directive refused: {e}"));
+            }
         };
+        if self.root.is_expired(now) {
+            let reason = format!(
+                "directive refused: trust root version {} has expired; a newer root is needed first",
+                self.root.version()
+            );
+            let kind = Refusal::Verified(Box::new(d));
+            return self.refuse_message(bytes, "directive_root_expired", kind, reason);
+        }
+        let model = self.models.iter().position(|m| m.manifest().model == d.model);
         tracing::info!(
             seq = d.seq, rollout = %d.rollout, model = %d.model, release = d.release.0,
             action = ?d.action, "directive received"
         );
         let seen = Change::LastDirective { seq: d.seq, bytes: bytes.to_vec() };
+        // Refused before it disturbs the activation in progress.
+        if let (directive::Action::Revert, Some(i)) = (d.action, model)
+            && let Err(reason) = self.check_revert(&d, i)
+        {
+            self.counters.updates_rejected += 1;
+            tracing::warn!("update rejected: {reason}");
+            let report = self.report(Some(&d), UpdatePhase::Rejected, Some(reason), None);
+            self.persist(&[seen], Some(report));
+            return;
+        }
         if let Some(current) = self.update.take() {
             self.abandon(current, d.seq);
         }
-        let model = self.models.iter().position(|m| m.manifest().model == d.model);
         let highest = self.store.highest_seen(d.model.as_str()).ok().flatten();
         let running = model.map(|i| self.models[i].manifest());
         if let Err(refusal) = activation::precheck(&d, running, highest) {
@@ -306,6 +431,28 @@ impl Agent {
         }
         failpoint("received");
         self.fetch(job);
+    }
+
+    /// A signed revert may take the model back only to this gateway's own last known good
+    /// release (or confirm the one it serves), never to an arbitrary older release: the online
+    /// server key alone cannot choose what an old bundle the gateway never trusted is.
+    fn check_revert(&self, d: &Directive, model: usize) -> Result<(), String> {
+        let serving = &self.loaded[model].sha256;
+        let lkg = self
+            .slots
+            .get(d.model.as_str())
+            .and_then(|s| s.previous.as_ref())
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| sha256_hex(&b));
+        if &d.bundle.sha256 == serving || lkg.as_deref() == Some(d.bundle.sha256.as_str()) {
+            return Ok(());
+        }
+        Err(format!(
+            "revert refused: bundle {} is neither the last known good release of {} on this \
+             gateway nor the one it serves",
+            &d.bundle.sha256[..12.min(d.bundle.sha256.len())],
+            d.model
+        ))
     }
 
     /// A newer directive replaces the activation in progress.
@@ -340,7 +487,7 @@ impl Agent {
             return self.reject(job, "cannot record the download".into(), None);
         }
         failpoint("downloaded");
-        let verified = match self.root.verify_bundle(&bytes, clock::now()) {
+        let verified = match self.root.verify_bundle(&bytes, clock::trusted_now()) {
             Ok(v) => v,
             Err(e) => return self.reject(job, format!("bundle refused: {e}"), None),
         };
@@ -624,7 +771,7 @@ impl Agent {
         if self.root.version() == 0 {
             return tracing::debug!("no root provisioned; ignoring the fleet's root document");
         }
-        let now = clock::now();
+        let now = clock::trusted_now();
         if let Ok(same) = millwright_shared::trust::Root::provision(bytes, now)
             && same.metadata() == self.root.metadata()
         {
@@ -637,10 +784,13 @@ impl Agent {
                 if self.persist(&[Change::Root(bytes.to_vec())], Some(report)) {
                     tracing::info!(version = next.version(), "trust root rotated");
                     self.root = next;
-                    self.refused = None;
+                    self.refused.clear();
                 }
             }
-            Err(e) => self.refuse_message(bytes, format!("root rotation refused: {e}")),
+            Err(e) => {
+                let (label, kind) = root_refusal(&e);
+                self.refuse_message(bytes, label, kind, format!("root rotation refused: {e}"))
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Writes atomically: a crash never leaves half a bundle or key behind.
-fn write(path: &Path, bytes: &[u8], secret: bool) -> anyhow::Result<()> {
+pub(super) fn write(path: &Path, bytes: &[u8], secret: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     let mut options = std::fs::OpenOptions::new();

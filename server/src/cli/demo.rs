@@ -1,13 +1,22 @@
 //! `millwright demo`: the server with its embedded broker and three agents replaying
-//! run-to-failure C-MAPSS engines with the signed reference model, all in one process.
+//! run-to-failure C-MAPSS engines with the signed reference model, all in one process, secure
+//! as a real fleet: a fresh fleet CA, enrolled gateways with client certificates, TLS on the
+//! broker, HTTPS on the dashboard and the gateways' pages, and random API tokens (written to
+//! the data folder, printed once).
 
 use super::Failure;
 use crate::config::{
-    Config as ServerConfig, RawConfig as RawServer, RawModels, RawMqtt, RawRollouts, Role, User,
+    Config as ServerConfig, RawConfig as RawServer, RawIdentity, RawModels, RawMqtt, RawRollouts,
+    Role, User,
 };
 use crate::db::Db;
+use crate::pki::{Leaf, Usage};
 use anyhow::Context as _;
-use millwright_agent::config::{RawAsset, RawConfig, RawDrift, RawSource, RawTrust, RawUplink};
+use millwright_agent::config::{
+    RawAsset, RawConfig, RawDrift, RawIdentity as AgentIdentity, RawSource, RawTrust, RawUplink,
+};
+use millwright_shared::DeviceId;
+use millwright_shared::enrollment as files;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -26,8 +35,8 @@ pub struct DemoArgs {
     /// HTTP API address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
-    /// Embedded MQTT broker address.
-    #[arg(long, default_value = "127.0.0.1:1883")]
+    /// Embedded MQTT broker address (TLS).
+    #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt: String,
     /// Working folder (wiped at start).
     #[arg(long, default_value = "demo-data")]
@@ -72,6 +81,7 @@ fn agent_config(
     args: &DemoArgs,
     index: usize,
     trust_root: &Path,
+    identity: &Path,
 ) -> anyhow::Result<millwright_agent::Config> {
     let gateway = &GATEWAYS[index];
     let raw = RawConfig {
@@ -80,13 +90,17 @@ fn agent_config(
         tags: Vec::new(),
         device_class: None,
         data_dir: args.data_dir.join(gateway.device),
-        uplink: RawUplink { broker: args.mqtt.clone(), ..Default::default() },
+        allow_plaintext: false,
+        identity: Some(AgentIdentity { dir: identity.to_owned() }),
+        uplink: RawUplink { broker: format!("mqtts://{}", args.mqtt), ..Default::default() },
         trust: RawTrust { root: Some(trust_root.to_owned()), keys: Vec::new(), threshold: None },
         updates: Default::default(),
         drift: RawDrift { interval_secs: Some(DRIFT_INTERVAL_SECS), ..Default::default() },
         local: millwright_agent::config::RawLocal {
             listen: Some(local_page(&args.http, index)?.to_string()),
             operator_pin: Some(PIN.into()),
+            cert: Some(identity.join(files::PAGE_CERT)),
+            key: Some(identity.join(files::PAGE_KEY)),
         },
         assets: gateway
             .units
@@ -106,6 +120,87 @@ fn agent_config(
     Ok(millwright_agent::Config::from_raw(raw, root)?)
 }
 
+/// The demo's API tokens, made fresh for each run.
+pub struct Tokens {
+    pub admin: String,
+    pub operator: String,
+    pub viewer: String,
+}
+
+/// Where the demo's fleet CA, certificates and tokens are, under its data folder.
+pub fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki")
+}
+
+/// The file holding the demo's token for `role` ("admin", "operator", "viewer").
+pub fn token_file(data_dir: &Path, role: &str) -> PathBuf {
+    data_dir.join(format!("{role}.token"))
+}
+
+/// The fleet CA, the server's certificate (for every address the demo listens on) and each
+/// gateway's identity folder, enrolled in the server's registry before the server starts.
+fn secure_fleet(
+    args: &DemoArgs,
+    server_key: &Path,
+    server_db: &Path,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>, Tokens)> {
+    let pki = pki_dir(&args.data_dir);
+    std::fs::create_dir_all(&pki)?;
+    let now = millwright_io::clock::now();
+    let ca = crate::pki::create_ca("Millwright demo fleet CA", now, 30)?;
+    let ca_cert = pki.join(super::ca::CA_CERT);
+    super::bundle::write(&pki.join(super::ca::CA_KEY), ca.key_pem.as_bytes(), true)?;
+    super::bundle::write(&ca_cert, ca.cert_pem.as_bytes(), false)?;
+    let issuer = crate::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
+    let mut server = Leaf::new(crate::identity::SERVER_USER, Usage::Server, now, 30);
+    server.dns.push("localhost".into());
+    server.ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+    for addr in [&args.http, &args.mqtt] {
+        let ip = addr
+            .parse::<std::net::SocketAddr>()
+            .with_context(|| format!("{addr:?} is not an address:port"))?
+            .ip();
+        if !server.ips.contains(&ip) && !ip.is_unspecified() {
+            server.ips.push(ip);
+        }
+    }
+    let server = issuer.issue(&server)?;
+    super::bundle::write(&pki.join("server.key.pem"), server.key_pem.as_bytes(), true)?;
+    super::bundle::write(&pki.join("server.crt.pem"), server.cert_pem.as_bytes(), false)?;
+    let (_, key) = super::bundle::load_secret(server_key)?;
+    let mut db = Db::open(server_db)?;
+    let mut identities = Vec::new();
+    for (i, g) in GATEWAYS.iter().enumerate() {
+        let dir = pki.join(g.device);
+        let page = local_page(&args.http, i)?.ip().to_string();
+        let spec = super::device::IdentitySpec {
+            site: Some(g.site.to_owned()),
+            page_hosts: vec![page],
+            ..Default::default()
+        };
+        let device = DeviceId::new(g.device)?;
+        let enrollment = super::device::make_identity(
+            &issuer,
+            &ca.cert_pem,
+            &dir,
+            &device,
+            &key.verifying_key(),
+            &spec,
+            30,
+        )?;
+        db.enroll(&enrollment, "demo", millwright_io::clock::now_ms())?;
+        identities.push(dir);
+    }
+    let token = || crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"));
+    let tokens = Tokens { admin: token()?, operator: token()?, viewer: token()? };
+    for (role, t) in
+        [("admin", &tokens.admin), ("operator", &tokens.operator), ("viewer", &tokens.viewer)]
+    {
+        super::bundle::write(&token_file(&args.data_dir, role), t.as_bytes(), true)?;
+    }
+    Ok((ca_cert, identities, tokens))
+}
+
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     let root = std::env::current_dir()?;
     for needed in [BUNDLE, PUBLIC_KEY, SECRET_KEY, DATA, DRIFTING_DATA] {
@@ -122,9 +217,27 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     let trust =
         super::demo_rollout::prepare(&root, &args.data_dir.join("trust"), BUNDLE, SECRET_KEY)?;
+    let server_data = args.data_dir.join("server");
+    std::fs::create_dir_all(&server_data)?;
+    let (ca_cert, identities, tokens) =
+        secure_fleet(&args, &trust.server_key, &server_data.join("server.sqlite"))?;
+    let pki = pki_dir(&args.data_dir);
+    let user = |name: &str, role, token: &str| User {
+        name: name.into(),
+        role,
+        token_sha256: crate::auth::token_hash(token),
+    };
     let server = ServerConfig::from_raw(RawServer {
-        data_dir: Some(args.data_dir.join("server")),
+        data_dir: Some(server_data),
         http_listen: Some(args.http.clone()),
+        allow_plaintext: false,
+        identity: Some(RawIdentity {
+            server_key: trust.server_key.clone(),
+            ca: Some(ca_cert.clone()),
+            cert: Some(pki.join("server.crt.pem")),
+            key: Some(pki.join("server.key.pem")),
+            ..Default::default()
+        }),
         mqtt: RawMqtt { embedded_listen: Some(args.mqtt.clone()), broker: None, client_id: None },
         models: RawModels {
             bundles: vec![root.join(BUNDLE)],
@@ -134,25 +247,17 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         drift: Default::default(),
         rollouts: Some(RawRollouts {
             root: trust.root.clone(),
-            server_key: trust.server_key.clone(),
             chunk_size: Some(16 * 1024),
             ..Default::default()
         }),
         users: vec![
-            User {
-                name: "demo-operator".into(),
-                role: Role::Admin,
-                token: super::demo_rollout::TOKEN.into(),
-            },
-            User {
-                name: "demo-viewer".into(),
-                role: Role::Viewer,
-                token: super::demo_rollout::VIEWER_TOKEN.into(),
-            },
+            user("demo-admin", Role::Admin, &tokens.admin),
+            user("demo-operator", Role::Operator, &tokens.operator),
+            user("demo-viewer", Role::Viewer, &tokens.viewer),
         ],
     })?;
     let agents = (0..GATEWAYS.len())
-        .map(|index| agent_config(&root, &args, index, &trust.root))
+        .map(|index| agent_config(&root, &args, index, &trust.root, &identities[index]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -171,25 +276,26 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         for config in agents {
             tasks.push(tokio::spawn(millwright_agent::run(config, stopped(stop_rx.clone()))));
         }
-        println!("Millwright demo: 1 server (embedded broker on {}), 3 agents, 6 engines replayed at {} cycles/s", args.mqtt, args.cycles_per_second);
+        println!("Millwright demo: 1 server (embedded broker on mqtts://{}, client certificates required), 3 enrolled agents, 6 engines replayed at {} cycles/s", args.mqtt, args.cycles_per_second);
         println!("  gw-01, gw-02 (plant-north): FD001 engines, the conditions the model was trained on");
         println!("  gw-03 (plant-south): FD002 engines in six other operating conditions: drift, then a retraining recommendation");
-        let (token, viewer) = (super::demo_rollout::TOKEN, super::demo_rollout::VIEWER_TOKEN);
-        println!("  dashboard: http://{}/   sign in with {token} (admin) or {viewer} (viewer)", args.http);
+        let data = args.data_dir.display();
+        println!("  fleet CA: {} (trust it in your browser, or pass it to curl with --cacert)", ca_cert.display());
+        println!("  dashboard: https://{}/   sign in with the token in {data}/operator.token (or admin.token, viewer.token)", args.http);
         for (i, g) in GATEWAYS.iter().enumerate() {
             if let Ok(addr) = local_page(&args.http, i) {
-                println!("  {} local page: http://{addr}/   (operator PIN {PIN})", g.device);
+                println!("  {} local page: https://{addr}/   (operator PIN {PIN})", g.device);
             }
         }
-        let auth = format!("-H 'Authorization: Bearer {viewer}'");
-        println!("  fleet:   curl {auth} http://{}/api/v1/devices", args.http);
-        println!("  latest:  curl {auth} http://{}/api/v1/devices/gw-01/latest", args.http);
-        println!("  alerts:  curl {auth} http://{}/api/v1/alerts", args.http);
-        println!("  health:  curl http://{}/api/v1/health", args.http);
-        println!("  drift:   curl {auth} 'http://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
-        println!("  retraining: curl {auth} http://{}/api/v1/drift/events", args.http);
+        let auth = format!("--cacert {} -H \"Authorization: Bearer $(cat {data}/viewer.token)\"", ca_cert.display());
+        println!("  fleet:   curl {auth} https://{}/api/v1/devices", args.http);
+        println!("  latest:  curl {auth} https://{}/api/v1/devices/gw-01/latest", args.http);
+        println!("  alerts:  curl {auth} https://{}/api/v1/alerts", args.http);
+        println!("  health:  curl --cacert {} https://{}/api/v1/health", ca_cert.display(), args.http);
+        println!("  drift:   curl {auth} 'https://{}/api/v1/drift?by=site'   (reports every {DRIFT_INTERVAL_SECS} s)", args.http);
+        println!("  retraining: curl {auth} https://{}/api/v1/drift/events", args.http);
         println!("  rollout:  release 2 of the model goes out 2 s after the first prediction: canary gw-01 (shadow, probation), then gw-02 and gw-03, {} s of soak per wave", args.soak_secs);
-        println!("            MILLWRIGHT_TOKEN={token} millwright rollout status r1 --follow");
+        println!("            MILLWRIGHT_CA={} MILLWRIGHT_TOKEN=$(cat {data}/viewer.token) millwright rollout status r1 --follow", ca_cert.display());
         println!("Press ctrl-c to stop.");
         let mut first: Option<Duration> = None;
         let mut rollout_started = false;
@@ -215,8 +321,13 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
                         rollout_started = true;
                         let (http, root, release_2) = (args.http.clone(), root.clone(), trust.release_2.clone());
                         let soak = args.soak_secs;
+                        let access = super::demo_rollout::Access {
+                            ca: ca_cert.clone(),
+                            admin: tokens.admin.clone(),
+                            operator: tokens.operator.clone(),
+                        };
                         let started = tokio::task::spawn_blocking(move || {
-                            super::demo_rollout::start(&http, &root, BUNDLE, &release_2, soak)
+                            super::demo_rollout::start(&http, &access, &root, BUNDLE, &release_2, soak)
                         }).await;
                         match started {
                             Ok(Ok(id)) => println!("rollout {id} started: release 2 of {} to the fleet", super::demo_rollout::MODEL),

@@ -10,11 +10,14 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The demo's operator token (a local demo; real servers configure their own).
-pub const TOKEN: &str = "demo-operator-token-change-me";
-/// The demo's read-only token.
-pub const VIEWER_TOKEN: &str = "demo-viewer-token-change-me";
 pub const MODEL: &str = "rul-cnn-fd001";
+
+/// How the demo reaches its server's API: the CA its certificate chains to, and the tokens.
+pub struct Access {
+    pub ca: PathBuf,
+    pub admin: String,
+    pub operator: String,
+}
 
 pub struct DemoTrust {
     pub root: PathBuf,
@@ -39,7 +42,7 @@ pub fn prepare(
     let (root_key, server_key) = (random_key()?, random_key()?);
     let (_, release_key) =
         SecretKeyFile::parse(&std::fs::read_to_string(repo.join(release_secret))?)?;
-    let now = millwright_agent::clock::now();
+    let now = millwright_io::clock::now();
     let metadata = RootMetadata {
         kind: ROOT_KIND.into(),
         version: 1,
@@ -80,24 +83,29 @@ fn answer(
     }
 }
 
-/// Registers releases 1 and 2 and starts rolling release 2 out; returns the rollout id.
+/// Registers releases 1 and 2 (as the admin) and starts rolling release 2 out (as the
+/// operator); returns the rollout id.
 pub fn start(
     http: &str,
+    access: &Access,
     repo: &Path,
     bundle: &str,
     release_2: &Path,
     soak_secs: u64,
 ) -> anyhow::Result<String> {
-    let base = format!("http://{http}/api/v1");
-    let auth = format!("Bearer {TOKEN}");
+    let base = format!("https://{http}/api/v1");
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .tls_config(millwright_io::tls::client_config(&access.ca, None)?)
+        .build();
     for file in [repo.join(bundle), release_2.to_owned()] {
         let url = format!("{base}/models");
-        let request = ureq::post(&url).timeout(Duration::from_secs(60)).set("Authorization", &auth);
+        let request = agent.post(&url).set("Authorization", &format!("Bearer {}", access.admin));
         let bytes = std::fs::read(&file)?;
         answer(&url, request.send_bytes(&bytes))?;
     }
     let url = format!("{base}/rollouts");
-    let request = ureq::post(&url).timeout(Duration::from_secs(60)).set("Authorization", &auth);
+    let request = agent.post(&url).set("Authorization", &format!("Bearer {}", access.operator));
     let spec = json!({
         "model": MODEL, "release": 2, "target": {"kind": "all"},
         "canary": {"count": 1}, "waves": {"fixed": 1}, "soak_secs": soak_secs,

@@ -1,18 +1,16 @@
 //! `millwright drift`: fleet drift summaries from a running server's JSON API, as a table.
 
 use super::Failure;
+use super::api::ApiArgs;
 use crate::drift::{Drifting, GroupBy};
 use serde_json::Value;
-use std::time::Duration;
+use std::fmt::Write as _;
 
 #[derive(Debug, clap::Args)]
 pub struct DriftArgs {
-    /// The server's HTTP API.
-    #[arg(long, env = "MILLWRIGHT_SERVER", default_value = "http://127.0.0.1:8080")]
-    server: String,
-    /// API token of a configured user (a viewer's is enough).
-    #[arg(long, env = "MILLWRIGHT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// The server, a viewer's token and its CA.
+    #[command(flatten)]
+    api: ApiArgs,
     /// Group by feature (whole fleet), site, device or bucket (time).
     #[arg(long, value_parser = parse_by, default_value = "feature")]
     by: GroupBy,
@@ -41,17 +39,21 @@ fn parse_by(s: &str) -> Result<GroupBy, String> {
 }
 
 fn get(args: &DriftArgs, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
-    let mut request = ureq::get(&format!("{}{path}", args.server.trim_end_matches('/')))
-        .timeout(Duration::from_secs(10));
-    if let Some(t) = &args.token {
-        request = request.set("Authorization", &format!("Bearer {t}"));
-    }
-    for (key, value) in query {
-        if let Some(v) = value {
-            request = request.query(key, v);
+    let mut url = path.to_owned();
+    for (i, (key, value)) in query.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))).enumerate() {
+        url.push(if i == 0 { '?' } else { '&' });
+        url.push_str(key);
+        url.push('=');
+        for b in value.bytes() {
+            match b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                true => url.push(b as char),
+                false => {
+                    let _ = write!(url, "%{b:02X}");
+                }
+            }
         }
     }
-    Ok(request.call()?.into_json()?)
+    args.api.get(&url)
 }
 
 fn num(v: &Value) -> String {

@@ -4,7 +4,7 @@ use super::rollouts::ask;
 use super::{ApiState, error, query};
 use crate::auth::authorize;
 use crate::config::Role;
-use crate::rollouts::Request;
+use crate::writer::Request;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};

@@ -5,7 +5,7 @@ use super::{ApiState, error, query};
 use crate::auth::authorize;
 use crate::config::Role;
 use crate::rollout::{Command, Spec};
-use crate::rollouts::Request;
+use crate::writer::Request;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -36,19 +36,21 @@ pub struct Limit {
 /// Sends a request to the writer task and waits for its answer.
 pub(super) async fn ask(
     state: &ApiState,
-    make: impl FnOnce(crate::rollouts::Reply) -> Request,
+    make: impl FnOnce(crate::writer::Reply) -> Request,
 ) -> Response {
     let Some(tx) = &state.requests else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "rollouts are not configured on this server ([rollouts] root and server_key)",
-        );
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the server takes no writes");
     };
     let (reply, answer) = oneshot::channel();
     if tx.send(make(reply)).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
     }
-    match answer.await {
+    // A writer stuck behind a broker that never acknowledges must not hold the request forever.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), answer).await;
+    let Ok(answer) = answer else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the writer task did not answer in 30 s");
+    };
+    match answer {
         Ok(Ok(value)) => (StatusCode::OK, Json(value)).into_response(),
         Ok(Err(refusal)) => error(
             StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -92,10 +94,10 @@ pub async fn rollouts(State(state): State<ApiState>) -> Response {
 
 pub async fn rollout(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
     let db = state.db.clone();
-    let found = tokio::task::spawn_blocking(move || db.lock().ok().map(|db| db.rollout(&id))).await;
+    let found = tokio::task::spawn_blocking(move || db.with(|db| db.rollout(&id))).await;
     match found {
-        Ok(Some(Ok(Some(r)))) => Json(r).into_response(),
-        Ok(Some(Ok(None))) => error(StatusCode::NOT_FOUND, "no such rollout"),
+        Ok(Ok(Some(r))) => Json(r).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no such rollout"),
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "query failed"),
     }
 }

@@ -175,15 +175,16 @@ impl Merged {
                 expected: self.counts.len(),
             });
         }
+        // Saturating: a sum of stored counts never wraps (or panics) whatever a report held.
         for (total, c) in self.counts.iter_mut().zip(&f.counts) {
-            *total += c;
+            *total = total.saturating_add(*c);
         }
         self.reports += 1;
-        self.n += f.n;
+        self.n = self.n.saturating_add(f.n);
         self.sum += f.sum;
-        self.missing += f.missing;
-        self.non_finite += f.non_finite;
-        self.out_of_range += f.out_of_range;
+        self.missing = self.missing.saturating_add(f.missing);
+        self.non_finite = self.non_finite.saturating_add(f.non_finite);
+        self.out_of_range = self.out_of_range.saturating_add(f.out_of_range);
         Ok(())
     }
 

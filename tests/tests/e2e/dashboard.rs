@@ -11,21 +11,25 @@ use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ADMIN: &str = "demo-operator-token-change-me";
-const VIEWER: &str = "demo-viewer-token-change-me";
 const MODEL: &str = "rul-cnn-fd001";
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Demo {
     proc: Proc,
     base: String,
+    /// An HTTPS client trusting the demo's fleet CA.
+    http: ureq::Agent,
+    /// The tokens the demo made for this run.
+    operator: String,
+    viewer: String,
 }
 
 impl Demo {
     fn get(&self, path: &str) -> Value {
-        ureq::get(&format!("{}{path}", self.base))
+        self.http
+            .get(&format!("{}{path}", self.base))
             .timeout(Duration::from_secs(5))
-            .set("Authorization", &format!("Bearer {VIEWER}"))
+            .set("Authorization", &format!("Bearer {}", self.viewer))
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.proc.log_text()))
             .into_json()
@@ -34,7 +38,7 @@ impl Demo {
 
     /// `(status, body)` of a POST with an optional token.
     fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut request = ureq::post(&format!("{}{path}", self.base));
+        let mut request = self.http.post(&format!("{}{path}", self.base));
         if let Some(t) = token {
             request = request.set("Authorization", &format!("Bearer {t}"));
         }
@@ -72,7 +76,20 @@ fn start_demo(dir: &std::path::Path) -> Demo {
         // The rollout's canary commits, then the next wave waits: long enough to pause it.
         .args(["--soak-secs", "600"]);
     let proc = Proc::spawn(&mut cmd, dir.join("demo.log")).unwrap();
-    Demo { proc, base: format!("http://127.0.0.1:{http}") }
+    // The demo writes its fleet CA and this run's tokens before it starts the server.
+    let data = dir.join("demo");
+    let ca = data.join("pki/ca.crt.pem");
+    let written = wait_until(Duration::from_secs(30), || data.join("viewer.token").exists());
+    assert!(written, "the demo wrote no tokens:\n{}", proc.log_text());
+    let token = |role: &str| std::fs::read_to_string(data.join(format!("{role}.token"))).unwrap();
+    let tls = millwright_io::tls::client_config(&ca, None).unwrap();
+    Demo {
+        base: format!("https://127.0.0.1:{http}"),
+        http: ureq::AgentBuilder::new().tls_config(tls).build(),
+        operator: token("operator"),
+        viewer: token("viewer"),
+        proc,
+    }
 }
 
 fn js(s: &str) -> String {
@@ -112,8 +129,10 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     // next wave soaks for 10 minutes), an alert is open, and both sites reported drift for
     // release 1.
     let ready = wait_until(Duration::from_secs(120), || {
-        let Ok(r) = ureq::get(&format!("{}/api/v1/rollouts", demo.base))
-            .set("Authorization", &format!("Bearer {VIEWER}"))
+        let Ok(r) = demo
+            .http
+            .get(&format!("{}/api/v1/rollouts", demo.base))
+            .set("Authorization", &format!("Bearer {}", demo.viewer))
             .call()
         else {
             return false;
@@ -142,7 +161,7 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     // Writes without signing in, or as a viewer, are refused, and change nothing.
     let (code, body) = demo.post("/api/v1/rollouts/r1/pause", None, json!({"reason": "x"}));
     assert_eq!(code, 401, "{body}");
-    let (code, body) = demo.post("/api/v1/rollouts/r1/pause", Some(VIEWER), json!({}));
+    let (code, body) = demo.post("/api/v1/rollouts/r1/pause", Some(&demo.viewer), json!({}));
     assert_eq!(code, 403, "{body}");
     assert!(body["error"].as_str().unwrap().contains("demo-viewer"), "{body}");
     let open = demo.get("/api/v1/alerts?open=true");
@@ -150,11 +169,11 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     let ack_path =
         format!("/api/v1/alerts/{}/{}/ack", first["device"].as_str().unwrap(), first["seq"]);
     assert_eq!(demo.post(&ack_path, None, json!({})).0, 401);
-    assert_eq!(demo.post(&ack_path, Some(VIEWER), json!({})).0, 403);
+    assert_eq!(demo.post(&ack_path, Some(&demo.viewer), json!({})).0, 403);
     assert_eq!(demo.post("/api/v1/models", None, json!({})).0, 401);
-    let anonymous = ureq::get(&format!("{}/api/v1/devices", demo.base)).call();
+    let anonymous = demo.http.get(&format!("{}/api/v1/devices", demo.base)).call();
     assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))), "reads need a viewer");
-    let anonymous = ureq::head(&format!("{}/api/v1/devices", demo.base)).call();
+    let anonymous = demo.http.head(&format!("{}/api/v1/devices", demo.base)).call();
     assert!(matches!(anonymous, Err(ureq::Error::Status(401, _))), "HEAD is a read too");
     assert_eq!(demo.get("/api/v1/rollouts/r1")["state"], "running");
     assert_eq!(demo.get("/api/v1/alerts?open=true"), open, "nothing acknowledged");
@@ -168,7 +187,7 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     shot(&tab, "signin");
 
     // A viewer sees the rollout but cannot act on it.
-    sign_in(&tab, VIEWER);
+    sign_in(&tab, &demo.viewer);
     assert!(tab.text("#who").unwrap().contains("demo-viewer (viewer)"));
     show(&tab, "#/rollouts", "rollouts");
     tab.wait_for("!!document.querySelector('[data-rollout=r1] button[data-action=pause]')", WAIT)
@@ -180,9 +199,9 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     tab.click("#signout").unwrap();
     tab.wait_for("document.body.dataset.view === 'signin'", WAIT).unwrap();
 
-    // The operator (the demo's admin).
-    sign_in(&tab, ADMIN);
-    assert!(tab.text("#who").unwrap().contains("demo-operator (admin)"));
+    // The operator.
+    sign_in(&tab, &demo.operator);
+    assert!(tab.text("#who").unwrap().contains("demo-operator (operator)"));
 
     // Fleet overview: every device with its site, release, online state and open alerts.
     tab.wait_for("document.querySelectorAll('table.fleet tr[data-device]').length === 3", WAIT)
@@ -365,7 +384,7 @@ fn the_dashboard_shows_the_demo_fleet_and_operators_act_from_it() {
     let page: usize = ["/", "/ui/app.js", "/ui/app.css"]
         .iter()
         .map(|p| {
-            ureq::get(&format!("{}{p}", demo.base)).call().unwrap().into_string().unwrap().len()
+            demo.http.get(&format!("{}{p}", demo.base)).call().unwrap().into_string().unwrap().len()
         })
         .sum();
     println!("dashboard weight: {page} bytes (HTML, script and styles; nothing else loaded)");
@@ -429,8 +448,8 @@ fn the_api_answers_as_its_openapi_document_says(demo: &Demo) {
 #[test]
 fn a_server_without_users_shows_its_dashboard_read_only_without_sign_in() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
-    let base = format!("http://127.0.0.1:{}", server.http_port);
+    let server = Server::start_without_users(dir.path(), BrokerChoice::Embedded).unwrap();
+    let base = format!("https://127.0.0.1:{}", server.http_port);
     let session = server.get("/api/v1/session").unwrap();
     assert_eq!(session, json!({"name": "anonymous", "role": "viewer", "open": true}));
 
@@ -447,8 +466,10 @@ fn a_server_without_users_shows_its_dashboard_read_only_without_sign_in() {
     assert!(console.is_empty(), "console messages: {console:#?}");
 
     // Open to read, closed to writes.
-    let refused =
-        ureq::post(&format!("{base}/api/v1/rollouts/r1/pause")).send_json(json!({"reason": "x"}));
+    let refused = server
+        .https()
+        .post(&format!("{base}/api/v1/rollouts/r1/pause"))
+        .send_json(json!({"reason": "x"}));
     assert!(matches!(refused, Err(ureq::Error::Status(401, _))), "{refused:?}");
 }
 

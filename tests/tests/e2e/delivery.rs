@@ -13,7 +13,7 @@ fn fleet(broker: &str) -> Vec<AgentSpec> {
 fn run_fleet(server: &Server, root: &std::path::Path, specs: Vec<AgentSpec>) {
     let started = Instant::now();
     let agents: Vec<Agent> =
-        specs.into_iter().map(|s| Agent::start(root, s, server.mqtt_port).unwrap()).collect();
+        specs.into_iter().map(|s| Agent::start(root, s, server).unwrap()).collect();
     let refs: Vec<&Agent> = agents.iter().collect();
     if let Err(e) = wait_for_all(server, &refs, Duration::from_secs(90)) {
         for a in &agents {
@@ -52,6 +52,6 @@ fn three_agents_deliver_exactly_once_over_mosquitto() {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let mosquitto = Mosquitto::start(dir.path()).unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
     run_fleet(&server, dir.path(), fleet("mosquitto"));
 }

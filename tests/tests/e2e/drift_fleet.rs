@@ -71,7 +71,8 @@ proptest! {
                 records.push(Record { seq: k as u64 + 1, at_ms: 0, body: RecordBody::Drift(Box::new(report)) });
             }
             let device = DeviceId::new(format!("d{i}")).unwrap();
-            db.store(&Accepted { device, stream: Stream::Drift, records }, 0).unwrap();
+            db.store(&Accepted { device, epoch: "e1".into(), stream: Stream::Drift, records }, 0)
+                .unwrap();
         }
         let profiles = Profiles([(("m".to_owned(), 1), (*profile).clone())].into_iter().collect());
         let rows = db.drift_rows(&Default::default()).unwrap();
@@ -136,24 +137,18 @@ fn a_drifting_site_is_listed_and_retraining_is_recommended_on_mqtt_api_and_webho
         s.drift = Some("interval_secs = 1".into());
         s
     };
-    let north =
-        Agent::start(dir.path(), spec("gw-north", "plant-north", None), server.mqtt_port).unwrap();
+    let north = Agent::start(dir.path(), spec("gw-north", "plant-north", None), &server).unwrap();
     let south = Agent::start(
         dir.path(),
         spec("gw-south", "plant-south", Some("data/cmapss/train_FD002_units_1-2.txt")),
-        server.mqtt_port,
+        &server,
     )
     .unwrap();
 
-    // Subscribe to the retained event topic as any ops tool would.
-    let (client, mut connection) = rumqttc::Client::new(
-        {
-            let mut o = rumqttc::MqttOptions::new("drift-watcher", "127.0.0.1", server.mqtt_port);
-            o.set_max_packet_size(1 << 20, 1 << 20);
-            o
-        },
-        10,
-    );
+    // Subscribe to the retained event topic as an enrolled ops tool would.
+    let watcher = server.enroll("drift-watcher").unwrap();
+    let (client, mut connection) =
+        rumqttc::Client::new(mqtt_as(server.mqtt_port, &watcher, None).unwrap(), 10);
     client.subscribe(millwright_shared::topics::RETRAINING, rumqttc::QoS::AtLeastOnce).unwrap();
 
     let events = || {
@@ -220,10 +215,9 @@ fn a_drifting_site_is_listed_and_retraining_is_recommended_on_mqtt_api_and_webho
     assert_eq!(status["assets"][0]["drift"]["s2"]["severity"], "drift", "{status}");
 
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(bin("millwright"))
+        let out = server
+            .cli(millwright_tests::trust::VIEWER_TOKEN)
             .arg("drift")
-            .arg("--server")
-            .arg(format!("http://127.0.0.1:{}", server.http_port))
             .args(args)
             .output()
             .unwrap();

@@ -2,7 +2,7 @@
 //! topic. Nothing acknowledged is lost or duplicated and the agent keeps running.
 
 use millwright_tests::*;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, Packet, QoS};
 use std::time::{Duration, Instant};
 
 fn dump(server: &Server, agents: &[&Agent]) -> String {
@@ -18,12 +18,12 @@ fn a_broker_outage_of_ten_seconds_loses_and_duplicates_nothing() {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut mosquitto = Mosquitto::start(dir.path()).unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let spec =
                 AgentSpec::replaying(&format!("outage-gw{i}"), (1..=5).map(|u| u + 5 * i), 15.0);
-            Agent::start(dir.path(), spec, mosquitto.port).unwrap()
+            Agent::start(dir.path(), spec, &server).unwrap()
         })
         .collect();
     let refs: Vec<&Agent> = agents.iter().collect();
@@ -69,8 +69,7 @@ fn an_agent_killed_with_sigkill_resumes_from_its_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
     let mut agent =
-        Agent::start(dir.path(), AgentSpec::replaying("killed-gw", 1..=5, 25.0), server.mqtt_port)
-            .unwrap();
+        Agent::start(dir.path(), AgentSpec::replaying("killed-gw", 1..=5, 25.0), &server).unwrap();
     let expected = agent.expected().unwrap().len() as u64;
     let some =
         wait_until(Duration::from_secs(30), || server.prediction_count("killed-gw") > expected / 4);
@@ -95,12 +94,13 @@ fn an_agent_killed_with_sigkill_resumes_from_its_outbox() {
 fn garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running() {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
-    // A gateway's local sensor bus is typically Mosquitto.
-    let mosquitto = Mosquitto::start(dir.path()).unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    // A gateway's local sensor bus is typically Mosquitto; here the uplink broker carries the
+    // sensor topic too, so it has no ACL (the sensors publish on topics of their own).
+    let mosquitto = Mosquitto::start_with(dir.path(), Acl::Open).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
     let mut spec = AgentSpec::replaying("garbage-gw", [], 0.0);
     spec.mqtt_assets.push(("press-1".into(), "plant/press-1/readings".into()));
-    let mut agent = Agent::start(dir.path(), spec, server.mqtt_port).unwrap();
+    let mut agent = Agent::start(dir.path(), spec, &server).unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || agent
             .status()
@@ -112,8 +112,8 @@ fn garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running() {
     std::thread::sleep(Duration::from_secs(1));
 
     let topic = "plant/press-1/readings";
-    let mut options = MqttOptions::new("garbage-sender", "127.0.0.1", server.mqtt_port);
-    options.set_keep_alive(Duration::from_secs(5));
+    let sender = server.enroll("garbage-sender").unwrap();
+    let options = mqtt_as(server.mqtt_port, &sender, None).unwrap();
     let (client, mut connection) = Client::new(options, 100);
     // Each publish waits for the broker's PUBACK, so the sender itself loses nothing.
     let mut publish = |payload: Vec<u8>| {

@@ -84,13 +84,13 @@ fn the_local_page_shows_the_agent_acknowledges_with_the_pin_and_survives_the_bro
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut mosquitto = Mosquitto::start(dir.path()).unwrap();
-    let server = Server::start(dir.path(), BrokerChoice::External(mosquitto.port)).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
     let port = free_port();
     let mut spec = AgentSpec::replaying(DEVICE, [1], 40.0);
     spec.data = Some(repo_file("data/cmapss/train_FD001_units_1-6.txt"));
     spec.drift = Some("interval_secs = 2".into());
     spec.top = format!("[local]\nlisten = \"127.0.0.1:{port}\"\noperator_pin = \"{PIN}\"");
-    let mut agent = Agent::start(dir.path(), spec, mosquitto.port).unwrap();
+    let mut agent = Agent::start(dir.path(), spec, &server).unwrap();
     let base = format!("http://127.0.0.1:{port}");
 
     // Unit 1 runs to failure (192 cycles): the model's remaining life falls through the alarm
@@ -133,10 +133,19 @@ fn the_local_page_shows_the_agent_acknowledges_with_the_pin_and_survives_the_bro
     browser::screenshot(&format!("{base}/"), &shot.join("agent-page-phone.png"), 412, 1400)
         .unwrap();
 
-    // Weight: the page loads nothing but itself (no src or external href).
+    // Weight: the page loads nothing but itself and its own few lines of script (no external
+    // src or href).
     let body = ureq::get(&format!("{base}/")).call().unwrap().into_string().unwrap();
-    assert!(!body.contains(" src=") && !body.contains("href=\"http"), "external asset:\n{body}");
-    println!("agent page weight: {} bytes (HTML, nothing else loaded)", body.len());
+    let sources: Vec<&str> =
+        body.split(" src=\"").skip(1).filter_map(|r| r.split('"').next()).collect();
+    assert_eq!(sources, ["/page.js"], "external asset:\n{body}");
+    assert!(!body.contains("href=\"http"), "external asset:\n{body}");
+    let script = ureq::get(&format!("{base}/page.js")).call().unwrap().into_string().unwrap();
+    println!(
+        "agent page weight: {} bytes (HTML) + {} bytes (script), nothing else loaded",
+        body.len(),
+        script.len()
+    );
     println!("agent page headless load and render: {} ms wall", page.wall.as_millis());
 
     // The API and metrics agree with the page.

@@ -129,7 +129,7 @@ fn twenty_agents_get_a_healthy_release_in_waves_and_bad_ones_stop_at_the_canary(
         spec.site = Some(if i % 2 == 0 { "plant-north" } else { "plant-south" }.into());
         spec.trust_root = Some(kit.root_path.clone());
         spec.bundle = Some(r1.clone());
-        fleet.push(Agent::start(d, spec, server.mqtt_port).unwrap());
+        fleet.push(Agent::start(d, spec, &server).unwrap());
     }
     let inventory_ready = wait_until(Duration::from_secs(60), || {
         let devices = server.get("/api/v1/devices").unwrap_or_default();

@@ -50,8 +50,7 @@ fn sigkills_at_every_activation_step_and_of_the_server_end_on_verified_releases_
         spec.bundle = Some(r1.clone());
         spec.updates = Some("fetch_window = 1\nfetch_timeout_secs = 2".into());
         let env = [("MILLWRIGHT_PAUSE_AFTER", step)];
-        fleet
-            .push((step, Agent::start_with_env(dir.path(), spec, server.mqtt_port, &env).unwrap()));
+        fleet.push((step, Agent::start_with_env(dir.path(), spec, &server, &env).unwrap()));
     }
     let known = wait_until(Duration::from_secs(60), || {
         let devices = server.get("/api/v1/devices").unwrap_or_default();

@@ -30,8 +30,7 @@ fn a_thirty_second_broker_outage_mid_transfer_resumes_the_download_where_it_stop
     let mut broker = Mosquitto::start(dir.path()).unwrap();
     let config = kit.server_config(&format!("chunk_size = {CHUNK}\ndelivery_bytes_per_sec = 8192"));
     let server =
-        Server::start_with_config(dir.path(), BrokerChoice::External(broker.port), &config)
-            .unwrap();
+        Server::start_with_config(dir.path(), BrokerChoice::Mosquitto(&broker), &config).unwrap();
     for bundle in [&r1, &r2] {
         let out = server.cli(ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -39,7 +38,7 @@ fn a_thirty_second_broker_outage_mid_transfer_resumes_the_download_where_it_stop
     let mut spec = AgentSpec::replaying(DEVICE, [12, 13], 2.0);
     spec.trust_root = Some(kit.root_path.clone());
     spec.bundle = Some(r1.clone());
-    let agent = Agent::start(dir.path(), spec, broker.port).unwrap();
+    let agent = Agent::start(dir.path(), spec, &server).unwrap();
     assert!(wait_until(Duration::from_secs(30), || {
         server
             .get(&format!("/api/v1/devices/{DEVICE}"))

@@ -1,9 +1,12 @@
 //! A gateway refuses every kind of bad update on its own: forged, stale or misaddressed
 //! directives, damaged transfers, bundles that fail the release keys, manifests that do not fit
 //! the directive or the device, models tract cannot run, and root rotations without the old
-//! keys. Each refusal names its own reason and reaches the server as an update report, while
-//! the serving model's hash and outputs stay exactly the same. A valid update at the end proves
-//! the refusals were not an artefact of the setup.
+//! keys. Each refusal names its own reason: what was validly signed but wrong reaches the server
+//! as an update report; what did not verify (forged, garbage) or is a replay is counted on the
+//! gateway under its own label and logged, and nothing it claims is repeated (at most one
+//! report per ten minutes, naming only its digest). The serving model's hash and outputs stay
+//! exactly the same. A valid update at the end proves the refusals were not an artefact of the
+//! setup.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -40,6 +43,13 @@ struct Case {
     name: &'static str,
     payload: Payload,
     reason: &'static str,
+    /// For refusals that never become a report: the counter label the gateway uses.
+    label: Option<&'static str>,
+}
+
+/// The gateway's refusal counter `label` (from its status file).
+fn refused(agent: &Agent, label: &str) -> u64 {
+    agent.status().and_then(|s| s["counters"]["refused"][label].as_u64()).unwrap_or(0)
 }
 
 fn onnx() -> Vec<u8> {
@@ -69,7 +79,7 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
     spec.trust_root = Some(kit.root_path.clone());
     spec.bundle = Some(r1_path);
     spec.updates = Some("max_bundle_bytes = 1048576\nfetch_timeout_secs = 2".into());
-    let agent = Agent::start(dir.path(), spec, server.mqtt_port).unwrap();
+    let agent = Agent::start(dir.path(), spec, &server).unwrap();
     let serving_at_start = || agent.serving(MODEL);
     assert!(
         wait_until(Duration::from_secs(30), || serving_at_start().is_some_and(|s| s.0 == 1)),
@@ -77,7 +87,7 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
         agent.proc.log_text()
     );
     let before = agent.serving(MODEL).unwrap();
-    let rogue = Rogue::start(server.mqtt_port, DEVICE).unwrap();
+    let rogue = Rogue::start(&server, DEVICE, kit.server_key.clone()).unwrap();
 
     let server_key = &kit.server_key;
     let mut seq = 100;
@@ -99,7 +109,7 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
     };
 
     let mut cases = Vec::new();
-    let mut add = |name, payload, reason| cases.push(Case { name, payload, reason });
+    let mut add = |name, payload, reason| cases.push(Case { name, payload, reason, label: None });
 
     // Directives: who signed them, for whom, when, and what they ask.
     add(
@@ -342,10 +352,31 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
     let oversized_root = Envelope { payload: "A".repeat(MAX_DIRECTIVE_BYTES), signatures: vec![] };
     add("oversized root document", Payload::Root(oversized_root.to_bytes()), "above the limit");
 
+    // What does not verify, or is a replay, is counted under its own label, not reported.
+    for case in &mut cases {
+        case.label = match case.name {
+            "garbage on the desired topic" => Some("directive_malformed"),
+            "directive signed by an unknown key" => Some("directive_untrusted_signer"),
+            "directive signed by a revoked server key" => Some("directive_revoked_key"),
+            "tampered directive" => Some("directive_bad_signature"),
+            "directive for another device" => Some("directive_wrong_device"),
+            "replayed old directive" => Some("directive_replayed"),
+            "root rotation without the old keys" | "root rotation below its own threshold" => {
+                Some("root_signatures")
+            }
+            "root rotation skipping a version"
+            | "root of the current version, different content" => Some("root_version"),
+            "oversized root document" => Some("root_too_large"),
+            _ => None,
+        };
+    }
     assert!(cases.len() >= 25, "only {} vectors", cases.len());
     let mut seen_reasons = Vec::new();
+    let mut logged_labels = Vec::new();
+    let mut refused_here = 0;
     for case in cases {
         let count = rejected(&server).len();
+        let before_refused = case.label.map(|l| refused(&agent, l));
         match case.payload {
             Payload::Desired(bytes) => rogue
                 .publish_retained(topics::desired(&DeviceId::new(DEVICE).unwrap()), bytes)
@@ -359,22 +390,57 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
                 rogue.publish_retained(topics::TRUST_ROOT.into(), bytes).unwrap()
             }
         }
-        let arrived = wait_until(Duration::from_secs(30), || rejected(&server).len() > count);
-        assert!(
-            arrived,
-            "{}: no rejection reached the server; agent log:\n{}",
-            case.name,
-            agent.proc.log_text()
-        );
-        let report = rejected(&server).pop().unwrap();
-        let reason = report["reason"].as_str().unwrap_or_default().to_owned();
-        println!("{:<45} → {reason}", case.name);
-        assert!(
-            reason.contains(case.reason),
-            "{}: expected {:?} in {reason:?}",
-            case.name,
-            case.reason
-        );
+        if let (Some(label), Some(before)) = (case.label, before_refused) {
+            let counted = wait_until(Duration::from_secs(30), || refused(&agent, label) > before);
+            assert!(
+                counted,
+                "{}: not counted as {label}: {}\n{}",
+                case.name,
+                agent.status().unwrap()["counters"]["refused"],
+                agent.proc.log_text()
+            );
+            // Each label is logged once (not per message), with its reason.
+            if !logged_labels.contains(&label) {
+                let log = agent.proc.log_text();
+                let line = log.lines().find(|l| l.contains(label) && l.contains(case.reason));
+                assert!(
+                    line.is_some(),
+                    "{}: no log line with {label} and {:?}:\n{log}",
+                    case.name,
+                    case.reason
+                );
+                logged_labels.push(label);
+            }
+            println!("{:<45} → refused on the gateway: {label}", case.name);
+            refused_here += 1;
+            // The first refusal that did not verify is reported, with nothing it claimed.
+            if case.name == "garbage on the desired topic" {
+                let reported =
+                    wait_until(Duration::from_secs(30), || rejected(&server).len() > count);
+                assert!(reported, "the first unverified refusal was not reported");
+                let report = rejected(&server).pop().unwrap();
+                assert!(report["directive"].is_null() && report["rollout"].is_null(), "{report}");
+                assert!(report["reason"].as_str().unwrap().contains("message SHA-256"), "{report}");
+            }
+        } else {
+            let arrived = wait_until(Duration::from_secs(30), || rejected(&server).len() > count);
+            assert!(
+                arrived,
+                "{}: no rejection reached the server; agent log:\n{}",
+                case.name,
+                agent.proc.log_text()
+            );
+            let report = rejected(&server).pop().unwrap();
+            let reason = report["reason"].as_str().unwrap_or_default().to_owned();
+            println!("{:<45} → {reason}", case.name);
+            assert!(
+                reason.contains(case.reason),
+                "{}: expected {:?} in {reason:?}",
+                case.name,
+                case.reason
+            );
+            seen_reasons.push(reason);
+        }
         assert_eq!(
             agent.serving(MODEL),
             Some(before.clone()),
@@ -391,13 +457,17 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
             case.name,
             agent.status().unwrap()["update"]
         );
-        seen_reasons.push(reason);
     }
     let mut distinct = seen_reasons.clone();
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), seen_reasons.len(), "reasons are not distinct: {seen_reasons:#?}");
-    println!("{} bad updates refused, each with its own reason", seen_reasons.len());
+    println!(
+        "{} bad updates reported with their own reason, {} refused on the gateway under {} labels",
+        seen_reasons.len(),
+        refused_here,
+        logged_labels.len()
+    );
 
     // The control: a good release through the same path is accepted.
     rogue.offer(&r2, CHUNK, Damage::None);

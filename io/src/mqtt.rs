@@ -1,8 +1,11 @@
-//! The rumqttc adapter: one connection to the uplink broker, polled by its own task, which
-//! reports connection changes and incoming messages to the agent's loop and reconnects with
-//! exponential backoff.
+//! The rumqttc adapter: one connection to a broker, plain TCP or TLS with a client
+//! certificate, polled by its own task, which reports connection changes and incoming messages
+//! to its owner's loop and reconnects with exponential backoff. Used by the agent and the server.
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration,
+};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -16,12 +19,26 @@ pub enum MqttEvent {
     Message { topic: String, payload: Vec<u8> },
 }
 
+/// How the bytes travel.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plain TCP (loopback, or where the configuration allows plaintext).
+    Tcp,
+    /// TLS: the broker's certificate checked against the fleet CA, this party's client
+    /// certificate presented ([`crate::tls::client_config`]).
+    Tls(Arc<rustls::ClientConfig>),
+}
+
 /// Connection parameters for [`start`].
 #[derive(Debug, Clone)]
 pub struct Connect {
     pub client_id: String,
     pub host: String,
     pub port: u16,
+    pub transport: Transport,
+    /// MQTT user name and password: the embedded broker checks them against the device
+    /// registry (the password is a signature by the device key, see `shared::signed`).
+    pub credentials: Option<(String, String)>,
     pub keep_alive: Duration,
     pub reconnect_max: Duration,
     /// Retained message the broker publishes if the connection dies.
@@ -34,6 +51,13 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
     options.set_keep_alive(connect.keep_alive);
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    if let Transport::Tls(config) = connect.transport {
+        options
+            .set_transport(rumqttc::Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    if let Some((user, password)) = connect.credentials {
+        options.set_credentials(user, password);
+    }
     if let Some((topic, payload)) = connect.last_will {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
@@ -59,9 +83,9 @@ async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: D
             Ok(_) => continue,
             Err(e) => {
                 if connected {
-                    tracing::warn!(error = %e, "uplink broker connection lost");
+                    tracing::warn!(error = %e, "broker connection lost");
                 } else {
-                    tracing::debug!(error = %e, retry_in = ?backoff, "uplink broker unreachable");
+                    tracing::debug!(error = %e, retry_in = ?backoff, "broker unreachable");
                 }
                 let was_connected = std::mem::replace(&mut connected, false);
                 if events.send(MqttEvent::Disconnected(e.to_string())).await.is_err() {
