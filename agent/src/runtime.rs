@@ -313,7 +313,7 @@ fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::
 }
 
 /// How often the time floor is saved while the clock moves forward.
-const FLOOR_SAVE_EVERY_MS: i64 = 600_000;
+const FLOOR_SAVE_EVERY_MS: i64 = 60_000;
 
 /// Runs the agent until `shutdown` completes, then flushes and disconnects.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -750,12 +750,12 @@ impl Agent {
             Ok(ack) => ack,
             Err(e) => {
                 self.counters.bad_acks += 1;
-                return self.refuse("malformed", "ack", format!("ack: {e}"));
+                return self.refuse("ack_malformed", "ack", format!("ack: {e}"));
             }
         };
         if ack.epoch != self.epoch {
             return self.refuse(
-                "stale_epoch",
+                "ack_stale_epoch",
                 "ack",
                 format!(
                     "ack for outbox epoch {:?}, this outbox is {} (an ack from before a \
@@ -805,7 +805,15 @@ impl Agent {
                 if what == "ack" {
                     self.counters.bad_acks += 1;
                 }
-                self.refuse(e.reason(), what, format!("{what} refused: {e}"));
+                let label = match (what, e) {
+                    ("ack", SignedError::Unsigned) => "ack_unsigned",
+                    ("ack", SignedError::WrongKey(_)) => "ack_wrong_key",
+                    ("ack", SignedError::BadSignature) => "ack_bad_signature",
+                    (_, SignedError::Unsigned) => "chunk_unsigned",
+                    (_, SignedError::WrongKey(_)) => "chunk_wrong_key",
+                    (_, SignedError::BadSignature) => "chunk_bad_signature",
+                };
+                self.refuse(label, what, format!("{what} refused: {e}"));
                 None
             }
         }
@@ -818,20 +826,18 @@ impl Agent {
         }
     }
 
-    /// Raises the time floor while the clock moves forward, and saves it now and then, so a
-    /// restart with a clock reset to 1970 still knows roughly when it is.
+    /// Raises the time floor while the clock moves forward (it moves on by itself otherwise), and
+    /// saves it every minute, so a restart with a clock reset to 1970 still knows roughly when
+    /// it is.
     fn keep_time_floor(&mut self) {
-        let now = clock::now_ms();
-        if now < clock::floor_ms() {
-            return;
-        }
-        clock::raise_floor(now);
-        if now - self.floor_saved_ms >= FLOOR_SAVE_EVERY_MS {
+        clock::raise_floor(clock::now_ms());
+        if clock::floor_ms() - self.floor_saved_ms >= FLOOR_SAVE_EVERY_MS {
             self.save_time_floor();
         }
     }
 
     fn save_time_floor(&mut self) {
+        clock::raise_floor(clock::now_ms());
         let floor = clock::floor_ms();
         match self.store.save_time_floor(floor) {
             Ok(()) => self.floor_saved_ms = floor,

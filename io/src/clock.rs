@@ -3,16 +3,19 @@
 //! A gateway without a battery-backed clock can boot in 1970, or be set back by hand. Time
 //! checks that guard trust (certificate validity, bundle and directive expiry) therefore use
 //! [`trusted_now`]: the wall clock, but never earlier than a *floor* the process was told about
-//! (a persisted "latest time seen", the creation time of a verified bundle). Timers keep using
-//! [`now_ms`], so a clock stuck in the past still ticks.
+//! (a persisted "latest time seen", the creation time of a verified bundle), and the floor
+//! itself moves on at the rate of the monotonic clock. Timers keep using [`now_ms`], so a clock
+//! stuck in the past still ticks.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 use time::OffsetDateTime;
 
 /// A wall clock this far behind the floor is reported as untrustworthy.
 pub const UNTRUSTED_BEHIND_MS: i64 = 5 * 60 * 1000;
 
-static FLOOR_MS: AtomicI64 = AtomicI64::new(0);
+/// The floor and when (monotonically) it was set.
+static FLOOR: Mutex<Option<(i64, Instant)>> = Mutex::new(None);
 
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
@@ -25,12 +28,19 @@ pub fn now_ms() -> i64 {
 
 /// Time can be no earlier than `ms` (milliseconds since the epoch); a lower value is ignored.
 pub fn raise_floor(ms: i64) {
-    FLOOR_MS.fetch_max(ms, Ordering::Relaxed);
+    let mut floor = FLOOR.lock().unwrap_or_else(|e| e.into_inner());
+    if ms > current(*floor) {
+        *floor = Some((ms, Instant::now()));
+    }
 }
 
-/// The floor (0 until one is raised).
+fn current(floor: Option<(i64, Instant)>) -> i64 {
+    floor.map_or(0, |(ms, at)| ms.saturating_add(at.elapsed().as_millis() as i64))
+}
+
+/// The floor, moved on since it was set (0 until one is raised).
 pub fn floor_ms() -> i64 {
-    FLOOR_MS.load(Ordering::Relaxed)
+    current(*FLOOR.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// The wall clock, or the floor when the clock is behind it.

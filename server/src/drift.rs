@@ -49,6 +49,8 @@ pub enum DriftProblem {
     Bins { feature: String, found: usize, expected: usize },
     #[error("feature {0:?} counts are not plausible (their sum differs from n, or is too large)")]
     Counts(String),
+    #[error("feature {feature:?} was reported at {claimed:?}, its counts say {judged:?}")]
+    Overruled { feature: String, claimed: Severity, judged: Severity },
 }
 
 impl DriftProblem {
@@ -58,6 +60,7 @@ impl DriftProblem {
             DriftProblem::UnknownFeature(_)
             | DriftProblem::Bins { .. }
             | DriftProblem::Counts(_) => "drift_invalid",
+            DriftProblem::Overruled { .. } => "drift_severity_overruled",
         }
     }
 }
@@ -114,17 +117,28 @@ pub fn judge(
                 scores.map(|s| Scores { psi: s.psi, js: s.js, ks: s.ks }),
                 scores.and_then(|s| s.shift),
             );
-            f.severity = match value {
+            // The device's own level is kept only where its counts allow it: within the
+            // hysteresis band of the metric (a level is left only past it). Anything else is
+            // overruled.
+            let judged = match value {
                 Some(v) if f.n >= settings.min_samples => {
                     let out_of_range = f.out_of_range.min(f.n) as f64;
                     if out_of_range >= settings.out_of_range_drift * f.n as f64 {
                         Severity::Drift
                     } else {
-                        settings.next_severity(Severity::Insufficient, v)
+                        settings.next_severity(f.severity, v)
                     }
                 }
                 _ => Severity::Insufficient,
             };
+            if judged < f.severity {
+                problems.push(DriftProblem::Overruled {
+                    feature: wire_name(&f.name),
+                    claimed: f.severity,
+                    judged,
+                });
+            }
+            f.severity = judged;
             true
         };
     report.features.retain_mut(|f| {
@@ -495,10 +509,17 @@ mod tests {
         };
         let problems = judge(&mut report, Some(&profile), &DriftSettings::default());
         let reasons: Vec<&str> = problems.iter().map(DriftProblem::reason).collect();
-        assert_eq!(reasons, ["drift_invalid"; 3]);
-        assert!(matches!(problems[0], DriftProblem::UnknownFeature(_)));
-        assert!(matches!(problems[1], DriftProblem::Bins { found: 1, .. }));
-        assert!(matches!(problems[2], DriftProblem::Counts(_)));
+        assert_eq!(
+            reasons,
+            ["drift_severity_overruled", "drift_invalid", "drift_invalid", "drift_invalid"]
+        );
+        assert!(matches!(
+            problems[0],
+            DriftProblem::Overruled { claimed: Severity::Drift, judged: Severity::Ok, .. }
+        ));
+        assert!(matches!(problems[1], DriftProblem::UnknownFeature(_)));
+        assert!(matches!(problems[2], DriftProblem::Bins { found: 1, .. }));
+        assert!(matches!(problems[3], DriftProblem::Counts(_)));
         assert_eq!(report.features.len(), 1);
         assert_eq!(report.features[0].severity, Severity::Ok, "the claimed drift is not believed");
         let mut unknown = report.clone();

@@ -410,7 +410,10 @@ async fn on_message(
     match ingest.gate.admit(&device, purpose, payload, now_ms()) {
         Verdict::Now(admitted) => on_admitted(db, client, ingest, rollouts, admitted).await,
         Verdict::Queued => {}
-        Verdict::Refused(r) => ingest.refuse(r.reason(), device.as_str(), format!("{topic}: {r}")),
+        Verdict::Refused(r) => {
+            let source = format!("{device} {}", purpose.as_str());
+            ingest.refuse(r.reason(), &source, format!("{topic}: {r}"))
+        }
     }
 }
 

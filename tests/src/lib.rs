@@ -183,7 +183,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "user root\nper_listener_settings true\npersistence false\npid_file {}\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\nlog_type all\nlog_dest stderr\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size 4194304\n\
+                 log_type all\nlog_dest stderr\n\
                  listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
                  require_certificate true\nuse_identity_as_username true\n\
                  use_username_as_clientid true\nallow_anonymous false\n{acl_line}",
@@ -647,6 +648,18 @@ impl Agent {
         Proc::spawn(&mut cmd, dir.join("agent.log"))
     }
 
+    /// Starts the agent again under `wrapper` (e.g. `faketime -f @1970-01-02`), with `env`.
+    pub fn restart_under(&mut self, wrapper: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let Some((program, args)) = wrapper.split_first() else { return self.restart() };
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(bin("millwright-agent")).arg("run").arg("--config").arg(&self.config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.proc = Proc::spawn(&mut cmd, self.dir.join("agent.log"))?;
+        Ok(())
+    }
+
     /// Starts the agent again with the same config and data folder.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc = Self::spawn(&self.dir, &self.config, &[])?;
@@ -669,7 +682,8 @@ impl Agent {
 
     /// What the server must end up holding for this agent's replayed units.
     pub fn expected(&self) -> anyhow::Result<Vec<ExpectedPrediction>> {
-        let all = expected_predictions()?;
+        let data = self.spec.data.clone().unwrap_or_else(|| repo_file(TEST_DATA));
+        let all = expected_predictions_of(&data)?;
         let assets: Vec<String> = self.spec.units.iter().map(|u| format!("unit-{u}")).collect();
         Ok(all.iter().filter(|p| assets.contains(&p.asset)).cloned().collect())
     }
@@ -691,20 +705,26 @@ pub fn replay_command(cmapss: &Path, out: &Path) -> Command {
 }
 
 /// The reference: `millwright-agent replay` over the committed test data, computed once.
-pub fn expected_predictions() -> anyhow::Result<&'static [ExpectedPrediction]> {
-    static EXPECTED: OnceLock<Result<Vec<ExpectedPrediction>, String>> = OnceLock::new();
-    let result = EXPECTED.get_or_init(|| {
+pub fn expected_predictions() -> anyhow::Result<Vec<ExpectedPrediction>> {
+    expected_predictions_of(&repo_file(TEST_DATA))
+}
+
+/// The reference replay of any C-MAPSS file, computed once per file.
+pub fn expected_predictions_of(data: &Path) -> anyhow::Result<Vec<ExpectedPrediction>> {
+    type Cache = Mutex<std::collections::HashMap<PathBuf, Result<Vec<ExpectedPrediction>, String>>>;
+    static EXPECTED: OnceLock<Cache> = OnceLock::new();
+    let mut cache = EXPECTED.get_or_init(Cache::default).lock().unwrap_or_else(|e| e.into_inner());
+    let result = cache.entry(data.to_owned()).or_insert_with(|| {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = dir.path().join("expected.jsonl");
-        let output =
-            replay_command(&repo_file(TEST_DATA), &out).output().map_err(|e| e.to_string())?;
+        let output = replay_command(data, &out).output().map_err(|e| e.to_string())?;
         if !output.status.success() {
             return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
         let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
         text.lines().map(|l| serde_json::from_str(l).map_err(|e| e.to_string())).collect()
     });
-    result.as_deref().map_err(|e| anyhow::anyhow!("reference replay failed: {e}"))
+    result.clone().map_err(|e| anyhow::anyhow!("reference replay failed: {e}"))
 }
 
 /// Checks that every outbox stream of the agent (predictions, alerts, drift reports, update

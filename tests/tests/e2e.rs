@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, reason = "test code: a panic with its message is the failure report")]
 
 mod e2e {
+    mod attacks;
     mod bundle_refusals;
     mod config_errors;
     mod dashboard;
@@ -14,6 +15,7 @@ mod e2e {
     mod reference_model;
     mod rollouts;
     mod tidy;
+    mod trust_state;
     mod update_crashes;
     mod update_outage;
     mod update_refusals;

@@ -179,6 +179,19 @@ fn every_bad_update_is_refused_with_its_own_reason_and_nothing_changes() {
         update(directive(rollback_seq, &old_release, 1), old_release.clone()),
         "rollback refused",
     );
+    // A signed revert may only go back to the gateway's own last known good release (this one
+    // has none: it was provisioned with release 1), never to a bundle of the server's choosing.
+    let mut revert = directive(next(), &old_release, 1);
+    revert.action = millwright_shared::directive::Action::Revert;
+    add(
+        "revert to a release that is not the last known good",
+        Payload::Update {
+            directive: Box::new(revert),
+            bundle: old_release.clone(),
+            damage: Damage::None,
+        },
+        "neither the last known good release",
+    );
     add(
         "replayed old directive",
         Payload::Desired(signed(&directive(rollback_seq - 3, &r2, 2), server_key)),
