@@ -11,6 +11,7 @@ mod e2e {
     mod delivery;
     mod drift_fleet;
     mod faults;
+    mod http_attacks;
     mod local_page;
     mod reference_model;
     mod rollouts;

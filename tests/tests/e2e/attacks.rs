@@ -25,6 +25,7 @@ use millwright_shared::{AssetId, DeviceId, ModelName, Release};
 use millwright_tests::trust::{ADMIN_TOKEN, TrustKit, key};
 use millwright_tests::*;
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1150,4 +1151,68 @@ fn attacks_are_refused_on_mosquitto_with_the_registry_acl_and_nothing_is_lost() 
 #[test]
 fn attacks_are_refused_on_mosquitto_without_any_acl_and_nothing_is_lost() {
     run_suite(Kind::MosquittoOpen);
+}
+
+/// `millwright broker mosquitto-config` writes a listener and an ACL from the registry that
+/// Mosquitto runs as is: each enrolled device may write only its own topics, and a revoked one
+/// none.
+#[test]
+fn the_generated_mosquitto_config_confines_each_device_and_shuts_out_revoked_ones() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let (a, b) = (server.enroll("gw-a").unwrap(), server.enroll("gw-b").unwrap());
+    let out = server.cli(ADMIN_TOKEN).args(["device", "revoke", "gw-b"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port = free_port();
+    let conf_dir = dir.path().join("mosquitto");
+    let pki = &server.pki;
+    let out = server
+        .cli(millwright_tests::trust::VIEWER_TOKEN)
+        .args(["broker", "mosquitto-config", "--bind", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--ca-file")
+        .arg(&pki.ca_cert)
+        .arg("--cert")
+        .arg(&pki.broker_cert)
+        .arg("--key")
+        .arg(&pki.broker_key)
+        .arg("--out-dir")
+        .arg(&conf_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let conf = conf_dir.join("millwright.conf");
+    let acl = std::fs::read_to_string(conf_dir.join("millwright.acl")).unwrap();
+    assert!(acl.contains("user gw-a\n") && !acl.contains("gw-b"), "{acl}");
+    // As the test runs as root in a private folder, Mosquitto must not drop to its own user;
+    // and its debug log says what the ACL denied.
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text += "user root\nlog_type all\nlog_dest stderr\n";
+    std::fs::write(&conf, text).unwrap();
+    let log = dir.path().join("generated-mosquitto.log");
+    let _broker = Proc::spawn(
+        std::process::Command::new("/usr/sbin/mosquitto").arg("-c").arg(&conf),
+        log.clone(),
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let party_a = Party::connect(mqtt_as(port, &a, None).unwrap()).unwrap();
+    let own = signed::seal(&device_key(&a), Purpose::Status, &id("gw-a"), &status("gw-a", 1, true));
+    assert!(party_a.publish(&topics::status(&id("gw-a")), own, false), "its own topic is allowed");
+    let denied = |who: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!("Denied PUBLISH from {who}"))
+    };
+    assert!(!denied("gw-a"));
+    party_a.publish(&topics::status(&id("gw-b")), b"x".to_vec(), false);
+    assert!(wait_until(Duration::from_secs(5), || denied("gw-a")), "another device's topic");
+    let party_b = Party::connect(mqtt_as(port, &b, None).unwrap()).unwrap();
+    party_b.publish(&topics::status(&id("gw-b")), b"x".to_vec(), false);
+    assert!(
+        wait_until(Duration::from_secs(5), || denied("gw-b")),
+        "a revoked device writes nothing"
+    );
+    println!("generated Mosquitto config: gw-a writes its own topics only; revoked gw-b nothing");
 }

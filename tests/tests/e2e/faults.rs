@@ -68,23 +68,36 @@ fn an_agent_killed_with_sigkill_resumes_from_its_outbox() {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    killed_and_resumed(dir.path(), &server);
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_resumes_from_its_outbox_over_mosquitto() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(dir.path()).unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
+    killed_and_resumed(dir.path(), &server);
+}
+
+fn killed_and_resumed(root: &std::path::Path, server: &Server) {
     let mut agent =
-        Agent::start(dir.path(), AgentSpec::replaying("killed-gw", 1..=5, 25.0), &server).unwrap();
+        Agent::start(root, AgentSpec::replaying("killed-gw", 1..=5, 25.0), server).unwrap();
     let expected = agent.expected().unwrap().len() as u64;
     let some =
         wait_until(Duration::from_secs(30), || server.prediction_count("killed-gw") > expected / 4);
-    assert!(some, "no progress before the kill\n{}", dump(&server, &[&agent]));
+    assert!(some, "no progress before the kill\n{}", dump(server, &[&agent]));
     agent.proc.kill();
     let at_kill = server.prediction_count("killed-gw");
     assert!(at_kill < expected, "the kill came after the run finished ({at_kill}/{expected})");
     println!("SIGKILL after {at_kill}/{expected} predictions were acknowledged");
     std::thread::sleep(Duration::from_millis(500));
     agent.restart().unwrap();
-    if let Err(e) = wait_for_all(&server, &[&agent], Duration::from_secs(90)) {
-        panic!("{e}\n{}", dump(&server, &[&agent]));
+    if let Err(e) = wait_for_all(server, &[&agent], Duration::from_secs(90)) {
+        panic!("{e}\n{}", dump(server, &[&agent]));
     }
-    let n = check_exactly_once(&server, &agent)
-        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&server, &[&agent])));
+    let n = check_exactly_once(server, &agent)
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(server, &[&agent])));
     assert_eq!(n as u64, expected);
     let status = agent.proc.terminate(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "SIGTERM exit status {status}");
