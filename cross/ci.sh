@@ -86,14 +86,18 @@ millwright-agent --version
 systemd-analyze verify /lib/systemd/system/millwright-agent.service
 systemd-analyze security --offline=yes /lib/systemd/system/millwright-agent.service | tail -1
 
-# The installed agent under a stand-in for systemd's notify socket, the watchdog armed.
+# The installed agent under a stand-in for systemd's notify socket, the watchdog armed. Its
+# identity is cross/ci-identity, enrolled once with a throwaway CA (whose key was discarded) for
+# this run alone: the agent loads it and its TLS client configuration, and finds no broker.
 run=$(realpath "$out")/run
 mkdir -p "$run"
 cat >"$run/agent.toml" <<EOF
 device = "gw-ci"
 data_dir = "$run/data"
+[identity]
+dir = "$PWD/cross/ci-identity"
 [uplink]
-broker = "127.0.0.1:9"
+broker = "mqtts://127.0.0.1:9"
 [trust]
 keys = ["$PWD/$key"]
 [[assets]]

@@ -595,7 +595,7 @@ mod tests {
             toml::from_str::<RawConfig>("device = 'a'\ndata_dir = '.'\ncolour = 1").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let raw: RawConfig = toml::from_str(
-            "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = 'h:1'\n[trust]\nkeys = ['nope.json']",
+            "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = '127.0.0.1:1'\n[trust]\nkeys = ['nope.json']",
         )
         .unwrap();
         let err = Config::from_raw(raw, Path::new("/nonexistent")).unwrap_err();
@@ -604,8 +604,9 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
         let public = serde_json::to_vec(&PublicKeyFile::new(&key)).unwrap();
         std::fs::write(dir.path().join("k.json"), public).unwrap();
-        let text =
-            "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = 'h:1'\n[trust]\nkeys = ['k.json']";
+        let text = "device = 'gw1'\ndata_dir = 'd'\n[uplink]\nbroker = '127.0.0.1:1'\n\
+                    [trust]\nkeys = ['k.json']\n[[assets]]\nid = 'e1'\nasset_type = 't'\n\
+                    bundle = 'b.mwb'\nsource = { kind = 'mqtt', topic = 'in/e1' }";
         let err = Config::from_raw(toml::from_str(text).unwrap(), dir.path()).unwrap_err();
         assert!(err.to_string().contains("no [identity]"), "{err}");
         let text = format!("{text}\n[identity]\ndir = 'id'");

@@ -422,7 +422,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(
         device = %agent.config.device,
         assets = agent.assets.len(),
-        broker = %format!("{}:{}", agent.config.uplink.host, agent.config.uplink.port),
+        broker = %format!(
+            "{}://{}:{}",
+            if agent.config.uplink.tls { "mqtts" } else { "mqtt" },
+            agent.config.uplink.host,
+            agent.config.uplink.port
+        ),
         "agent started"
     );
     agent.resume_update();

@@ -53,6 +53,10 @@ pub struct RawIdentity {
     pub mosquitto_acl: Option<PathBuf>,
     /// A command run after the ACL file changed, e.g. `systemctl reload mosquitto`.
     pub mosquitto_reload: Option<String>,
+    /// Topic filters every device may also read there, e.g. the sensor topics of MQTT-fed
+    /// assets on the same broker.
+    #[serde(default)]
+    pub mosquitto_device_reads: Vec<String>,
 }
 
 /// Model rollouts: the fleet's root document (directives are signed with `[identity]
@@ -95,6 +99,7 @@ pub struct Identity {
     pub tls: Option<TlsFiles>,
     pub mosquitto_acl: Option<PathBuf>,
     pub mosquitto_reload: Option<String>,
+    pub mosquitto_device_reads: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +136,7 @@ impl RawIdentity {
             tls,
             mosquitto_acl: self.mosquitto_acl.clone(),
             mosquitto_reload: self.mosquitto_reload.clone(),
+            mosquitto_device_reads: self.mosquitto_device_reads.clone(),
         })
     }
 }

@@ -125,6 +125,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let path = config.data_dir.join("server.sqlite");
     let mut db = Db::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let registry: SharedRegistry = Arc::new(RwLock::new(db.registry()?));
+    // The ACL file follows the registry and this config from the start.
+    refresh_acl(&db, &config.identity);
     let refusals = Arc::new(Mutex::new(Refusals::default()));
     let server_key = config.identity.server_key.clone();
     let logins = crate::broker::Logins {
@@ -356,7 +358,7 @@ fn revoke(
 fn refresh_acl(db: &Db, identity: &crate::config::Identity) {
     let Some(path) = &identity.mosquitto_acl else { return };
     let acl = match db.enrollments() {
-        Ok(rows) => crate::mosquitto::acl(&rows, &[]),
+        Ok(rows) => crate::mosquitto::acl(&rows, &identity.mosquitto_device_reads),
         Err(e) => return tracing::error!("cannot read the registry for the ACL file: {e}"),
     };
     let tmp = path.with_extension("tmp");

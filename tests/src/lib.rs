@@ -257,6 +257,13 @@ pub struct Server {
     pub root: PathBuf,
     args: Vec<std::ffi::OsString>,
     log: PathBuf,
+    /// With Mosquitto and the registry ACL: its log, where each ACL reload shows.
+    acl_reloads: Option<PathBuf>,
+}
+
+/// How many times the Mosquitto log at `log` says it reloaded its config.
+fn reloads_in(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().matches("Reloading config").count()
 }
 
 /// An HTTPS client that trusts the test CA.
@@ -299,9 +306,11 @@ impl Server {
             "[identity]\nserver_key = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             pki.message_key, pki.ca_cert, pki.server_cert, pki.server_key
         );
+        let mut acl_reloads = None;
         if let BrokerChoice::Mosquitto(m) = &broker
             && m.acl == Acl::Registry
         {
+            acl_reloads = Some(m.dir.join("mosquitto.log"));
             toml += &format!(
                 "mosquitto_acl = {:?}\nmosquitto_reload = {:?}\n",
                 m.acl_file,
@@ -340,8 +349,17 @@ impl Server {
         let args: Vec<std::ffi::OsString> = cmd.get_args().map(ToOwned::to_owned).collect();
         let log = dir.join("server.log");
         let proc = Proc::spawn(&mut cmd, log.clone())?;
-        let server =
-            Server { http_port, mqtt_port, proc, dir: data, pki, root: dir.to_owned(), args, log };
+        let server = Server {
+            http_port,
+            mqtt_port,
+            proc,
+            dir: data,
+            pki,
+            root: dir.to_owned(),
+            args,
+            log,
+            acl_reloads,
+        };
         server.wait_healthy()?;
         Ok(server)
     }
@@ -399,8 +417,12 @@ impl Server {
 
     /// Enrolls `device` with `millwright device enroll` (as the admin); returns its identity
     /// folder (`<test root>/<device>/identity`, with a page certificate for 127.0.0.1).
+    /// With Mosquitto's registry ACL, returns once Mosquitto has reloaded the ACL that lets the
+    /// device in (the server signals the reload before it answers; Mosquitto reloads in its
+    /// next loop).
     pub fn enroll(&self, device: &str) -> anyhow::Result<PathBuf> {
         let dir = self.root.join(device).join("identity");
+        let reloaded = self.acl_reloads.as_deref().map(reloads_in);
         let out = self
             .cli(trust::ADMIN_TOKEN)
             .args(["device", "enroll", device, "--page-host", "127.0.0.1", "--ca"])
@@ -410,6 +432,11 @@ impl Server {
             .output()?;
         if !out.status.success() {
             bail!("enroll {device}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if let (Some(log), Some(before)) = (&self.acl_reloads, reloaded)
+            && !wait_until(Duration::from_secs(10), || reloads_in(log) > before)
+        {
+            bail!("enroll {device}: Mosquitto did not reload its ACL");
         }
         Ok(dir)
     }

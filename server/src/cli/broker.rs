@@ -25,7 +25,8 @@ pub enum BrokerCommand {
         port: u16,
         #[arg(long, default_value = "0.0.0.0")]
         bind: String,
-        /// Topic filters every device may also read (repeatable), e.g. a sensor topic.
+        /// Topic filters every device may also read (repeatable), e.g. a sensor topic (the
+        /// server's `[identity] mosquitto_device_reads` must name the same).
         #[arg(long = "device-read")]
         device_reads: Vec<String>,
         #[arg(long, default_value = ".")]
@@ -68,6 +69,16 @@ pub fn run(command: BrokerCommand) -> Result<(), Failure> {
         conf.display(),
         acl_path.display(),
         conf.display()
+    );
+    println!(
+        "keep the ACL current: in the server's [identity] set mosquitto_acl = {:?}, \
+         mosquitto_reload (e.g. \"systemctl reload mosquitto\"){}",
+        acl_path.display().to_string(),
+        if device_reads.is_empty() {
+            String::new()
+        } else {
+            format!(" and mosquitto_device_reads = {device_reads:?}")
+        }
     );
     Ok(())
 }
