@@ -27,13 +27,17 @@ enum Command {
     /// Print a running agent's status: from its local page's JSON API, else from the
     /// `status.json` in its data directory.
     Status {
-        /// The agent's local page, e.g. http://127.0.0.1:8090 (default: the config's
+        /// The agent's local page, e.g. https://127.0.0.1:8090 (default: the config's
         /// `[local] listen`).
         #[arg(long)]
         url: Option<String>,
         /// The agent's config file: where its page listens and where its data directory is.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The CA an https:// page's certificate must chain to (default: the fleet CA of the
+        /// config's identity).
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Verify a bundle and run it over a C-MAPSS file, one JSON line per prediction.
     Replay {
@@ -91,7 +95,7 @@ pub fn main() -> ExitCode {
     crate::logging::init("info,rumqttc=warn");
     match Cli::parse().command {
         Command::Run { config } => run(config),
-        Command::Status { url, config } => status::run(url, config),
+        Command::Status { url, config, ca } => status::run(url, config, ca),
         Command::Replay { bundle, trusted_keys, threshold, cmapss, out, drift } => {
             match replay_cmd(bundle, trusted_keys, threshold, cmapss, out, drift) {
                 Ok(()) => ExitCode::SUCCESS,

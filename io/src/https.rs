@@ -1,10 +1,11 @@
 //! Serves an axum router over plain HTTP or HTTPS (rustls), with the client's address in every
 //! request (`ConnectInfo<SocketAddr>`, for per-address rate limits). A plaintext request on an
-//! HTTPS port gets a one-line 400 naming the problem instead of a bare reset.
+//! HTTPS port gets a one-line 400 naming the problem instead of a bare reset. And the one
+//! client the gateway needs: [`get`], a single HTTP/1.1 GET (the `status` command's).
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +50,13 @@ pub async fn serve(
                 request.extensions_mut().insert(ConnectInfo(addr));
                 tower::ServiceExt::oneshot(router.clone(), request)
             });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            // HTTP/1.1 only (no h2 in the gateway's binary); the timer bounds how long a
+            // client may take to send its headers.
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
                 .await;
             if let Err(e) = served {
                 tracing::debug!(%addr, "connection ended: {e}");
@@ -115,6 +121,82 @@ pub fn same_origin(headers: &axum::http::HeaderMap) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
+/// Why a [`get`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error("{0:?} is not an http:// or https:// URL with a host")]
+    Url(String),
+    #[error("an https:// URL needs the CA its certificate chains to")]
+    NoCa,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// GETs `url` (`http://` or `https://`, whose certificate must chain to `tls`'s roots) and
+/// returns the status code and up to `limit` bytes of body, all within `timeout`.
+pub async fn get(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), GetError> {
+    tokio::time::timeout(timeout, get_now(url, tls, limit))
+        .await
+        .map_err(|_| GetError::Timeout(timeout))?
+}
+
+async fn get_now(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    limit: usize,
+) -> Result<(u16, Vec<u8>), GetError> {
+    let bad = || GetError::Url(url.to_owned());
+    let uri: axum::http::Uri = url.parse().map_err(|_| bad())?;
+    let secure = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad()),
+    };
+    let authority = uri.authority().ok_or_else(bad)?.clone();
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = authority.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    let request = axum::http::Request::get(path)
+        .header(axum::http::header::HOST, authority.as_str())
+        .body(axum::body::Body::empty())
+        .map_err(|_| bad())?;
+    let response = if secure {
+        let config = tls.ok_or(GetError::NoCa)?;
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|_| bad())?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        send(TokioIo::new(stream), request).await?
+    } else {
+        send(TokioIo::new(tcp), request).await?
+    };
+    let code = response.status().as_u16();
+    let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), limit)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok((code, body.to_vec()))
+}
+
+async fn send<T>(
+    io: TokioIo<T>,
+    request: axum::http::Request<axum::body::Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, hyper::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +208,59 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+    fn pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&paths.0, ca.pem()).unwrap();
+        std::fs::write(&paths.1, leaf.pem()).unwrap();
+        std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
+        paths
+    }
+
+    #[tokio::test]
+    async fn get_reads_over_https_with_the_ca_and_plaintext_is_told_to_use_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = pki(dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router = Router::new().route("/api/status", axum::routing::get(|| async { "{}" }));
+        let tls = crate::tls::server_config(&cert, &key, None).unwrap();
+        tokio::spawn(serve(listener, Some(tls), router));
+        let client = crate::tls::client_config(&ca, None).unwrap();
+        let second = Duration::from_secs(5);
+        let url = format!("https://127.0.0.1:{port}/api/status");
+        let (code, body) = get(&url, Some(client), 1024, second).await.unwrap();
+        assert_eq!((code, body.as_slice()), (200, b"{}".as_slice()));
+        let plain = format!("http://127.0.0.1:{port}/api/status");
+        let (code, body) = get(&plain, None, 1024, second).await.unwrap();
+        assert_eq!(code, 400);
+        assert!(String::from_utf8_lossy(&body).contains("HTTPS only"));
+        assert!(matches!(get(&url, None, 1024, second).await, Err(GetError::NoCa)));
+        // A client trusting another CA refuses the server's certificate.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let other = crate::tls::client_config(&pki(&other).0, None).unwrap();
+        let refused = get(&url, Some(other), 1024, second).await;
+        assert!(matches!(refused, Err(GetError::Io(_))), "{refused:?}");
+        assert!(matches!(get("ftp://x/", None, 1, second).await, Err(GetError::Url(_))));
+        // A browser or curl offers h2 first; the server speaks HTTP/1.1 only and must say so.
+        let mut offer = (*crate::tls::client_config(&ca, None).unwrap()).clone();
+        offer.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(offer)).connect(name, tcp).await;
+        assert_eq!(tls.unwrap().get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
     }
 
     #[test]

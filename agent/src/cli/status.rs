@@ -24,15 +24,21 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The page's status; over HTTPS the page's certificate must chain to `ca` (the fleet CA of
-/// the gateway's identity), or to the system's roots without one.
+/// The largest status document read (the snapshot of a gateway with many assets is ~100 KB).
+const MAX_STATUS_BYTES: usize = 16 << 20;
+
+/// The page's status; over HTTPS the page's certificate must chain to `ca`, the fleet CA of
+/// the gateway's identity.
 fn fetch(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Status> {
     let url = format!("{}/api/status", url.trim_end_matches('/'));
-    let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3));
-    if let Some(ca) = ca {
-        agent = agent.tls_config(millwright_io::tls::client_config(ca, None)?);
+    let tls = ca.map(|ca| millwright_io::tls::client_config(ca, None)).transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let get = millwright_io::https::get(&url, tls, MAX_STATUS_BYTES, Duration::from_secs(3));
+    let (code, body) = runtime.block_on(get)?;
+    if code != 200 {
+        anyhow::bail!("answered {code}: {}", String::from_utf8_lossy(&body).trim());
     }
-    Ok(agent.build().get(&url).call()?.into_json()?)
+    Ok(serde_json::from_slice(&body)?)
 }
 
 fn read(path: &std::path::Path) -> anyhow::Result<Status> {
@@ -40,8 +46,8 @@ fn read(path: &std::path::Path) -> anyhow::Result<Status> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// Prints the summary; `url` wins over the config's `[local] listen`.
-pub fn run(url: Option<String>, config: Option<PathBuf>) -> ExitCode {
+/// Prints the summary; `url` wins over the config's `[local] listen`, `ca` over its identity's.
+pub fn run(url: Option<String>, config: Option<PathBuf>, ca: Option<PathBuf>) -> ExitCode {
     let config = match config.as_deref().map(Config::load).transpose() {
         Ok(c) => c,
         Err(e) => {
@@ -54,7 +60,7 @@ pub fn run(url: Option<String>, config: Option<PathBuf>) -> ExitCode {
         let scheme = if local.tls.is_some() { "https" } else { "http" };
         Some(format!("{scheme}://{}", reachable(local.listen?)))
     });
-    let ca = config.as_ref().map(|c| c.identity.ca.clone());
+    let ca = ca.or_else(|| config.as_ref().map(|c| c.identity.ca.clone()));
     let mut tried = Vec::new();
     let now_ms = crate::clock::now_ms();
     if let Some(url) = &url {
