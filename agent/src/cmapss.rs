@@ -19,7 +19,9 @@ pub struct Row {
 pub enum CmapssError {
     #[error("line {line}: expected 26 columns, found {found}")]
     Columns { line: usize, found: usize },
-    #[error("line {line}: column {column} ({name}) is not a number: {text:?}")]
+    #[error(
+        "line {line}: column {column} ({name}) is not a number (or, for unit and cycle, not a whole number that fits): {text:?}"
+    )]
     Number { line: usize, column: usize, name: &'static str, text: String },
     #[error("feature {0:?} is not a C-MAPSS column (expected setting1-3 or s1-s21)")]
     UnknownFeature(String),
@@ -43,8 +45,22 @@ pub fn parse(text: &str) -> Result<Vec<Row>, CmapssError> {
                 text: fields[column].to_owned(),
             })
         };
-        let unit = number(0)? as u32;
-        let cycle = number(1)? as u64;
+        // Unit and cycle are whole numbers that fit storage (a cycle is an SQLite integer).
+        let whole = |column: usize, max: f64| -> Result<f64, CmapssError> {
+            let x = number(column)?;
+            if (0.0..=max).contains(&x) && x.fract() == 0.0 {
+                Ok(x)
+            } else {
+                Err(CmapssError::Number {
+                    line: i + 1,
+                    column: column + 1,
+                    name: COLUMNS[column],
+                    text: fields[column].to_owned(),
+                })
+            }
+        };
+        let unit = whole(0, f64::from(u32::MAX))? as u32;
+        let cycle = whole(1, 9.0e18)? as u64;
         let values = (2..COLUMNS.len()).map(number).collect::<Result<Vec<_>, _>>()?;
         rows.push(Row { unit, cycle, values });
     }
@@ -100,5 +116,9 @@ mod tests {
         let bad = TWO_LINES.replacen("641.82", "x", 1);
         assert!(matches!(parse(&bad), Err(CmapssError::Number { line: 1, column: 7, .. })));
         assert!(feature_indices(["s22"]).is_err());
+        let huge = TWO_LINES.replacen("1 2 ", "1 1e30 ", 1);
+        assert!(matches!(parse(&huge), Err(CmapssError::Number { line: 2, column: 2, .. })));
+        let half = TWO_LINES.replacen("1 2 ", "1 2.5 ", 1);
+        assert!(matches!(parse(&half), Err(CmapssError::Number { line: 2, column: 2, .. })));
     }
 }

@@ -136,6 +136,24 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         "1 while the wall clock is behind the time floor.",
     );
     let _ = writeln!(out, "millwright_clock_untrusted {}", u8::from(status.clock.untrusted));
+    header(
+        &mut out,
+        "millwright_outbox_quarantined_records",
+        "gauge",
+        "Outbox rows that did not decode, quarantined and never sent.",
+    );
+    let _ = writeln!(out, "millwright_outbox_quarantined_records {}", status.outbox_quarantined);
+    header(
+        &mut out,
+        "millwright_outbox_set_aside",
+        "gauge",
+        "1 if the outbox was corrupt at start and a fresh one was started.",
+    );
+    let _ = writeln!(
+        out,
+        "millwright_outbox_set_aside {}",
+        u8::from(status.outbox_set_aside.is_some())
+    );
     let c = &status.counters;
     for (name, help, value) in [
         ("pin_lockouts", "Client addresses locked out after wrong operator PINs.", c.pin_lockouts),

@@ -171,6 +171,23 @@ fn gateway(out: &mut String, s: &Status, now_ms: i64) {
              updates are refused until a newer root arrives.</p>",
         );
     }
+    if let Some(set_aside) = &s.outbox_set_aside {
+        let _ = write!(
+            out,
+            "<p id=\"outbox-set-aside\" class=\"badge alarm\">Outbox was corrupt at start and \
+             was set aside as {}: records in it were not sent ({}).</p>",
+            escape(&set_aside.moved_to),
+            escape(&set_aside.reason)
+        );
+    }
+    if s.outbox_quarantined > 0 {
+        let _ = write!(
+            out,
+            "<p id=\"outbox-quarantine\" class=\"badge warning\">{} outbox record(s) did not \
+             decode and were quarantined (kept in the outbox file, not sent).</p>",
+            s.outbox_quarantined
+        );
+    }
     let refused: u64 = s.counters.refused.values().sum();
     let site = s.site.as_deref().map_or("—".to_owned(), escape);
     let _ = write!(

@@ -28,7 +28,7 @@ pub enum ReadingError {
     NotJson(String),
     #[error("payload is not a JSON object with a \"values\" object")]
     NoValues,
-    #[error("\"cycle\" is not a non-negative integer")]
+    #[error("\"cycle\" is not an integer from 0 to 2^63-1")]
     BadCycle,
     #[error("feature {0:?} is missing")]
     Missing(String),
@@ -60,7 +60,11 @@ pub fn parse<'a>(
     let values = doc.get("values").and_then(Value::as_object).ok_or(ReadingError::NoValues)?;
     let cycle = match doc.get("cycle") {
         None | Some(Value::Null) => None,
-        Some(c) => Some(c.as_u64().ok_or(ReadingError::BadCycle)?),
+        // The outbox and the server store cycles as SQLite integers (i64): a larger one is
+        // refused here rather than failing every later commit.
+        Some(c) => {
+            Some(c.as_u64().filter(|&c| i64::try_from(c).is_ok()).ok_or(ReadingError::BadCycle)?)
+        }
     };
     let samples = features
         .into_iter()
@@ -139,6 +143,9 @@ mod tests {
         assert_eq!(kind(br#"{"values": {"s2": NaN, "s3": 1}}"#), "not_json");
         assert_eq!(kind(br#"[1, 2]"#), "no_values");
         assert_eq!(kind(br#"{"cycle": -1, "values": {}}"#), "bad_cycle");
+        assert_eq!(kind(br#"{"cycle": 9223372036854775808, "values": {}}"#), "bad_cycle");
+        let largest = br#"{"cycle": 9223372036854775807, "values": {"s2": 1, "s3": 1}}"#;
+        assert_eq!(parse(largest, F).unwrap().cycle, Some(i64::MAX as u64));
         assert_eq!(kind(br#"{"values": {"s2": 1}}"#), "missing_feature");
         assert_eq!(kind(br#"{"values": {"s2": "hot", "s3": 1}}"#), "not_a_number");
         assert_eq!(kind(br#"{"values": {"s2": "NaN", "s3": 1}}"#), "non_finite");

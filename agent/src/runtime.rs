@@ -129,6 +129,10 @@ struct Agent {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The local page's wrong-PIN lockouts.
     pin_guard: Arc<local_http::PinGuard>,
+    /// Outbox rows moved to quarantine (ever, in this outbox).
+    quarantined: u64,
+    /// The corrupt outbox file set aside at start, if there was one.
+    set_aside: Option<crate::store::SetAside>,
 }
 
 /// The bundle files to try for an asset, best first: the model's active slot, its last known
@@ -319,7 +323,16 @@ const FLOOR_SAVE_EVERY_MS: i64 = 60_000;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let mut store = Store::open(&config.data_dir.join("outbox.sqlite"))?;
+    let (mut store, set_aside) =
+        Store::open_or_set_aside(&config.data_dir.join("outbox.sqlite"), clock::now_ms())?;
+    if let Some(s) = &set_aside {
+        tracing::error!(
+            moved_to = %s.moved_to.display(),
+            "the outbox was corrupt ({}): set aside, starting a fresh one (a new epoch); records              in the old file were not sent",
+            s.reason
+        );
+    }
+    let quarantined = store.quarantined()?;
     clock::raise_floor(store.time_floor()?);
     let epoch = store.epoch()?;
     let cursors = store.cursors()?;
@@ -327,7 +340,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let slots = store.slots()?;
     let (models, loaded, assets) = load_models(&config, &root, &slots, &cursors);
     if assets.is_empty() {
-        anyhow::bail!("no asset could start (see the errors above)");
+        // Inference is off, but the outbox still drains and updates can still arrive.
+        tracing::error!(
+            "no asset could start (see the errors above): the gateway connects, delivers its \
+             outbox and waits for an update"
+        );
     }
 
     if clock::is_untrusted() {
@@ -418,6 +435,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         latency: LatencyHistogram::default(),
         snapshot,
         pin_guard,
+        quarantined,
+        set_aside,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -881,11 +900,27 @@ impl Agent {
         for stream in PRIORITY {
             while let Some(req) = self.uplink.next_request(stream) {
                 let mut records = match self.store.read(stream, req.after, req.limit) {
-                    Ok(r) if r.is_empty() => break,
-                    Ok(r) => r,
+                    Ok(read) => {
+                        for (seq, reason) in &read.quarantined {
+                            self.quarantined += 1;
+                            tracing::error!(
+                                stream = stream.as_str(),
+                                seq,
+                                "outbox row does not decode, moved to quarantine (not sent): {}",
+                                wire::clean_text(reason, 200)
+                            );
+                        }
+                        match (read.records.is_empty(), read.quarantined.is_empty()) {
+                            (true, true) => break,
+                            (true, false) => continue,
+                            _ => read.records,
+                        }
+                    }
+                    // This stream waits for the next pump; the others go on.
                     Err(e) => {
-                        tracing::error!("outbox read failed: {e}");
-                        return;
+                        self.counters.store_errors += 1;
+                        tracing::error!(stream = stream.as_str(), "outbox read failed: {e}");
+                        break;
                     }
                 };
                 let mut batch = UplinkBatch {
@@ -983,6 +1018,7 @@ impl Agent {
             at_ms: clock::now_ms(),
             started_at_ms: self.started_at_ms,
             uplink_connected: self.uplink.is_connected(),
+            epoch: self.epoch.clone(),
             backlog,
             oldest_unacked_at_ms: oldest,
             disk_bytes: dir_bytes(&self.config.data_dir),
@@ -991,6 +1027,11 @@ impl Agent {
             update: self.update.as_ref().map(update::Update::status),
             trust_root_version: self.root.version(),
             trust_root_expired: self.root.is_expired(clock::trusted_now()),
+            outbox_quarantined: self.quarantined,
+            outbox_set_aside: self.set_aside.as_ref().map(|s| status::SetAside {
+                moved_to: s.moved_to.display().to_string(),
+                reason: s.reason.clone(),
+            }),
             clock: status::ClockStatus {
                 untrusted: clock::is_untrusted(),
                 floor_ms: clock::floor_ms(),

@@ -46,6 +46,13 @@ pub struct Counters {
     pub pin_lockouts: u64,
 }
 
+/// A corrupt outbox file renamed at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAside {
+    pub moved_to: String,
+    pub reason: String,
+}
+
 /// The whole gateway at one instant: `status.json` and `GET /api/status`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -58,6 +65,9 @@ pub struct Status {
     pub at_ms: i64,
     pub started_at_ms: i64,
     pub uplink_connected: bool,
+    /// The outbox's identity: a new outbox (first start, wiped data folder, a corrupt file set
+    /// aside) has a new one, and the server stores each epoch after the one before.
+    pub epoch: String,
     /// Unacknowledged outbox records per stream.
     pub backlog: BTreeMap<String, u64>,
     pub oldest_unacked_at_ms: Option<i64>,
@@ -71,6 +81,11 @@ pub struct Status {
     /// The trust root in force has expired: updates are refused until a newer one arrives.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub trust_root_expired: bool,
+    /// Outbox rows that did not decode, moved to quarantine and never sent.
+    pub outbox_quarantined: u64,
+    /// The outbox was found corrupt at start and replaced by a fresh one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_set_aside: Option<SetAside>,
     /// The wall clock against what this gateway knows to have passed already.
     pub clock: ClockStatus,
     /// The last sequence number given out per outbox stream (what the server must end up with).

@@ -17,6 +17,23 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("outbox holds a record that does not decode: {0}")]
     Corrupt(String),
+    #[error("cannot set the corrupt outbox aside as {0}: {1}")]
+    SetAside(String, std::io::Error),
+}
+
+/// A corrupt outbox file moved out of the way at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub moved_to: std::path::PathBuf,
+    /// What SQLite said.
+    pub reason: String,
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 pub struct Store {
@@ -28,6 +45,14 @@ pub struct Store {
 pub struct NewRecord {
     pub at_ms: i64,
     pub body: RecordBody,
+}
+
+/// What one read of the outbox found.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub records: Vec<Record>,
+    /// Rows that did not decode, with why; moved to quarantine by the read.
+    pub quarantined: Vec<(u64, String)>,
 }
 
 /// Outbox depth per stream and the age of its oldest record.
@@ -43,6 +68,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq    INTEGER NOT NULL,
     at_ms  INTEGER NOT NULL,
     body   TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    stream TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    at_ms,
+    body,
+    reason TEXT NOT NULL,
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sequences (
@@ -117,6 +150,47 @@ impl Store {
         Ok(Store { conn })
     }
 
+    /// Opens the outbox at `path`; if SQLite finds the file corrupt (it is not a database, or
+    /// `PRAGMA quick_check` fails), renames it and its WAL to `<name>.corrupt-<now_ms>` and starts
+    /// a fresh outbox (a new epoch), so a gateway never crash-loops on its own storage. Other
+    /// errors (permissions, a full disk) are returned: the file may be fine.
+    pub fn open_or_set_aside(
+        path: &Path,
+        now_ms: i64,
+    ) -> Result<(Store, Option<SetAside>), StoreError> {
+        let reason = match Store::open(path).and_then(|store| store.check().map(|c| (store, c))) {
+            Ok((store, None)) => return Ok((store, None)),
+            Ok((store, Some(problem))) => {
+                drop(store);
+                problem
+            }
+            Err(StoreError::Sqlite(e)) if is_corruption(&e) => e.to_string(),
+            Err(e) => return Err(e),
+        };
+        let mut moved_to = path.as_os_str().to_owned();
+        moved_to.push(format!(".corrupt-{now_ms}"));
+        let moved_to = std::path::PathBuf::from(moved_to);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut from = path.as_os_str().to_owned();
+            from.push(suffix);
+            let mut to = moved_to.as_os_str().to_owned();
+            to.push(suffix);
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::SetAside(moved_to.display().to_string(), e)),
+            }
+        }
+        let store = Store::open(path)?;
+        Ok((store, Some(SetAside { moved_to, reason })))
+    }
+
+    /// What `PRAGMA quick_check` finds wrong, if anything.
+    fn check(&self) -> Result<Option<String>, StoreError> {
+        let found: String = self.conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+        Ok((found != "ok").then_some(found))
+    }
+
     /// Stores `records` and the `cursors` they advance in one transaction; returns how many
     /// records were stored per stream.
     pub fn append(
@@ -130,27 +204,63 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` records of `stream` with a sequence number above `after`, in order.
-    pub fn read(
-        &self,
-        stream: Stream,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Record>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, at_ms, body FROM outbox WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![stream.as_str(), after, limit as i64], |r| {
-            Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, at_ms, body) = row?;
-            let body: RecordBody = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("{} seq {seq}: {e}", stream.as_str())))?;
-            out.push(Record { seq, at_ms, body });
+    /// Up to `limit` records of `stream` with a sequence number above `after`, in order. A row
+    /// that does not decode is moved to the `quarantine` table (kept for inspection, never sent)
+    /// and named in [`Read::quarantined`], so one bad row cannot hold up its stream.
+    pub fn read(&mut self, stream: Stream, after: u64, limit: usize) -> Result<Read, StoreError> {
+        let mut read = Read::default();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT seq, at_ms, body FROM outbox WHERE stream = ?1 AND seq > ?2
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![stream.as_str(), after, limit as i64], |r| {
+                Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1), r.get::<_, String>(2)))
+            })?;
+            for row in rows {
+                let (seq, at_ms, body) = row?;
+                let decoded = at_ms.map_err(|e| format!("at_ms: {e}")).and_then(|at_ms| {
+                    let body = body.map_err(|e| format!("body: {e}"))?;
+                    let body: RecordBody =
+                        serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                    Ok(Record { seq, at_ms, body })
+                });
+                match decoded {
+                    Ok(record) if record.body.stream() == stream => read.records.push(record),
+                    Ok(record) => read.quarantined.push((
+                        seq,
+                        format!(
+                            "a {} record in the {} stream",
+                            record.body.stream().as_str(),
+                            stream.as_str()
+                        ),
+                    )),
+                    Err(reason) => read.quarantined.push((seq, reason)),
+                }
+            }
         }
-        Ok(out)
+        if !read.quarantined.is_empty() {
+            let tx = self.conn.transaction()?;
+            {
+                let mut keep = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO quarantine (stream, seq, at_ms, body, reason)
+                     SELECT stream, seq, at_ms, body, ?3 FROM outbox WHERE stream = ?1 AND seq = ?2",
+                )?;
+                let mut drop =
+                    tx.prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq = ?2")?;
+                for (seq, reason) in &read.quarantined {
+                    keep.execute(params![stream.as_str(), seq, reason])?;
+                    drop.execute(params![stream.as_str(), seq])?;
+                }
+            }
+            tx.commit()?;
+        }
+        Ok(read)
+    }
+
+    /// Rows ever moved to quarantine.
+    pub fn quarantined(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?)
     }
 
     /// Deletes what the server acknowledged (the caller passes only ranges that were in flight);
@@ -244,7 +354,7 @@ mod tests {
             )
             .unwrap();
         let left: Vec<u64> =
-            store.read(Stream::Predictions, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+            store.read(Stream::Predictions, 0, 10).unwrap().records.iter().map(|r| r.seq).collect();
         assert_eq!(left, vec![3, 4]);
         assert_eq!(store.last_seq(Stream::Predictions).unwrap(), 4);
         assert_eq!(
@@ -252,6 +362,55 @@ mod tests {
             Backlog { records: 2, oldest_at_ms: Some(3) }
         );
         assert_eq!(store.cursors().unwrap()[&asset], Cursor { cycle: 4, level: Level::Warning });
-        assert_eq!(store.read(Stream::Predictions, 3, 10).unwrap().len(), 1);
+        assert_eq!(store.read(Stream::Predictions, 3, 10).unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside_and_a_fresh_outbox_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        {
+            let mut store = Store::open(&path).unwrap();
+            store.append(&(1..=3).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
+        }
+        let (_, none) = Store::open_or_set_aside(&path, 1).unwrap();
+        assert_eq!(none, None, "a sound outbox is kept");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let (mut store, set_aside) = Store::open_or_set_aside(&path, 7).unwrap();
+        let set_aside = set_aside.expect("set aside");
+        assert_eq!(set_aside.moved_to, dir.path().join("outbox.sqlite.corrupt-7"));
+        assert!(set_aside.reason.contains("not a database"), "{}", set_aside.reason);
+        assert_eq!(std::fs::read(&set_aside.moved_to).unwrap(), vec![0x5a; 8192]);
+        assert_eq!(store.last_seq(Stream::Predictions).unwrap(), 0);
+        store.append(&[prediction(1)], &[]).unwrap();
+        // Not corruption: a folder where the file should be is an error, not a set-aside.
+        let folder = dir.path().join("folder.sqlite");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(Store::open_or_set_aside(&folder, 8).is_err());
+        assert!(!dir.path().join("folder.sqlite.corrupt-8").exists());
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_is_quarantined_and_its_neighbours_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("outbox.sqlite")).unwrap();
+        store.append(&(1..=4).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
+        store.conn.execute("UPDATE outbox SET body = '{}' WHERE seq = 2", []).unwrap();
+        store.conn.execute("UPDATE outbox SET at_ms = 'x' WHERE seq = 3", []).unwrap();
+        let read = store.read(Stream::Predictions, 0, 10).unwrap();
+        assert_eq!(read.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 4]);
+        let seqs: Vec<u64> = read.quarantined.iter().map(|q| q.0).collect();
+        assert_eq!(seqs, vec![2, 3], "{:?}", read.quarantined);
+        assert!(
+            read.quarantined[0].1.contains("missing field")
+                || read.quarantined[0].1.contains("expected"),
+            "{:?}",
+            read.quarantined
+        );
+        assert!(read.quarantined[1].1.starts_with("at_ms"), "{:?}", read.quarantined);
+        assert_eq!(store.quarantined().unwrap(), 2);
+        assert_eq!(store.backlog(Stream::Predictions).unwrap().records, 2);
+        let again = store.read(Stream::Predictions, 0, 10).unwrap();
+        assert_eq!((again.records.len(), again.quarantined.len()), (2, 0));
     }
 }

@@ -53,6 +53,16 @@ CREATE TABLE IF NOT EXISTS alerts (
     received_ms INTEGER NOT NULL,
     PRIMARY KEY (device, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox_epochs (
+    device        TEXT NOT NULL,
+    stream        TEXT NOT NULL,
+    epoch         TEXT NOT NULL,
+    base          INTEGER NOT NULL,
+    last_seq      INTEGER NOT NULL,
+    current       INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, stream, epoch)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS update_reports (
     device      TEXT NOT NULL,
     seq         INTEGER NOT NULL,
@@ -110,10 +120,41 @@ impl DeviceRow {
 }
 
 /// One stream of one device as stored.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct StreamCount {
     pub records: u64,
+    /// The highest stored sequence number: the device's own plus its epoch's base.
     pub last_seq: Option<u64>,
+    /// The outbox epoch the device sends now, and how many it has had (a reinstall, a wiped
+    /// data folder or a corrupt outbox set aside each start a new one).
+    pub epoch: Option<String>,
+    pub epochs: u64,
+    /// Stored sequence number = the device's + this base (0 in its first epoch).
+    pub epoch_base: u64,
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// Acknowledges the records stored (or stored before), in the device's numbering.
+    pub ack: Ack,
+    /// Device sequence numbers refused: above what their closed epoch had stored.
+    pub refused: Vec<u64>,
+    /// The batch opened a new epoch for its stream (the previous one, if any).
+    pub opened: Option<crate::epochs::Opened>,
+    /// Records are stored at `base + seq`.
+    pub base: u64,
+}
+
+/// The table each uplink stream is stored in.
+pub(crate) fn stream_table(stream: millwright_shared::wire::Stream) -> &'static str {
+    use millwright_shared::wire::Stream;
+    match stream {
+        Stream::Predictions => "predictions",
+        Stream::Alerts => "alerts",
+        Stream::Drift => "drift_reports",
+        Stream::Updates => "update_reports",
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -191,10 +232,42 @@ impl Db {
         Ok(())
     }
 
-    /// Stores a batch (ignoring records already stored) and returns the ack to send.
-    pub fn store(&mut self, batch: &Accepted, now_ms: i64) -> rusqlite::Result<Ack> {
+    /// Stores a batch (ignoring records already stored) and returns the ack to send. Records
+    /// go to `base + seq` of their outbox epoch ([`crate::epochs`]).
+    pub fn store(&mut self, batch: &Accepted, now_ms: i64) -> rusqlite::Result<Stored> {
         let tx = self.conn.transaction()?;
         Self::touch(&tx, &batch.device, now_ms)?;
+        let stream = batch.stream.as_str();
+        let d = batch.device.as_str();
+        let known = Self::epochs_in(&tx, d, stream)?;
+        let stored_max: Option<u64> = tx.query_row(
+            &format!("SELECT MAX(seq) FROM {} WHERE device = ?1", stream_table(batch.stream)),
+            [d],
+            |r| r.get(0),
+        )?;
+        let placement = crate::epochs::place(&known, &batch.epoch, stored_max.unwrap_or(0));
+        let base = placement.base;
+        if placement.opens.is_some() {
+            tx.execute(
+                "UPDATE outbox_epochs SET current = 0 WHERE device = ?1 AND stream = ?2",
+                params![d, stream],
+            )?;
+            tx.execute(
+                "INSERT INTO outbox_epochs
+                 (device, stream, epoch, base, last_seq, current, first_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, 0, 1, ?5)",
+                params![d, stream, &batch.epoch, base, now_ms],
+            )?;
+        }
+        let (accepted, refused): (Vec<_>, Vec<_>) = batch
+            .records
+            .iter()
+            .partition(|r| placement.accept_upto.is_none_or(|upto| r.seq <= upto));
+        let stored_seq = |seq: u64| {
+            base.checked_add(seq).filter(|s| i64::try_from(*s).is_ok()).ok_or_else(|| {
+                rusqlite::Error::ToSqlConversionFailure("sequence number overflows".into())
+            })
+        };
         {
             let mut pred = tx.prepare_cached(
                 "INSERT OR IGNORE INTO predictions
@@ -206,12 +279,12 @@ impl Db {
                  (device, seq, asset, cycle, model, release, from_level, to_level, value, at_ms, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
-            let d = batch.device.as_str();
-            for r in &batch.records {
+            for r in &accepted {
+                let seq = stored_seq(r.seq)?;
                 match &r.body {
                     RecordBody::Prediction(p) => pred.execute(params![
                         d,
-                        r.seq,
+                        seq,
                         p.asset.as_str(),
                         p.cycle,
                         p.model.as_str(),
@@ -222,7 +295,7 @@ impl Db {
                     ])?,
                     RecordBody::Alert(a) => alert.execute(params![
                         d,
-                        r.seq,
+                        seq,
                         a.asset.as_str(),
                         a.cycle,
                         a.model.as_str(),
@@ -234,7 +307,7 @@ impl Db {
                         now_ms
                     ])?,
                     RecordBody::Drift(report) => {
-                        crate::drift_db::insert(&tx, d, r.seq, r.at_ms, report, now_ms)?;
+                        crate::drift_db::insert(&tx, d, seq, r.at_ms, report, now_ms)?;
                         1
                     }
                     RecordBody::Update(u) => tx
@@ -246,7 +319,7 @@ impl Db {
                         )?
                         .execute(params![
                             d,
-                            r.seq,
+                            seq,
                             u.rollout.as_deref().map(|r| clean_text(r, MAX_LABEL_BYTES)),
                             u.directive,
                             u.model.as_ref().map(|m| m.as_str()),
@@ -260,12 +333,44 @@ impl Db {
                 };
             }
         }
+        if let Some(last) = accepted.iter().map(|r| r.seq).max() {
+            tx.execute(
+                "UPDATE outbox_epochs SET last_seq = max(last_seq, ?4)
+                 WHERE device = ?1 AND stream = ?2 AND epoch = ?3",
+                params![d, stream, &batch.epoch, last],
+            )?;
+        }
         tx.commit()?;
-        Ok(Ack::from_seqs(
-            &batch.epoch,
-            batch.stream,
-            batch.records.iter().map(|r| r.seq).collect(),
-        ))
+        Ok(Stored {
+            ack: Ack::from_seqs(
+                &batch.epoch,
+                batch.stream,
+                accepted.iter().map(|r| r.seq).collect(),
+            ),
+            refused: refused.iter().map(|r| r.seq).collect(),
+            opened: placement.opens,
+            base,
+        })
+    }
+
+    fn epochs_in(
+        conn: &Connection,
+        device: &str,
+        stream: &str,
+    ) -> rusqlite::Result<Vec<crate::epochs::Epoch>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT epoch, base, last_seq, current FROM outbox_epochs
+             WHERE device = ?1 AND stream = ?2 ORDER BY first_seen_ms, base",
+        )?;
+        let rows = stmt.query_map(params![device, stream], |r| {
+            Ok(crate::epochs::Epoch {
+                epoch: r.get(0)?,
+                base: r.get(1)?,
+                last_seq: r.get(2)?,
+                current: r.get(3)?,
+            })
+        })?;
+        rows.collect()
     }
 
     /// Records a status message if it is newer than the last one accepted
@@ -477,18 +582,27 @@ impl Db {
         device: &str,
     ) -> rusqlite::Result<std::collections::BTreeMap<&'static str, StreamCount>> {
         let mut out = std::collections::BTreeMap::new();
-        for (stream, table) in [
-            ("pred", "predictions"),
-            ("alert", "alerts"),
-            ("drift", "drift_reports"),
-            ("update", "update_reports"),
-        ] {
-            let count = self.conn.query_row(
-                &format!("SELECT COUNT(*), MAX(seq) FROM {table} WHERE device = ?1"),
+        for stream in millwright_shared::wire::Stream::ALL {
+            let (records, last_seq) = self.conn.query_row(
+                &format!(
+                    "SELECT COUNT(*), MAX(seq) FROM {} WHERE device = ?1",
+                    stream_table(stream)
+                ),
                 [device],
-                |r| Ok(StreamCount { records: r.get(0)?, last_seq: r.get(1)? }),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            out.insert(stream, count);
+            let epochs = Self::epochs_in(&self.conn, device, stream.as_str())?;
+            let current = epochs.iter().find(|e| e.current);
+            out.insert(
+                stream.as_str(),
+                StreamCount {
+                    records,
+                    last_seq,
+                    epoch: current.map(|e| e.epoch.clone()),
+                    epochs: epochs.len() as u64,
+                    epoch_base: current.map_or(0, |e| e.base),
+                },
+            );
         }
         Ok(out)
     }
@@ -562,9 +676,9 @@ mod tests {
     fn storing_a_batch_twice_keeps_one_copy_and_acks_both_times() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
-        let ack = db.store(&accepted(&[1, 2, 3]), 10).unwrap();
+        let ack = db.store(&accepted(&[1, 2, 3]), 10).unwrap().ack;
         assert_eq!(ack.ranges, vec![(1, 3)]);
-        let again = db.store(&accepted(&[2, 3, 4]), 20).unwrap();
+        let again = db.store(&accepted(&[2, 3, 4]), 20).unwrap().ack;
         assert_eq!(again.ranges, vec![(2, 4)]);
         let rows = db.predictions("gw1", None, 0, 100).unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
@@ -577,5 +691,36 @@ mod tests {
         let latest = db.latest("gw1").unwrap();
         assert_eq!(latest[0].prediction.as_ref().unwrap().cycle, 33);
         assert_eq!(latest[0].level, "ok");
+    }
+
+    #[test]
+    fn a_new_outbox_epoch_is_stored_after_the_old_one_and_a_closed_epoch_only_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let first = db.store(&accepted(&[1, 2, 3]), 10).unwrap();
+        assert_eq!((first.base, first.opened.is_some()), (0, true));
+        // A reinstalled gateway numbers from 1 again, in a new epoch.
+        let mut reinstalled = accepted(&[1, 2]);
+        reinstalled.epoch = "e2".into();
+        let stored = db.store(&reinstalled, 20).unwrap();
+        assert_eq!(stored.opened.unwrap().previous.as_deref(), Some("e1"));
+        assert_eq!(
+            (stored.base, stored.ack.ranges.clone(), stored.ack.epoch.as_str()),
+            (3, vec![(1, 2)], "e2")
+        );
+        let again = db.store(&reinstalled, 21).unwrap();
+        assert_eq!((again.base, again.opened, again.ack.ranges), (3, None, vec![(1, 2)]));
+        // The old outbox's resend of what it stored is acked; anything newer from it is refused.
+        let old = db.store(&accepted(&[3, 4]), 30).unwrap();
+        assert_eq!((old.ack.ranges, old.refused), (vec![(3, 3)], vec![4]));
+        let rows = db.predictions("gw1", None, 0, 100).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(rows[3].cycle, 30, "stored seq 4 is the new outbox's record 1");
+        let streams = db.streams("gw1").unwrap();
+        let pred = &streams["pred"];
+        assert_eq!(
+            (pred.records, pred.last_seq, pred.epoch.as_deref(), pred.epochs, pred.epoch_base),
+            (5, Some(5), Some("e2"), 2, 3)
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! Pure core: [`identity`] (the device registry and the gate every MQTT message passes),
 //! [`ingest`] (what an uplink message means and whether to accept it), [`drift`] (fleet drift:
 //! the server's judgement of reports, merged histograms, drifting assets, the retraining
-//! policy), [`rollout`] (the rollout engine), [`mosquitto`] (broker config and ACL from the
+//! policy), [`epochs`] (where an outbox epoch's records are stored), [`rollout`] (the rollout engine), [`mosquitto`] (broker config and ACL from the
 //! registry).
 //! Shell: [`db`] (SQLite), [`drift_db`], [`identity_db`], [`alerts_db`], [`rollout_db`] (its
 //! parts), [`broker`] (embedded rumqttd), [`http`] (axum JSON API), [`writer`] (the writer task's
@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod db;
 pub mod drift;
 pub mod drift_db;
+pub mod epochs;
 pub mod http;
 pub mod identity;
 pub mod identity_db;

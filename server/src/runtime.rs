@@ -486,15 +486,44 @@ async fn on_admitted(
                 judge_drift(ingest, &device, &mut batch);
             }
             let stored = tokio::task::block_in_place(|| db.store(&batch, now_ms()));
-            let ack = match stored {
-                Ok(ack) => ack,
+            let stored = match stored {
+                Ok(stored) => stored,
                 Err(e) => {
                     return tracing::error!(%device, "cannot store batch (not acknowledged): {e}");
                 }
             };
-            let frame =
-                signed::seal(&ingest.server_key, Purpose::Ack, &device, &wire::encode(&ack));
-            let _ = client.publish(topics::ack(&device), QoS::AtLeastOnce, false, frame).await;
+            if let Some(opened) = &stored.opened {
+                tracing::warn!(
+                    %device,
+                    stream = stream.as_str(),
+                    epoch = %batch.epoch,
+                    previous = opened.previous.as_deref().unwrap_or("none"),
+                    base = stored.base,
+                    "outbox epoch started: the device's records are stored from seq {}",
+                    stored.base + 1
+                );
+            }
+            if !stored.refused.is_empty() {
+                ingest.refuse(
+                    "closed_epoch",
+                    device.as_str(),
+                    format!(
+                        "{} record(s) of closed outbox epoch {} above what it had stored",
+                        stored.refused.len(),
+                        batch.epoch
+                    ),
+                );
+                batch.records.retain(|r| !stored.refused.contains(&r.seq));
+            }
+            if !stored.ack.ranges.is_empty() {
+                let frame = signed::seal(
+                    &ingest.server_key,
+                    Purpose::Ack,
+                    &device,
+                    &wire::encode(&stored.ack),
+                );
+                let _ = client.publish(topics::ack(&device), QoS::AtLeastOnce, false, frame).await;
+            }
             if stream == Stream::Drift {
                 let releases: BTreeSet<(ModelName, u64)> = batch
                     .records

@@ -13,6 +13,7 @@ mod e2e {
     mod faults;
     mod http_attacks;
     mod local_page;
+    mod outbox_faults;
     mod reference_model;
     mod rollouts;
     mod tidy;

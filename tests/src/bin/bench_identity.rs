@@ -86,7 +86,7 @@ fn ingest_rate(signatures: bool, server: &SigningKey, keys: &[SigningKey]) -> an
             payload.clone()
         };
         let accepted = ingest::accept(device, Stream::Predictions, &body)?;
-        let ack = db.store(&accepted, 0)?;
+        let ack = db.store(&accepted, 0)?.ack;
         let ack = wire::encode(&ack);
         if signatures {
             std::hint::black_box(signed::seal(server, Purpose::Ack, device, &ack));

@@ -169,6 +169,19 @@ fn garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running() {
     garbage
         .push(serde_json::to_vec(&serde_json::json!({"cycle": 1, "values": all_strings})).unwrap());
     garbage.push(serde_json::to_vec(&serde_json::json!({"cycle": 1, "values": nan_one})).unwrap());
+    // Every value fine but a cycle SQLite cannot store: refused at parse time (it used to be
+    // accepted and then fail every later outbox commit, so nothing more was stored).
+    let mut fine = serde_json::Map::new();
+    for f in features {
+        fine.insert(f.into(), serde_json::json!(550.0));
+    }
+    garbage.push(
+        format!(
+            "{{\"cycle\": 9223372036854775808, \"values\": {}}}",
+            serde_json::Value::Object(fine)
+        )
+        .into_bytes(),
+    );
     for g in &garbage {
         publish(g.clone());
     }
@@ -222,6 +235,7 @@ fn garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running() {
     {
         assert!(rejected[kind].as_u64().unwrap_or(0) >= 1, "no {kind} counted: {rejected}");
     }
+    assert_eq!(rejected["bad_cycle"], 2, "a negative-free but oversized cycle is bad_cycle too");
     assert!(agent.proc.log_text().contains("rejected reading"), "rejections are logged");
     let exit = agent.proc.terminate(Duration::from_secs(10)).unwrap();
     assert!(exit.success(), "agent exit after SIGTERM: {exit}");

@@ -1,0 +1,263 @@
+//! The outbox's own faults must not wedge a gateway: corrupt rows are quarantined while every
+//! stream flows on; a corrupt outbox file is set aside and a fresh outbox (a new epoch) started;
+//! a new epoch after a wiped data folder or a set-aside never loses records to old sequence
+//! numbers on the server; an expired bundle stops inference, not the uplink, so the backlog
+//! still drains.
+
+use millwright_tests::trust::TrustKit;
+use millwright_tests::*;
+use rusqlite::Connection;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn outbox(agent: &Agent) -> Connection {
+    Connection::open(agent.dir.join("data/outbox.sqlite")).unwrap()
+}
+
+fn dump(server: &Server, agent: &Agent) -> String {
+    format!(
+        "--- {} log:\n{}\n--- server log:\n{}",
+        agent.spec.device,
+        agent.proc.log_text(),
+        server.proc.log_text()
+    )
+}
+
+/// The server's view of one of the device's streams.
+fn stream(server: &Server, device: &str, stream: &str) -> serde_json::Value {
+    server.get(&format!("/api/v1/devices/{device}/streams")).unwrap()[stream].clone()
+}
+
+fn backlog_empty(agent: &Agent) -> bool {
+    agent.status().is_some_and(|s| {
+        s["uplink_connected"] == true
+            && s["backlog"].as_object().is_some_and(|b| b.values().all(|v| v == 0))
+    })
+}
+
+#[test]
+fn corrupt_outbox_rows_are_quarantined_and_every_stream_flows_on() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let mut agent =
+        Agent::start(dir.path(), AgentSpec::replaying("corrupt-rows", [1, 2], 5.0), &server)
+            .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.prediction_count("corrupt-rows") > 0),
+        "{}",
+        dump(&server, &agent)
+    );
+    // The uplink goes away, the gateway buffers, and is killed with records waiting.
+    server.proc.kill();
+    assert!(wait_until(Duration::from_secs(20), || {
+        agent.status().is_some_and(|s| s["backlog"]["pred"].as_u64() >= Some(5))
+    }));
+    agent.proc.kill();
+    let (bad_seq, bad_asset, bad_cycle) = {
+        let db = outbox(&agent);
+        let (seq, body): (u64, String) = db
+            .query_row(
+                "SELECT seq, body FROM outbox WHERE stream = 'pred' ORDER BY seq LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["kind"], "prediction", "{body}");
+        let key = (body["asset"].as_str().unwrap().to_owned(), body["cycle"].as_u64().unwrap());
+        // An unsent prediction rots, and an update report that is not one appears: the
+        // highest-priority stream, which used to stop all four.
+        db.execute("UPDATE outbox SET body = '{}' WHERE stream = 'pred' AND seq = ?1", [seq])
+            .unwrap();
+        db.execute_batch(
+            "INSERT INTO outbox (stream, seq, at_ms, body) VALUES ('update', 1, 0, '[1, 2]');
+             INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);",
+        )
+        .unwrap();
+        (seq, key.0, key.1)
+    };
+    server.restart().unwrap();
+    agent.restart().unwrap();
+    let expected: Vec<ExpectedPrediction> = agent
+        .expected()
+        .unwrap()
+        .into_iter()
+        .filter(|p| (p.asset.as_str(), p.cycle) != (bad_asset.as_str(), bad_cycle))
+        .collect();
+    let delivered = wait_until(Duration::from_secs(90), || {
+        server.prediction_count("corrupt-rows") >= expected.len() as u64
+            && backlog_empty(&agent)
+            && agent.status().unwrap()["last_seq"]["pred"]
+                == stream(&server, "corrupt-rows", "pred")["last_seq"]
+    });
+    assert!(delivered, "not delivered: {:?}\n{}", agent.status(), dump(&server, &agent));
+
+    // Everything but the rotten row arrived exactly once, with the reference values.
+    let stored = server.predictions("corrupt-rows").unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|p| p.seq).collect();
+    let last = agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
+    let want: Vec<u64> = (1..=last).filter(|&s| s != bad_seq).collect();
+    assert_eq!(seqs, want, "sequence numbers: all but the quarantined {bad_seq}, once each");
+    let got: BTreeSet<(String, u64, u32)> =
+        stored.iter().map(|p| (p.asset.clone(), p.cycle, (p.value as f32).to_bits())).collect();
+    let exp: BTreeSet<(String, u64, u32)> =
+        expected.iter().map(|p| (p.asset.clone(), p.cycle, p.value.to_bits())).collect();
+    assert_eq!((got.len(), &got), (stored.len(), &exp));
+    assert_eq!(stream(&server, "corrupt-rows", "update")["records"], 0);
+
+    // Counted, shown, logged once per row, and kept for inspection.
+    let status = agent.status().unwrap();
+    assert_eq!(status["outbox_quarantined"], 2, "{status}");
+    let log = agent.proc.log_text();
+    assert_eq!(log.matches("moved to quarantine").count(), 2, "{log}");
+    let kept: Vec<(String, u64)> = outbox(&agent)
+        .prepare("SELECT stream, seq FROM quarantine ORDER BY stream")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(kept, vec![("pred".to_owned(), bad_seq), ("update".to_owned(), 1)]);
+    println!(
+        "2 corrupt rows (pred seq {bad_seq}, update seq 1) quarantined; {} predictions \
+         delivered exactly once around them",
+        stored.len()
+    );
+}
+
+#[test]
+fn a_wiped_data_folder_and_a_corrupt_outbox_file_start_new_epochs_that_lose_nothing() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let device = "new-epochs";
+    let mut agent =
+        Agent::start(dir.path(), AgentSpec::replaying(device, [1, 2], 30.0), &server).unwrap();
+    let per_run = agent.expected().unwrap();
+    let n = per_run.len() as u64;
+    wait_for_all(&server, &[&agent], Duration::from_secs(60)).unwrap();
+    check_exactly_once(&server, &agent).unwrap();
+    let first = stream(&server, device, "pred");
+    assert_eq!((first["epochs"].as_u64(), first["epoch_base"].as_u64()), (Some(1), Some(0)));
+
+    // 1. The data folder is wiped (a reinstall): the new outbox numbers from 1 again.
+    agent.proc.kill();
+    std::fs::remove_dir_all(agent.dir.join("data")).unwrap();
+    agent.restart().unwrap();
+    // 2. Then the outbox file is found corrupt at start.
+    let second_done = wait_until(Duration::from_secs(60), || {
+        server.prediction_count(device) >= 2 * n && backlog_empty(&agent)
+    });
+    assert!(second_done, "after the wipe: {}", dump(&server, &agent));
+    // A clean stop folds the WAL into the file; then the file's pages rot (an SD card).
+    agent.proc.terminate(Duration::from_secs(10)).unwrap();
+    let file = agent.dir.join("data/outbox.sqlite");
+    assert!(!file.with_extension("sqlite-wal").exists(), "the WAL outlived a clean stop");
+    std::fs::write(&file, vec![0x5a_u8; 16384]).unwrap();
+    agent.restart().unwrap();
+    let third_done = wait_until(Duration::from_secs(60), || {
+        server.prediction_count(device) >= 3 * n && backlog_empty(&agent)
+    });
+    assert!(third_done, "after the set-aside: {}", dump(&server, &agent));
+
+    // Three epochs, each stored after the one before: 3n predictions, seqs 1..=3n, and each
+    // epoch's records are the replay's (before epochs, the second and third runs' records
+    // 1..=n were taken for duplicates and silently dropped).
+    let stored = server.predictions(device).unwrap();
+    assert_eq!(stored.iter().map(|p| p.seq).collect::<Vec<_>>(), (1..=3 * n).collect::<Vec<_>>());
+    for (run, chunk) in stored.chunks(n as usize).enumerate() {
+        let got: Vec<(String, u64, u32)> =
+            chunk.iter().map(|p| (p.asset.clone(), p.cycle, (p.value as f32).to_bits())).collect();
+        let mut got = got;
+        got.sort();
+        let mut exp: Vec<(String, u64, u32)> =
+            per_run.iter().map(|p| (p.asset.clone(), p.cycle, p.value.to_bits())).collect();
+        exp.sort();
+        assert_eq!(got, exp, "epoch {} holds one full replay", run + 1);
+    }
+    let pred = stream(&server, device, "pred");
+    assert_eq!(
+        (pred["epochs"].as_u64(), pred["epoch_base"].as_u64(), pred["records"].as_u64()),
+        (Some(3), Some(2 * n), Some(3 * n)),
+        "{pred}"
+    );
+    let status = agent.status().unwrap();
+    assert_eq!(pred["epoch"], status["epoch"], "the server names the gateway's epoch: {status}");
+    let set_aside = status["outbox_set_aside"]["moved_to"].as_str().unwrap_or_default();
+    assert!(
+        std::path::Path::new(set_aside).exists() && set_aside.contains("outbox.sqlite.corrupt-"),
+        "{status}"
+    );
+    assert!(status["outbox_set_aside"]["reason"].as_str().unwrap().contains("not a database"));
+    let log = server.proc.log_text();
+    let opened = log
+        .lines()
+        .filter(|l| l.contains("outbox epoch started") && l.contains("stream=\"pred\""))
+        .count();
+    assert_eq!(opened, 3, "one per epoch of pred:\n{log}");
+    println!(
+        "3 outbox epochs (first start, wiped data folder, corrupt file set aside as {set_aside}): \
+         {} predictions stored, {n} per epoch, none lost to old sequence numbers",
+        stored.len()
+    );
+}
+
+#[test]
+fn a_gateway_whose_bundle_expired_while_offline_still_drains_its_outbox() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
+    let lifetime = 20;
+    let manifest = TrustKit::manifest(1, |m| {
+        m.expires_at = m.created_at + time::Duration::seconds(lifetime);
+    })
+    .unwrap();
+    let onnx = std::fs::read(repo_file("models/rul-cnn-fd001/model.onnx")).unwrap();
+    let bundle = dir.path().join("short-lived.mwb");
+    std::fs::write(&bundle, TrustKit::bundle(manifest, onnx, &kit.release_signers())).unwrap();
+    let mut server =
+        Server::start_with_config(dir.path(), BrokerChoice::Embedded, &kit.server_config(""))
+            .unwrap();
+    let mut spec = AgentSpec::replaying("expired-offline", [1, 2, 3], 4.0);
+    spec.trust_root = Some(kit.root_path.clone());
+    spec.bundle = Some(bundle);
+    let mut agent = Agent::start(dir.path(), spec, &server).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.prediction_count("expired-offline") > 0),
+        "{}",
+        dump(&server, &agent)
+    );
+    server.proc.kill();
+    // Offline until the bundle has expired, buffering; then the gateway reboots.
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(lifetime as u64 + 2));
+    agent.proc.kill();
+    let waiting = outbox(&agent)
+        .query_row("SELECT COUNT(*) FROM outbox WHERE stream = 'pred'", [], |r| r.get::<_, u64>(0))
+        .unwrap();
+    assert!(waiting > 0, "nothing buffered while offline");
+    agent.restart().unwrap();
+    let up = wait_until(Duration::from_secs(20), || {
+        agent.status().is_some_and(|s| s["started_at_ms"].as_i64() > Some(0))
+            && agent.proc.log_text().matches("agent started").count() == 2
+    });
+    assert!(
+        up,
+        "the gateway did not start with its only bundle expired:\n{}",
+        agent.proc.log_text()
+    );
+    let status = agent.status().unwrap();
+    assert_eq!(status["assets"].as_array().map(Vec::len), Some(0), "inference is off: {status}");
+    assert!(agent.proc.log_text().contains("bundle expired"), "{}", agent.proc.log_text());
+    server.restart().unwrap();
+    let drained = wait_until(Duration::from_secs(60), || backlog_empty(&agent));
+    assert!(drained, "backlog not drained: {:?}\n{}", agent.status(), dump(&server, &agent));
+    // All four streams exactly once: what the gateway made before its bundle expired.
+    let streams = check_streams(&server, &agent, Duration::from_secs(30)).unwrap();
+    println!(
+        "bundle expired {:.0} s into an outage; after a reboot the gateway served no model and \
+         drained {waiting} buffered predictions: {streams:?}",
+        started.elapsed().as_secs_f64()
+    );
+}
