@@ -166,7 +166,7 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         ("records_acked", "Records the server acknowledged.", c.records_acked),
         ("store_errors", "Failed outbox commits.", c.store_errors),
         ("batches_sent", "Uplink batches published.", c.batches_sent),
-        ("resends", "Outbox resends after a late ack.", c.resends),
+        ("resends", "Uplink batches sent again after a late ack.", c.resends),
         ("reconnects", "Uplink connections lost.", c.reconnects),
         ("drift_reports", "Drift reports closed.", c.drift_reports),
         ("updates_committed", "Model updates committed.", c.updates_committed),

@@ -505,9 +505,10 @@ impl Agent {
             Event::Flush => self.flush(),
             Event::Tick => {
                 crate::watchdog::ping();
-                if self.uplink.on_tick(clock::now_ms()) {
-                    self.counters.resends += 1;
-                    tracing::info!("acks overdue; resending the outbox");
+                let due = self.uplink.on_tick(clock::monotonic_ms());
+                if due > 0 {
+                    tracing::info!(batches = due, "acks overdue; sending those batches again");
+                    self.pump();
                 }
                 if let Some(line) = self.refusals.summary(clock::now_ms()) {
                     tracing::warn!("{line}");
@@ -899,7 +900,7 @@ impl Agent {
     fn pump(&mut self) {
         for stream in PRIORITY {
             while let Some(req) = self.uplink.next_request(stream) {
-                let mut records = match self.store.read(stream, req.after, req.limit) {
+                let mut records = match self.store.read(stream, req.after, req.upto, req.limit) {
                     Ok(read) => {
                         for (seq, reason) in &read.quarantined {
                             self.quarantined += 1;
@@ -911,6 +912,10 @@ impl Agent {
                             );
                         }
                         match (read.records.is_empty(), read.quarantined.is_empty()) {
+                            (true, true) if req.attempt > 1 => {
+                                self.uplink.on_nothing(&req);
+                                continue;
+                            }
                             (true, true) => break,
                             (true, false) => continue,
                             _ => read.records,
@@ -952,7 +957,10 @@ impl Agent {
                     return;
                 }
                 self.counters.batches_sent += 1;
-                self.uplink.on_sent(stream, first, last, clock::now_ms());
+                if req.attempt > 1 {
+                    self.counters.resends += 1;
+                }
+                self.uplink.on_sent(&req, first, last, clock::monotonic_ms());
             }
         }
     }

@@ -204,19 +204,28 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` records of `stream` with a sequence number above `after`, in order. A row
+    /// Up to `limit` records of `stream` with a sequence number above `after` and at most
+    /// `upto`, in order. A row
     /// that does not decode is moved to the `quarantine` table (kept for inspection, never sent)
     /// and named in [`Read::quarantined`], so one bad row cannot hold up its stream.
-    pub fn read(&mut self, stream: Stream, after: u64, limit: usize) -> Result<Read, StoreError> {
+    pub fn read(
+        &mut self,
+        stream: Stream,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Read, StoreError> {
         let mut read = Read::default();
         {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT seq, at_ms, body FROM outbox WHERE stream = ?1 AND seq > ?2
-                 ORDER BY seq LIMIT ?3",
+                "SELECT seq, at_ms, body FROM outbox WHERE stream = ?1 AND seq > ?2 AND seq <= ?3
+                 ORDER BY seq LIMIT ?4",
             )?;
-            let rows = stmt.query_map(params![stream.as_str(), after, limit as i64], |r| {
-                Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1), r.get::<_, String>(2)))
-            })?;
+            let upto = upto.min(i64::MAX as u64);
+            let rows = stmt
+                .query_map(params![stream.as_str(), after, upto, limit as i64], |r| {
+                    Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1), r.get::<_, String>(2)))
+                })?;
             for row in rows {
                 let (seq, at_ms, body) = row?;
                 let decoded = at_ms.map_err(|e| format!("at_ms: {e}")).and_then(|at_ms| {
@@ -353,8 +362,13 @@ mod tests {
                 &[(asset.clone(), Cursor { cycle: 4, level: Level::Warning })],
             )
             .unwrap();
-        let left: Vec<u64> =
-            store.read(Stream::Predictions, 0, 10).unwrap().records.iter().map(|r| r.seq).collect();
+        let left: Vec<u64> = store
+            .read(Stream::Predictions, 0, u64::MAX, 10)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(left, vec![3, 4]);
         assert_eq!(store.last_seq(Stream::Predictions).unwrap(), 4);
         assert_eq!(
@@ -362,7 +376,9 @@ mod tests {
             Backlog { records: 2, oldest_at_ms: Some(3) }
         );
         assert_eq!(store.cursors().unwrap()[&asset], Cursor { cycle: 4, level: Level::Warning });
-        assert_eq!(store.read(Stream::Predictions, 3, 10).unwrap().records.len(), 1);
+        assert_eq!(store.read(Stream::Predictions, 3, u64::MAX, 10).unwrap().records.len(), 1);
+        let bounded = store.read(Stream::Predictions, 0, 3, 10).unwrap().records;
+        assert_eq!(bounded.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]
@@ -397,7 +413,7 @@ mod tests {
         store.append(&(1..=4).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
         store.conn.execute("UPDATE outbox SET body = '{}' WHERE seq = 2", []).unwrap();
         store.conn.execute("UPDATE outbox SET at_ms = 'x' WHERE seq = 3", []).unwrap();
-        let read = store.read(Stream::Predictions, 0, 10).unwrap();
+        let read = store.read(Stream::Predictions, 0, u64::MAX, 10).unwrap();
         assert_eq!(read.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 4]);
         let seqs: Vec<u64> = read.quarantined.iter().map(|q| q.0).collect();
         assert_eq!(seqs, vec![2, 3], "{:?}", read.quarantined);
@@ -410,7 +426,7 @@ mod tests {
         assert!(read.quarantined[1].1.starts_with("at_ms"), "{:?}", read.quarantined);
         assert_eq!(store.quarantined().unwrap(), 2);
         assert_eq!(store.backlog(Stream::Predictions).unwrap().records, 2);
-        let again = store.read(Stream::Predictions, 0, 10).unwrap();
+        let again = store.read(Stream::Predictions, 0, u64::MAX, 10).unwrap();
         assert_eq!((again.records.len(), again.quarantined.len()), (2, 0));
     }
 }

@@ -3,11 +3,17 @@
 //! Records leave the outbox only on the server's ack (the store deletes them), and only those
 //! the ack covers *and* that are in flight on the current connection ([`Uplink::releasable`]):
 //! an ack for records never sent, or sent before a reconnect, deletes nothing. This state
-//! only remembers what is in flight on the current connection. After a reconnect, or when a batch
-//! has waited `retry_after_ms` for its ack, everything still in the outbox is sent again from the
-//! start; the server's de-duplication turns that at-least-once delivery into exactly-once storage.
+//! only remembers what is in flight on the current connection. After a reconnect everything
+//! still in the outbox is sent again from the start (a clean session drops what was queued).
+//! A batch that waits too long for its ack is sent again on its own, with a backoff that
+//! doubles per attempt, while the rest of the stream flows on; the server's de-duplication
+//! turns that at-least-once delivery into exactly-once storage.
+//!
+//! Times are milliseconds of a monotonic clock: a wall-clock step neither stalls a resend nor
+//! fires one early.
 
 use millwright_shared::wire::{Ack, Stream};
+use std::collections::VecDeque;
 
 /// Sending order: update reports steer rollouts and alerts are urgent, so they go first; drift
 /// evidence ranks above raw telemetry.
@@ -18,12 +24,16 @@ pub const PRIORITY: [Stream; 4] =
 /// broker's packet limit.
 pub const DRIFT_BATCH_MAX: usize = 50;
 
+/// A batch's wait for its ack doubles per attempt up to this many times `retry_after_ms`.
+pub const MAX_BACKOFF_FACTOR: i64 = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
     /// Records per MQTT message.
     pub batch_max: usize,
     /// Unacknowledged batches per stream.
     pub max_inflight: usize,
+    /// How long a first send waits for its ack before it is sent again.
     pub retry_after_ms: i64,
 }
 
@@ -32,20 +42,35 @@ struct Inflight {
     first: u64,
     last: u64,
     sent_at_ms: i64,
+    /// 1 for the first send.
+    attempt: u32,
+}
+
+/// Records `first..=last` to send again, as attempt `attempt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resend {
+    first: u64,
+    last: u64,
+    attempt: u32,
 }
 
 #[derive(Debug, Clone, Default)]
 struct StreamState {
     sent_upto: u64,
     inflight: Vec<Inflight>,
+    resend: VecDeque<Resend>,
 }
 
-/// Ask the outbox for up to `limit` records of `stream` with a sequence number above `after`.
+/// Ask the outbox for up to `limit` records of `stream` with a sequence number above `after`
+/// and at most `upto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub stream: Stream,
     pub after: u64,
+    pub upto: u64,
     pub limit: usize,
+    /// Which send of these records this is (1: the first).
+    pub attempt: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +87,10 @@ fn index(stream: Stream) -> usize {
         Stream::Drift => 2,
         Stream::Updates => 3,
     }
+}
+
+fn covered(ack: &Ack, first: u64, last: u64) -> bool {
+    ack.ranges.iter().any(|&(f, l)| f <= first && last <= l)
 }
 
 impl Uplink {
@@ -84,24 +113,46 @@ impl Uplink {
         self.streams = Default::default();
     }
 
-    /// The next read to make from the outbox for `stream`, if the window has room.
+    /// The next read to make from the outbox for `stream`, if the window has room: a batch due
+    /// again first, else what follows the last record sent.
     pub fn next_request(&self, stream: Stream) -> Option<Request> {
         let s = &self.streams[index(stream)];
-        (self.connected && s.inflight.len() < self.settings.max_inflight).then_some(Request {
-            stream,
-            after: s.sent_upto,
-            limit: match stream {
-                Stream::Drift | Stream::Updates => self.settings.batch_max.min(DRIFT_BATCH_MAX),
-                Stream::Predictions | Stream::Alerts => self.settings.batch_max,
-            },
+        if !self.connected || s.inflight.len() >= self.settings.max_inflight {
+            return None;
+        }
+        let limit = match stream {
+            Stream::Drift | Stream::Updates => self.settings.batch_max.min(DRIFT_BATCH_MAX),
+            Stream::Predictions | Stream::Alerts => self.settings.batch_max,
+        };
+        Some(match s.resend.front() {
+            Some(r) => {
+                Request { stream, after: r.first - 1, upto: r.last, limit, attempt: r.attempt }
+            }
+            None => Request { stream, after: s.sent_upto, upto: u64::MAX, limit, attempt: 1 },
         })
     }
 
-    /// Records `first..=last` of `stream` were handed to the MQTT client.
-    pub fn on_sent(&mut self, stream: Stream, first: u64, last: u64, now_ms: i64) {
-        let s = &mut self.streams[index(stream)];
-        s.sent_upto = s.sent_upto.max(last);
-        s.inflight.push(Inflight { first, last, sent_at_ms: now_ms });
+    /// `req` found nothing to send (its records were acked or quarantined meanwhile).
+    pub fn on_nothing(&mut self, req: &Request) {
+        if req.attempt > 1 {
+            self.streams[index(req.stream)].resend.pop_front();
+        }
+    }
+
+    /// Records `first..=last` of what `req` asked for were handed to the MQTT client.
+    pub fn on_sent(&mut self, req: &Request, first: u64, last: u64, now_ms: i64) {
+        let s = &mut self.streams[index(req.stream)];
+        if req.attempt > 1 {
+            match s.resend.front_mut() {
+                Some(r) if last < r.last => r.first = last + 1,
+                _ => {
+                    s.resend.pop_front();
+                }
+            }
+        } else {
+            s.sent_upto = s.sent_upto.max(last);
+        }
+        s.inflight.push(Inflight { first, last, sent_at_ms: now_ms, attempt: req.attempt });
     }
 
     /// The ranges of `ack` that are in flight: the only records an ack may delete.
@@ -119,23 +170,39 @@ impl Uplink {
         out
     }
 
-    /// Forgets in-flight batches the ack covers completely.
+    /// Forgets in-flight batches (and batches due again) the ack covers completely.
     pub fn on_ack(&mut self, ack: &Ack) {
         let s = &mut self.streams[index(ack.stream)];
-        s.inflight.retain(|b| !ack.ranges.iter().any(|&(f, l)| f <= b.first && b.last <= l));
+        s.inflight.retain(|b| !covered(ack, b.first, b.last));
+        s.resend.retain(|r| !covered(ack, r.first, r.last));
     }
 
-    /// Restarts any stream with a batch unacknowledged for too long; true if one was restarted.
-    pub fn on_tick(&mut self, now_ms: i64) -> bool {
-        let retry = self.settings.retry_after_ms;
-        let mut restarted = false;
-        for s in &mut self.streams {
-            if s.inflight.iter().any(|b| now_ms - b.sent_at_ms >= retry) {
-                *s = StreamState::default();
-                restarted = true;
+    /// How long attempt `attempt` waits for its ack.
+    pub fn patience_ms(&self, attempt: u32) -> i64 {
+        let factor = 1_i64.checked_shl(attempt.saturating_sub(1)).unwrap_or(i64::MAX);
+        self.settings.retry_after_ms.saturating_mul(factor.min(MAX_BACKOFF_FACTOR))
+    }
+
+    /// Queues for sending again every batch whose ack is overdue; returns how many.
+    pub fn on_tick(&mut self, now_ms: i64) -> usize {
+        let mut due = 0;
+        for i in 0..self.streams.len() {
+            let (late, waiting): (Vec<Inflight>, Vec<Inflight>) = self.streams[i]
+                .inflight
+                .iter()
+                .partition(|b| now_ms - b.sent_at_ms >= self.patience_ms(b.attempt));
+            let s = &mut self.streams[i];
+            s.inflight = waiting;
+            for b in late {
+                s.resend.push_back(Resend {
+                    first: b.first,
+                    last: b.last,
+                    attempt: b.attempt.saturating_add(1),
+                });
+                due += 1;
             }
         }
-        restarted
+        due
     }
 
     pub fn inflight_batches(&self) -> usize {
@@ -159,10 +226,13 @@ mod tests {
     fn window_fills_and_acks_free_it() {
         let mut u = Uplink::new(S);
         u.on_connected();
-        assert_eq!(u.next_request(P), Some(Request { stream: P, after: 0, limit: 100 }));
-        u.on_sent(P, 1, 100, 0);
+        assert_eq!(
+            u.next_request(P),
+            Some(Request { stream: P, after: 0, upto: u64::MAX, limit: 100, attempt: 1 })
+        );
+        send(&mut u, 1, 100, 0);
         assert_eq!(u.next_request(P).unwrap().after, 100);
-        u.on_sent(P, 101, 200, 0);
+        send(&mut u, 101, 200, 0);
         assert_eq!(u.next_request(P), None);
         u.on_ack(&Ack::from_seqs("e", P, (1..=100).collect()));
         assert_eq!(u.next_request(P).unwrap().after, 200);
@@ -173,7 +243,7 @@ mod tests {
     fn a_partial_ack_keeps_the_batch_in_flight() {
         let mut u = Uplink::new(S);
         u.on_connected();
-        u.on_sent(P, 1, 10, 0);
+        send(&mut u, 1, 10, 0);
         u.on_ack(&Ack::from_seqs("e", P, (1..=9).collect()));
         assert_eq!(u.inflight_batches(), 1);
     }
@@ -182,8 +252,8 @@ mod tests {
     fn an_ack_releases_only_what_is_in_flight() {
         let mut u = Uplink::new(S);
         u.on_connected();
-        u.on_sent(P, 11, 20, 0);
-        u.on_sent(P, 21, 30, 0);
+        send(&mut u, 11, 20, 0);
+        send(&mut u, 21, 30, 0);
         let forged = Ack { ranges: vec![(1, u64::MAX)], ..Ack::from_seqs("e", P, vec![]) };
         assert_eq!(u.releasable(&forged), vec![(11, 20), (21, 30)]);
         let partly = Ack::from_seqs("e", P, vec![5, 6, 15, 16, 17, 40]);
@@ -195,16 +265,54 @@ mod tests {
     }
 
     #[test]
-    fn a_late_ack_or_a_reconnect_starts_over_from_the_outbox() {
+    fn a_late_batch_is_sent_again_on_its_own_with_a_doubling_wait_and_the_stream_flows_on() {
         let mut u = Uplink::new(S);
         u.on_connected();
-        u.on_sent(P, 1, 100, 0);
-        assert!(!u.on_tick(999));
-        assert!(u.on_tick(1000));
-        assert_eq!(u.next_request(P).unwrap().after, 0);
-        u.on_sent(P, 1, 100, 1000);
+        send(&mut u, 1, 100, 0);
+        send(&mut u, 101, 200, 500);
+        u.on_ack(&Ack::from_seqs("e", P, (101..=200).collect()));
+        assert_eq!(u.on_tick(999), 0);
+        assert_eq!(u.on_tick(1000), 1, "only the late batch is due");
+        let again = u.next_request(P).unwrap();
+        assert_eq!((again.after, again.upto, again.attempt), (0, 100, 2));
+        // The broker's packet limit halves it: the rest stays due.
+        u.on_sent(&again, 1, 50, 1000);
+        let rest = u.next_request(P).unwrap();
+        assert_eq!((rest.after, rest.upto, rest.attempt), (50, 100, 2));
+        u.on_sent(&rest, 51, 100, 1000);
+        // New records follow what was sent first, not the resend.
+        assert_eq!(u.next_request(P), None, "window of 2 full");
+        u.on_ack(&Ack::from_seqs("e", P, (1..=50).collect()));
+        let next = u.next_request(P).unwrap();
+        assert_eq!((next.after, next.upto, next.attempt), (200, u64::MAX, 1));
+        // The second attempt waits twice as long, the third four times; capped.
+        assert_eq!(u.on_tick(2999), 0);
+        assert_eq!(u.on_tick(3000), 1);
+        assert_eq!(u.patience_ms(3), 4000);
+        assert_eq!(u.patience_ms(40), 1000 * MAX_BACKOFF_FACTOR);
+        // A batch acked while it waited to be sent again is not sent.
+        u.on_ack(&Ack::from_seqs("e", P, (51..=100).collect()));
+        assert_eq!(u.next_request(P).unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn a_due_batch_whose_records_are_gone_is_dropped_and_a_reconnect_starts_over() {
+        let mut u = Uplink::new(S);
+        u.on_connected();
+        send(&mut u, 1, 100, 0);
+        assert_eq!(u.on_tick(1000), 1);
+        let due = u.next_request(P).unwrap();
+        u.on_nothing(&due);
+        assert_eq!(u.next_request(P).unwrap().after, 100);
+        send(&mut u, 101, 200, 1000);
         u.on_disconnected();
         u.on_connected();
         assert_eq!(u.next_request(P).unwrap().after, 0);
+    }
+
+    fn send(u: &mut Uplink, first: u64, last: u64, now_ms: i64) {
+        let req = u.next_request(P).unwrap();
+        assert_eq!(req.attempt, 1);
+        u.on_sent(&req, first, last, now_ms);
     }
 }

@@ -4,8 +4,8 @@
 //! checks that guard trust (certificate validity, bundle and directive expiry) therefore use
 //! [`trusted_now`]: the wall clock, but never earlier than a *floor* the process was told about
 //! (a persisted "latest time seen", the creation time of a verified bundle), and the floor
-//! itself moves on at the rate of the monotonic clock. Timers keep using [`now_ms`], so a clock
-//! stuck in the past still ticks.
+//! itself moves on at the rate of the monotonic clock. Timers use [`monotonic_ms`], so a clock
+//! stuck in the past, or stepped, neither stalls them nor fires them early.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -24,6 +24,13 @@ pub fn now() -> OffsetDateTime {
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     (now().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Milliseconds of a monotonic clock (since this process first asked): for timers, which a
+/// wall-clock step must neither stall nor fire early.
+pub fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
 }
 
 /// Time can be no earlier than `ms` (milliseconds since the epoch); a lower value is ignored.

@@ -34,7 +34,7 @@ impl Agent {
                 );
                 let stage = Stage::Fetching { staging, requested: HashMap::new(), bad_chunks: 0 };
                 self.update = Some(Update { job, stage });
-                self.request_chunks(clock::now_ms());
+                self.request_chunks(clock::monotonic_ms());
             }
             Err(e) => self.reject(job, format!("cannot stage the download: {e}"), None),
         }
@@ -84,7 +84,7 @@ impl Agent {
         if let Some(Update { stage: Stage::Fetching { requested, .. }, .. }) = &mut self.update {
             requested.clear();
         }
-        self.request_chunks(clock::now_ms());
+        self.request_chunks(clock::monotonic_ms());
     }
 
     /// A chunk the server signed for this device (the signature is checked by the caller, so
@@ -139,7 +139,7 @@ impl Agent {
                 self.finish_download(job, staging);
             }
         } else {
-            self.request_chunks(clock::now_ms());
+            self.request_chunks(clock::monotonic_ms());
         }
     }
 

@@ -672,7 +672,7 @@ impl Agent {
         match update.stage {
             Stage::Fetching { .. } => {
                 self.update = Some(update);
-                self.request_chunks(now_ms);
+                self.request_chunks(clock::monotonic_ms());
             }
             Stage::Shadow { candidate, meter, until_ms } => {
                 let health = meter.health();
