@@ -68,8 +68,7 @@ fn corrupt_outbox_rows_are_quarantined_and_every_stream_flows_on() {
         assert_eq!(body["kind"], "prediction", "{body}");
         let key = (body["asset"].as_str().unwrap().to_owned(), body["cycle"].as_u64().unwrap());
         // A prediction the server cannot have seen rots, and an update report that is not one
-        // appears: the
-        // highest-priority stream, which used to stop all four.
+        // appears: the highest-priority stream, which used to stop all four.
         db.execute("UPDATE outbox SET body = '{}' WHERE stream = 'pred' AND seq = ?1", [seq])
             .unwrap();
         db.execute_batch(
