@@ -145,6 +145,13 @@ pub fn render(status: &Status, now_ms: i64) -> String {
     let _ = writeln!(out, "millwright_outbox_quarantined_records {}", status.outbox_quarantined);
     header(
         &mut out,
+        "millwright_outbox_dead_letters",
+        "gauge",
+        "Records the server refused for good, kept as dead letters.",
+    );
+    let _ = writeln!(out, "millwright_outbox_dead_letters {}", status.outbox_dead_letters);
+    header(
+        &mut out,
         "millwright_outbox_set_aside",
         "gauge",
         "1 if the outbox was corrupt at start and a fresh one was started.",
@@ -165,6 +172,11 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         ("records_stored", "Records committed to the outbox.", c.records_stored),
         ("records_acked", "Records the server acknowledged.", c.records_acked),
         ("store_errors", "Failed outbox commits.", c.store_errors),
+        (
+            "records_dead_lettered",
+            "Records the server refused for good, moved to the dead letters.",
+            c.records_dead_lettered,
+        ),
         ("batches_sent", "Uplink batches published.", c.batches_sent),
         ("resends", "Uplink batches sent again after a late ack.", c.resends),
         ("reconnects", "Uplink connections lost.", c.reconnects),

@@ -188,6 +188,14 @@ fn gateway(out: &mut String, s: &Status, now_ms: i64) {
             s.outbox_quarantined
         );
     }
+    if s.outbox_dead_letters > 0 {
+        let _ = write!(
+            out,
+            "<p id=\"outbox-dead-letters\" class=\"badge warning\">{} record(s) refused by the \
+             server for good are kept as dead letters (not sent again); see the agent log for why.</p>",
+            s.outbox_dead_letters
+        );
+    }
     let refused: u64 = s.counters.refused.values().sum();
     let site = s.site.as_deref().map_or("—".to_owned(), escape);
     let _ = write!(

@@ -797,6 +797,29 @@ impl Agent {
                 Err(e) => tracing::error!("outbox delete failed: {e}"),
             }
         }
+        let refused = self.uplink.refusable(&ack);
+        if !refused.is_empty() {
+            let reason = ack.reason.as_deref().map_or_else(
+                || "refused by the server".to_owned(),
+                |r| wire::clean_text(r, wire::MAX_REASON_BYTES),
+            );
+            match self.store.dead_letter(ack.stream, &refused, &reason, clock::now_ms()) {
+                Ok(n) => {
+                    self.counters.records_dead_lettered += n as u64;
+                    tracing::warn!(
+                        stream = ack.stream.as_str(),
+                        records = n,
+                        ranges = ?refused,
+                        "the server refused records for good; moved to the dead letters: {reason}"
+                    );
+                }
+                Err(e) => {
+                    // Not forgotten: they stay in the outbox and are sent again.
+                    tracing::error!("outbox dead-letter move failed: {e}");
+                    return;
+                }
+            }
+        }
         self.uplink.on_ack(&ack);
         self.pump();
     }
@@ -1036,6 +1059,7 @@ impl Agent {
             trust_root_version: self.root.version(),
             trust_root_expired: self.root.is_expired(clock::trusted_now()),
             outbox_quarantined: self.quarantined,
+            outbox_dead_letters: self.store.dead_letters().unwrap_or(0),
             outbox_set_aside: self.set_aside.as_ref().map(|s| status::SetAside {
                 moved_to: s.moved_to.display().to_string(),
                 reason: s.reason.clone(),

@@ -30,6 +30,8 @@ pub struct Counters {
     pub resends: u64,
     pub reconnects: u64,
     pub store_errors: u64,
+    /// Records the server refused for good, moved to the dead letters.
+    pub records_dead_lettered: u64,
     pub bad_acks: u64,
     pub drift_reports: u64,
     pub drift_alerts: u64,
@@ -83,6 +85,8 @@ pub struct Status {
     pub trust_root_expired: bool,
     /// Outbox rows that did not decode, moved to quarantine and never sent.
     pub outbox_quarantined: u64,
+    /// Records the server refused for good (kept in the outbox file's dead letters).
+    pub outbox_dead_letters: u64,
     /// The outbox was found corrupt at start and replaced by a fresh one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_set_aside: Option<SetAside>,

@@ -47,6 +47,9 @@ pub struct NewRecord {
     pub body: RecordBody,
 }
 
+/// Dead letters kept (the newest); older ones are deleted as new ones arrive.
+pub const MAX_DEAD_LETTERS: i64 = 10_000;
+
 /// What one read of the outbox found.
 #[derive(Debug, Default)]
 pub struct Read {
@@ -76,6 +79,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
     at_ms,
     body,
     reason TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    body     TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    moved_ms INTEGER NOT NULL,
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sequences (
@@ -267,6 +279,45 @@ impl Store {
         Ok(read)
     }
 
+    /// Moves the records of `stream` in `ranges` (which the server refused for good) from the
+    /// outbox to the dead letters, with `reason`; returns how many moved. The dead letters keep
+    /// the newest [`MAX_DEAD_LETTERS`].
+    pub fn dead_letter(
+        &mut self,
+        stream: Stream,
+        ranges: &[(u64, u64)],
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut moved = 0;
+        {
+            let mut keep = tx.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters (stream, seq, at_ms, body, reason, moved_ms)
+                 SELECT stream, seq, at_ms, body, ?4, ?5 FROM outbox
+                 WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3",
+            )?;
+            let mut drop = tx
+                .prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")?;
+            for &(first, last) in ranges {
+                keep.execute(params![stream.as_str(), first, last, reason, now_ms])?;
+                moved += drop.execute(params![stream.as_str(), first, last])?;
+            }
+            tx.execute(
+                "DELETE FROM dead_letters WHERE (stream, seq) NOT IN
+                 (SELECT stream, seq FROM dead_letters ORDER BY moved_ms DESC, seq DESC LIMIT ?1)",
+                [MAX_DEAD_LETTERS],
+            )?;
+        }
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    /// Records in the dead letters.
+    pub fn dead_letters(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?)
+    }
+
     /// Rows ever moved to quarantine.
     pub fn quarantined(&self) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?)
@@ -404,6 +455,25 @@ mod tests {
         std::fs::create_dir(&folder).unwrap();
         assert!(Store::open_or_set_aside(&folder, 8).is_err());
         assert!(!dir.path().join("folder.sqlite.corrupt-8").exists());
+    }
+
+    #[test]
+    fn refused_records_move_to_the_dead_letters_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("outbox.sqlite")).unwrap();
+        store.append(&(1..=5).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
+        let moved =
+            store.dead_letter(Stream::Predictions, &[(2, 3), (9, 9)], "too big", 77).unwrap();
+        assert_eq!((moved, store.dead_letters().unwrap()), (2, 2));
+        let left = store.read(Stream::Predictions, 0, u64::MAX, 10).unwrap().records;
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 4, 5]);
+        let (reason, moved_ms): (String, i64) = store
+            .conn
+            .query_row("SELECT reason, moved_ms FROM dead_letters WHERE seq = 3", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((reason.as_str(), moved_ms), ("too big", 77));
     }
 
     #[test]

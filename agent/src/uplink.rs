@@ -89,8 +89,23 @@ fn index(stream: Stream) -> usize {
     }
 }
 
+/// Every record `first..=last` is acknowledged or refused for good by `ack`.
 fn covered(ack: &Ack, first: u64, last: u64) -> bool {
-    ack.ranges.iter().any(|&(f, l)| f <= first && last <= l)
+    let mut ranges: Vec<(u64, u64)> = ack.ranges.iter().chain(&ack.refused).copied().collect();
+    ranges.sort_unstable();
+    let mut next = first;
+    for (f, l) in ranges {
+        if f > next {
+            break;
+        }
+        if l >= next {
+            if l >= last {
+                return true;
+            }
+            next = l + 1;
+        }
+    }
+    false
 }
 
 impl Uplink {
@@ -157,10 +172,20 @@ impl Uplink {
 
     /// The ranges of `ack` that are in flight: the only records an ack may delete.
     pub fn releasable(&self, ack: &Ack) -> Vec<(u64, u64)> {
-        let s = &self.streams[index(ack.stream)];
+        self.in_flight(ack.stream, &ack.ranges)
+    }
+
+    /// The ranges `ack` refuses for good that are in flight: the only records it may move to
+    /// the dead letters.
+    pub fn refusable(&self, ack: &Ack) -> Vec<(u64, u64)> {
+        self.in_flight(ack.stream, &ack.refused)
+    }
+
+    fn in_flight(&self, stream: Stream, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let s = &self.streams[index(stream)];
         let mut out = Vec::new();
         for b in &s.inflight {
-            for &(first, last) in &ack.ranges {
+            for &(first, last) in ranges {
                 let (from, to) = (first.max(b.first), last.min(b.last));
                 if from <= to {
                     out.push((from, to));
@@ -293,6 +318,23 @@ mod tests {
         // A batch acked while it waited to be sent again is not sent.
         u.on_ack(&Ack::from_seqs("e", P, (51..=100).collect()));
         assert_eq!(u.next_request(P).unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn records_refused_for_good_complete_a_batch_as_acked_ones_do() {
+        let mut u = Uplink::new(S);
+        u.on_connected();
+        send(&mut u, 1, 10, 0);
+        let mut ack = Ack::from_seqs("e", P, vec![1, 2, 3, 6, 7, 8, 9, 10]);
+        ack.refused = vec![(4, 5), (40, 50)];
+        assert_eq!(u.refusable(&ack), vec![(4, 5)], "only what is in flight");
+        u.on_ack(&ack);
+        assert_eq!(u.inflight_batches(), 0);
+        send(&mut u, 11, 20, 0);
+        let mut partly = Ack::from_seqs("e", P, vec![11, 12]);
+        partly.refused = vec![(14, 20)];
+        u.on_ack(&partly);
+        assert_eq!(u.inflight_batches(), 1, "13 is neither acked nor refused");
     }
 
     #[test]

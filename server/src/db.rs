@@ -669,6 +669,7 @@ mod tests {
                     }),
                 })
                 .collect(),
+            refused: vec![],
         }
     }
 

@@ -12,12 +12,8 @@ pub enum IngestError {
     IdentityMismatch { topic: DeviceId, claimed: DeviceId },
     #[error("payload is for stream {payload:?} but arrived on the topic of {topic:?}")]
     StreamMismatch { topic: Stream, payload: Stream },
-    #[error("record seq {seq} is a {kind:?} record in stream {stream:?}")]
-    WrongKind { seq: u64, kind: Stream, stream: Stream },
     #[error("record sequence numbers start at 1; got 0")]
     ZeroSeq,
-    #[error("prediction seq {seq} has a non-finite value")]
-    NonFinite { seq: u64 },
     #[error("batch is empty")]
     Empty,
     #[error("outbox epoch {0:?} is not 1-64 letters and digits")]
@@ -32,9 +28,8 @@ impl IngestError {
         match self {
             IngestError::Decode(_) => "malformed",
             IngestError::IdentityMismatch { .. } => "identity_mismatch",
-            IngestError::StreamMismatch { .. } | IngestError::WrongKind { .. } => "wrong_stream",
+            IngestError::StreamMismatch { .. } => "wrong_stream",
             IngestError::ZeroSeq
-            | IngestError::NonFinite { .. }
             | IngestError::Empty
             | IngestError::BadEpoch(_)
             | IngestError::SeqTooLarge(_) => "malformed",
@@ -50,43 +45,106 @@ pub struct Accepted {
     pub epoch: String,
     pub stream: Stream,
     pub records: Vec<Record>,
+    /// Records of the batch that will never be stored (a poison record: it does not decode,
+    /// is of another stream, or holds a value storage cannot take). The ack names them so the
+    /// gateway stops sending them, and the rest of the batch is stored.
+    pub refused: Vec<Poison>,
 }
 
-/// Decodes and checks an uplink payload received on the topic of `device`/`stream`.
+/// A record refused for good, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// The envelope of a batch whose records are judged one by one.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    v: u32,
+    device: DeviceId,
+    epoch: String,
+    stream: Stream,
+    records: Vec<serde_json::Value>,
+}
+
+/// Decodes and checks an uplink payload received on the topic of `device`/`stream`. What is
+/// wrong with the envelope refuses the whole message (no answer: the sender cannot be told
+/// which records it meant); what is wrong with one record refuses that record.
 pub fn accept(device: &DeviceId, stream: Stream, payload: &[u8]) -> Result<Accepted, IngestError> {
-    let batch = UplinkBatch::decode(payload)?;
-    if &batch.device != device {
-        return Err(IngestError::IdentityMismatch { topic: device.clone(), claimed: batch.device });
+    let envelope: Envelope = serde_json::from_slice(payload).map_err(DecodeError::from)?;
+    if envelope.v != wire::WIRE_VERSION {
+        // The strict decoder names the version problem.
+        UplinkBatch::decode(payload)?;
     }
-    if batch.stream != stream {
-        return Err(IngestError::StreamMismatch { topic: stream, payload: batch.stream });
+    if &envelope.device != device {
+        return Err(IngestError::IdentityMismatch {
+            topic: device.clone(),
+            claimed: envelope.device,
+        });
     }
-    if batch.records.is_empty() {
+    if envelope.stream != stream {
+        return Err(IngestError::StreamMismatch { topic: stream, payload: envelope.stream });
+    }
+    if envelope.records.is_empty() {
         return Err(IngestError::Empty);
     }
-    let epoch_ok = !batch.epoch.is_empty()
-        && batch.epoch.len() <= 64
-        && batch.epoch.bytes().all(|b| b.is_ascii_alphanumeric());
+    let epoch_ok = !envelope.epoch.is_empty()
+        && envelope.epoch.len() <= 64
+        && envelope.epoch.bytes().all(|b| b.is_ascii_alphanumeric());
     if !epoch_ok {
-        return Err(IngestError::BadEpoch(wire::clean_text(&batch.epoch, 64)));
+        return Err(IngestError::BadEpoch(wire::clean_text(&envelope.epoch, 64)));
     }
-    for r in &batch.records {
-        if r.seq == 0 {
-            return Err(IngestError::ZeroSeq);
+    let mut records = Vec::with_capacity(envelope.records.len());
+    let mut refused = Vec::new();
+    for value in envelope.records {
+        let seq = match value.get("seq").and_then(serde_json::Value::as_u64) {
+            Some(0) | None => return Err(IngestError::ZeroSeq),
+            Some(seq) if seq > i64::MAX as u64 => return Err(IngestError::SeqTooLarge(seq)),
+            Some(seq) => seq,
+        };
+        match serde_json::from_value::<Record>(value) {
+            Ok(record) => match judge_record(&record, stream) {
+                None => records.push(record),
+                Some(reason) => refused.push(Poison { seq, reason }),
+            },
+            Err(e) => refused.push(Poison {
+                seq,
+                reason: wire::clean_text(&format!("does not decode: {e}"), wire::MAX_REASON_BYTES),
+            }),
         }
-        if r.seq > i64::MAX as u64 {
-            return Err(IngestError::SeqTooLarge(r.seq));
+    }
+    Ok(Accepted { device: envelope.device, epoch: envelope.epoch, stream, records, refused })
+}
+
+/// Why a decoded record cannot be stored, if it cannot.
+fn judge_record(r: &Record, stream: Stream) -> Option<String> {
+    use millwright_shared::wire::RecordBody;
+    let fits = |n: u64| i64::try_from(n).is_ok();
+    if r.body.stream() != stream {
+        return Some(format!(
+            "a {} record in the {} stream",
+            r.body.stream().as_str(),
+            stream.as_str()
+        ));
+    }
+    match &r.body {
+        RecordBody::Prediction(p) if !p.value.is_finite() => Some("value is not finite".into()),
+        RecordBody::Prediction(p) if !fits(p.cycle) || !fits(p.release.0) => {
+            Some("cycle or release above 2^63 - 1".into())
         }
-        if r.body.stream() != stream {
-            return Err(IngestError::WrongKind { seq: r.seq, kind: r.body.stream(), stream });
+        RecordBody::Alert(a) if !fits(a.cycle) || !fits(a.release.0) => {
+            Some("cycle or release above 2^63 - 1".into())
         }
-        if let millwright_shared::wire::RecordBody::Prediction(p) = &r.body
-            && !p.value.is_finite()
+        RecordBody::Alert(a) if !a.value.is_finite() => Some("value is not finite".into()),
+        RecordBody::Update(u)
+            if !u.directive.is_none_or(fits) || !u.release.is_none_or(|r| fits(r.0)) =>
         {
-            return Err(IngestError::NonFinite { seq: r.seq });
+            Some("directive or release above 2^63 - 1".into())
         }
+        _ => None,
     }
-    Ok(Accepted { device: batch.device, epoch: batch.epoch, stream, records: batch.records })
 }
 
 #[cfg(test)]
@@ -127,14 +185,43 @@ mod tests {
             accept(&gw1, Stream::Alerts, &batch("gw1", Stream::Predictions, 1)),
             Err(IngestError::StreamMismatch { .. })
         ));
-        assert!(matches!(
-            accept(&gw1, Stream::Alerts, &batch("gw1", Stream::Alerts, 1)),
-            Err(IngestError::WrongKind { .. })
-        ));
+        // A prediction record in the alert stream is refused, record by record.
+        let judged = accept(&gw1, Stream::Alerts, &batch("gw1", Stream::Alerts, 1)).unwrap();
+        assert_eq!(judged.records, vec![]);
+        assert_eq!(
+            judged.refused,
+            vec![Poison { seq: 1, reason: "a pred record in the alert stream".into() }]
+        );
         assert!(matches!(
             accept(&gw1, Stream::Predictions, &batch("gw1", Stream::Predictions, 0)),
             Err(IngestError::ZeroSeq)
         ));
         assert!(matches!(accept(&gw1, Stream::Predictions, b"{}"), Err(IngestError::Decode(_))));
+    }
+
+    #[test]
+    fn a_poison_record_is_refused_and_its_neighbours_are_accepted() {
+        let gw1 = DeviceId::new("gw1").unwrap();
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&batch("gw1", Stream::Predictions, 1)).unwrap();
+        let good = doc["records"][0].clone();
+        let mut huge = good.clone();
+        huge["seq"] = 2.into();
+        huge["body"]["cycle"] = serde_json::json!(9_223_372_036_854_775_900_u64);
+        let mut newer = good.clone();
+        newer["seq"] = 3.into();
+        newer["body"]["confidence"] = serde_json::json!(0.9);
+        let mut last = good;
+        last["seq"] = 4.into();
+        doc["records"] = serde_json::json!([doc["records"][0], huge, newer, last]);
+        let judged = accept(&gw1, Stream::Predictions, doc.to_string().as_bytes()).unwrap();
+        assert_eq!(judged.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 4]);
+        let refused: Vec<u64> = judged.refused.iter().map(|p| p.seq).collect();
+        assert_eq!(refused, vec![2, 3]);
+        assert_eq!(judged.refused[0].reason, "cycle or release above 2^63 - 1");
+        assert!(judged.refused[1].reason.contains("unknown field"), "{:?}", judged.refused[1]);
+        // A record without a sequence number cannot be named: the message is refused.
+        doc["records"][1].as_object_mut().unwrap().remove("seq");
+        assert!(accept(&gw1, Stream::Predictions, doc.to_string().as_bytes()).is_err());
     }
 }

@@ -485,8 +485,21 @@ async fn on_admitted(
             if stream == Stream::Drift {
                 judge_drift(ingest, &device, &mut batch);
             }
+            if let Some(first) = batch.refused.first() {
+                ingest.refuse(
+                    "poison_record",
+                    device.as_str(),
+                    format!(
+                        "{} record(s) of {} refused for good, e.g. seq {}: {}",
+                        batch.refused.len(),
+                        stream.as_str(),
+                        first.seq,
+                        first.reason
+                    ),
+                );
+            }
             let stored = tokio::task::block_in_place(|| db.store(&batch, now_ms()));
-            let stored = match stored {
+            let mut stored = match stored {
                 Ok(stored) => stored,
                 Err(e) => {
                     return tracing::error!(%device, "cannot store batch (not acknowledged): {e}");
@@ -515,7 +528,11 @@ async fn on_admitted(
                 );
                 batch.records.retain(|r| !stored.refused.contains(&r.seq));
             }
-            if !stored.ack.ranges.is_empty() {
+            if let Some(first) = batch.refused.first() {
+                stored.ack.refused = wire::ranges_of(batch.refused.iter().map(|p| p.seq).collect());
+                stored.ack.reason = Some(first.reason.clone());
+            }
+            if !stored.ack.ranges.is_empty() || !stored.ack.refused.is_empty() {
                 let frame = signed::seal(
                     &ingest.server_key,
                     Purpose::Ack,

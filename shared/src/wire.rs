@@ -276,7 +276,9 @@ pub struct Alert {
     pub value: f32,
 }
 
-/// Server → agent: these sequence numbers of `stream` are stored durably.
+/// Server → agent: these sequence numbers of `stream` are stored durably, and these others
+/// the server will never store (a poison record: the agent moves them to its dead letters
+/// instead of sending them forever).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ack {
@@ -286,21 +288,38 @@ pub struct Ack {
     pub stream: Stream,
     /// Inclusive ranges `[first, last]`.
     pub ranges: Vec<(u64, u64)>,
+    /// Inclusive ranges refused for good, and why (at most [`MAX_REASON_BYTES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Merges sequence numbers in any order into inclusive ranges.
+pub fn ranges_of(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for seq in seqs {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => ranges.push((seq, seq)),
+        }
+    }
+    ranges
 }
 
 impl Ack {
     /// Builds an ack from sequence numbers in any order, merging runs into ranges.
-    pub fn from_seqs(epoch: &str, stream: Stream, mut seqs: Vec<u64>) -> Ack {
-        seqs.sort_unstable();
-        seqs.dedup();
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for seq in seqs {
-            match ranges.last_mut() {
-                Some((_, last)) if *last + 1 == seq => *last = seq,
-                _ => ranges.push((seq, seq)),
-            }
+    pub fn from_seqs(epoch: &str, stream: Stream, seqs: Vec<u64>) -> Ack {
+        Ack {
+            v: WIRE_VERSION,
+            epoch: epoch.to_owned(),
+            stream,
+            ranges: ranges_of(seqs),
+            refused: Vec::new(),
+            reason: None,
         }
-        Ack { v: WIRE_VERSION, epoch: epoch.to_owned(), stream, ranges }
     }
 
     pub fn contains(&self, seq: u64) -> bool {

@@ -678,9 +678,11 @@ fn uplink_attacks(ctx: &Ctx<'_>, kit: &TrustKit) {
             epoch: epoch.into(),
             stream: Stream::Predictions,
             ranges: vec![(1, i64::MAX as u64)],
+            refused: vec![(1, i64::MAX as u64)],
+            reason: Some("forged".into()),
         })
     };
-    // Acks that would empty the victim's outbox.
+    // Acks that would empty the victim's outbox, or move it all to the dead letters.
     ctx.on_others_topic_agent("forged ack, unsigned", "ack_unsigned", || {
         intruder.publish(&ack, ack_body("anything"), false)
     });

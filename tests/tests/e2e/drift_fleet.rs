@@ -71,7 +71,16 @@ proptest! {
                 records.push(Record { seq: k as u64 + 1, at_ms: 0, body: RecordBody::Drift(Box::new(report)) });
             }
             let device = DeviceId::new(format!("d{i}")).unwrap();
-            db.store(&Accepted { device, epoch: "e1".into(), stream: Stream::Drift, records }, 0)
+            db.store(
+                &Accepted {
+                    device,
+                    epoch: "e1".into(),
+                    stream: Stream::Drift,
+                    records,
+                    refused: vec![],
+                },
+                0,
+            )
                 .unwrap();
         }
         let profiles = Profiles([(("m".to_owned(), 1), (*profile).clone())].into_iter().collect());

@@ -323,3 +323,116 @@ fn a_late_batch_is_sent_again_on_time_when_the_wall_clock_steps_back_an_hour() {
          times on the monotonic clock; {stored} predictions stored exactly once"
     );
 }
+
+#[test]
+fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_them_flow() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let device = "poison";
+    let mut agent =
+        Agent::start(dir.path(), AgentSpec::replaying(device, [1, 2], 5.0), &server).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.prediction_count(device) > 0),
+        "{}",
+        dump(&server, &agent)
+    );
+    server.proc.kill();
+    let last_pred = || agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
+    let at_kill = last_pred();
+    assert!(wait_until(Duration::from_secs(20), || last_pred() >= at_kill + 3));
+    agent.proc.kill();
+    // Records the gateway can read but the server can never store: a prediction whose cycle
+    // is beyond SQLite's integers (a bug, or an older agent), and an update report naming a
+    // directive seq of 2^64 - 1 (what an unsigned directive once made agents write).
+    let (bad_seq, bad_asset, bad_cycle) = {
+        let db = outbox(&agent);
+        let (seq, body): (u64, String) = db
+            .query_row(
+                "SELECT seq, body FROM outbox WHERE stream = 'pred' ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let mut body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let key = (body["asset"].as_str().unwrap().to_owned(), body["cycle"].as_u64().unwrap());
+        body["cycle"] = serde_json::json!(9_223_372_036_854_775_900_u64);
+        db.execute(
+            "UPDATE outbox SET body = ?2 WHERE stream = 'pred' AND seq = ?1",
+            rusqlite::params![seq, body.to_string()],
+        )
+        .unwrap();
+        db.execute_batch(
+            r#"INSERT INTO outbox (stream, seq, at_ms, body) VALUES ('update', 1, 0,
+                 '{"kind":"update","directive":18446744073709551615,"phase":"rejected","reason":"x"}');
+               INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);"#,
+        )
+        .unwrap();
+        (seq, key.0, key.1)
+    };
+    server.restart().unwrap();
+    agent.restart().unwrap();
+    let expected: Vec<ExpectedPrediction> = agent
+        .expected()
+        .unwrap()
+        .into_iter()
+        .filter(|p| (p.asset.as_str(), p.cycle) != (bad_asset.as_str(), bad_cycle))
+        .collect();
+    let delivered = wait_until(Duration::from_secs(90), || {
+        server.prediction_count(device) >= expected.len() as u64
+            && backlog_empty(&agent)
+            && agent.status().unwrap()["last_seq"]["pred"]
+                == stream(&server, device, "pred")["last_seq"]
+    });
+    assert!(delivered, "not delivered: {:?}\n{}", agent.status(), dump(&server, &agent));
+
+    // The stream behind each poison record arrived exactly once.
+    let stored = server.predictions(device).unwrap();
+    let last = agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
+    let want: Vec<u64> = (1..=last).filter(|&s| s != bad_seq).collect();
+    assert_eq!(stored.iter().map(|p| p.seq).collect::<Vec<_>>(), want);
+    let got: BTreeSet<(String, u64, u32)> =
+        stored.iter().map(|p| (p.asset.clone(), p.cycle, (p.value as f32).to_bits())).collect();
+    let exp: BTreeSet<(String, u64, u32)> =
+        expected.iter().map(|p| (p.asset.clone(), p.cycle, p.value.to_bits())).collect();
+    assert_eq!(got, exp);
+    assert_eq!(stream(&server, device, "update")["records"], 0);
+
+    // Dead-lettered with the server's reason, counted, and no longer sent.
+    let letters: Vec<(String, u64, String)> = outbox(&agent)
+        .prepare("SELECT stream, seq, reason FROM dead_letters ORDER BY stream")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        letters,
+        vec![
+            ("pred".to_owned(), bad_seq, "cycle or release above 2^63 - 1".to_owned()),
+            ("update".to_owned(), 1, "directive or release above 2^63 - 1".to_owned()),
+        ]
+    );
+    let status = agent.status().unwrap();
+    assert_eq!(
+        (&status["outbox_dead_letters"], &status["counters"]["records_dead_lettered"]),
+        (&serde_json::json!(2), &serde_json::json!(2)),
+        "{status}"
+    );
+    let sent = status["counters"]["batches_sent"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let later = agent.status().unwrap();
+    assert_eq!(
+        later["counters"]["batches_sent"].as_u64(),
+        Some(sent),
+        "nothing is resent: {later}"
+    );
+    assert_eq!(later["counters"]["resends"], 0, "{later}");
+    let refused = server.metric("millwright_refused_total{reason=\"poison_record\"}");
+    assert!(refused >= 2.0, "server counts the poison records' batches: {refused}");
+    println!(
+        "2 poison records (pred seq {bad_seq}: cycle > 2^63; update seq 1: directive 2^64 - 1) \
+         dead-lettered with the server's reasons; {} predictions around them delivered exactly once",
+        stored.len()
+    );
+}
