@@ -180,7 +180,10 @@ mod tests {
         match outcome {
             Outcome::Produced { records, cursor } => match &records[0] {
                 RecordBody::Prediction(p) => vec![(cursor.cycle, p.value, records.len())],
-                RecordBody::Alert(_) | RecordBody::Drift(_) | RecordBody::Update(_) => vec![],
+                RecordBody::Alert(_)
+                | RecordBody::Drift(_)
+                | RecordBody::Update(_)
+                | RecordBody::Gap(_) => vec![],
             },
             _ => vec![],
         }

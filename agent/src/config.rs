@@ -3,6 +3,7 @@
 //! trusted keys read. Every option and its default is in `agent/millwright-agent.example.toml`.
 
 use crate::identity::Identity;
+use crate::quota::Quota;
 use crate::uplink;
 use millwright_shared::drift::{DriftSettings, Metric};
 use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
@@ -58,7 +59,33 @@ pub struct RawConfig {
     #[serde(default)]
     pub local: RawLocal,
     #[serde(default)]
+    pub outbox: RawOutbox,
+    #[serde(default)]
     pub assets: Vec<RawAsset>,
+}
+
+/// The outbox quota ([`crate::quota`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutbox {
+    pub max_bytes: Option<u64>,
+    pub reserve_bytes: Option<u64>,
+}
+
+impl RawOutbox {
+    pub fn quota(&self) -> Result<Quota, ConfigError> {
+        let q = Quota {
+            max_bytes: self.max_bytes.unwrap_or(Quota::DEFAULT.max_bytes),
+            reserve_bytes: self.reserve_bytes.unwrap_or(Quota::DEFAULT.reserve_bytes),
+        };
+        if q.max_bytes < 64 << 10 || q.reserve_bytes >= q.max_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "outbox: need max_bytes ({}) >= 65536 and reserve_bytes ({}) < max_bytes",
+                q.max_bytes, q.reserve_bytes
+            )));
+        }
+        Ok(q)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +249,7 @@ pub struct Config {
     pub root: Root,
     pub updates: UpdatesConfig,
     pub local: LocalConfig,
+    pub quota: Quota,
     pub assets: Vec<AssetConfig>,
 }
 
@@ -506,6 +534,7 @@ impl Config {
             root,
             updates,
             local,
+            quota: raw.outbox.quota()?,
             assets,
         })
     }

@@ -1,7 +1,8 @@
 //! Millwright edge agent.
 //!
 //! Pure core (no tokio, rusqlite, rumqttc, tract or `std::fs`; no clock): [`cmapss`],
-//! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`], [`status`] (the snapshot),
+//! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`], [`quota`] (what the outbox
+//! quota drops), [`status`] (the snapshot),
 //! [`page`] (the local page's HTML), [`metrics`] (Prometheus text).
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
 //! [`local_http`] (axum: the local page and its API), [`sources`] (file replay pacing), [`runtime`] (the event loop),
@@ -21,6 +22,7 @@ pub mod inference;
 pub mod local_http;
 pub mod metrics;
 pub mod page;
+pub mod quota;
 pub mod reading;
 pub mod reference;
 pub mod replay;

@@ -145,6 +145,20 @@ pub fn render(status: &Status, now_ms: i64) -> String {
     let _ = writeln!(out, "millwright_outbox_quarantined_records {}", status.outbox_quarantined);
     header(
         &mut out,
+        "millwright_records_dropped_total",
+        "counter",
+        "Records dropped by the outbox quota, per stream (announced to the server as gaps).",
+    );
+    for (stream, n) in &status.dropped {
+        let _ =
+            writeln!(out, "millwright_records_dropped_total{{stream=\"{}\"}} {n}", label(stream));
+    }
+    header(&mut out, "millwright_outbox_bytes", "gauge", "Bytes the outbox's records take.");
+    let _ = writeln!(out, "millwright_outbox_bytes {}", status.outbox_bytes);
+    header(&mut out, "millwright_outbox_max_bytes", "gauge", "The outbox quota.");
+    let _ = writeln!(out, "millwright_outbox_max_bytes {}", status.outbox_max_bytes);
+    header(
+        &mut out,
         "millwright_outbox_dead_letters",
         "gauge",
         "Records the server refused for good, kept as dead letters.",

@@ -188,6 +188,15 @@ fn gateway(out: &mut String, s: &Status, now_ms: i64) {
             s.outbox_quarantined
         );
     }
+    let dropped: u64 = s.dropped.values().sum();
+    if dropped > 0 {
+        let _ = write!(
+            out,
+            "<p id=\"outbox-dropped\" class=\"badge warning\">Outbox quota reached: {dropped} \
+             older record(s) (predictions first, then drift reports) were dropped and the gaps \
+             announced to the server; alerts and update reports are kept.</p>"
+        );
+    }
     if s.outbox_dead_letters > 0 {
         let _ = write!(
             out,

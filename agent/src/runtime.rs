@@ -589,7 +589,7 @@ impl Agent {
                         RecordBody::Alert(change) => {
                             asset.alert = status::next_alert(asset.alert.take(), change, at_ms);
                         }
-                        RecordBody::Drift(_) | RecordBody::Update(_) => {}
+                        RecordBody::Drift(_) | RecordBody::Update(_) | RecordBody::Gap(_) => {}
                     }
                     match body.stream() {
                         Stream::Predictions => self.counters.predictions += 1,
@@ -688,6 +688,7 @@ impl Agent {
                 self.counters.records_stored += self.pending.len() as u64;
                 self.pending.clear();
                 self.pending_cursors.clear();
+                self.enforce_quota();
                 self.pump();
             }
             Err(e) => {
@@ -696,6 +697,38 @@ impl Agent {
                     pending = self.pending.len(),
                     "outbox write failed, will retry: {e}"
                 );
+            }
+        }
+    }
+
+    /// Past the outbox quota, drops the oldest predictions (then drift reports) that are not in
+    /// flight, each drop announced by a gap record in its stream ([`crate::quota`]).
+    fn enforce_quota(&mut self) {
+        let quota = self.config.quota;
+        let mut need = self.store.bytes().map_or(0, |b| quota.excess(&b));
+        for stream in crate::quota::DROP_ORDER {
+            // Each drop frees what is needed or stops at what is in flight or announced.
+            for _ in 0..4 {
+                if need == 0 {
+                    return;
+                }
+                let floor = self.uplink.sent_upto(stream);
+                match self.store.drop_oldest(stream, floor, need, "quota") {
+                    Ok(Some(gap)) => tracing::warn!(
+                        stream = stream.as_str(),
+                        first = gap.first,
+                        last = gap.last,
+                        records = gap.dropped,
+                        max_bytes = quota.max_bytes,
+                        "outbox over its quota: oldest records dropped, the gap is announced"
+                    ),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.counters.store_errors += 1;
+                        return tracing::error!("outbox quota: cannot drop records: {e}");
+                    }
+                }
+                need = self.store.bytes().map_or(0, |b| quota.excess(&b));
             }
         }
     }
@@ -1060,6 +1093,15 @@ impl Agent {
             trust_root_expired: self.root.is_expired(clock::trusted_now()),
             outbox_quarantined: self.quarantined,
             outbox_dead_letters: self.store.dead_letters().unwrap_or(0),
+            outbox_bytes: self.store.bytes().map_or(0, |b| b.values().sum()),
+            outbox_max_bytes: self.config.quota.max_bytes,
+            dropped: self
+                .store
+                .dropped()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(s, n)| (s.as_str().to_owned(), n))
+                .collect(),
             outbox_set_aside: self.set_aside.as_ref().map(|s| status::SetAside {
                 moved_to: s.moved_to.display().to_string(),
                 reason: s.reason.clone(),

@@ -87,6 +87,12 @@ pub struct Status {
     pub outbox_quarantined: u64,
     /// Records the server refused for good (kept in the outbox file's dead letters).
     pub outbox_dead_letters: u64,
+    /// Bytes the outbox's records take, and the quota.
+    pub outbox_bytes: u64,
+    pub outbox_max_bytes: u64,
+    /// Records dropped by the quota per stream (each range announced to the server by a gap
+    /// record), over this outbox's life.
+    pub dropped: BTreeMap<String, u64>,
     /// The outbox was found corrupt at start and replaced by a fresh one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_set_aside: Option<SetAside>,

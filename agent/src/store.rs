@@ -6,7 +6,7 @@
 
 use crate::asset::Cursor;
 use millwright_shared::AssetId;
-use millwright_shared::wire::{Level, Record, RecordBody, Stream};
+use millwright_shared::wire::{Gap, Level, Record, RecordBody, Stream};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
@@ -90,6 +90,27 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     moved_ms INTEGER NOT NULL,
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_bytes (
+    stream  TEXT PRIMARY KEY,
+    bytes   INTEGER NOT NULL,
+    records INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS outbox_bytes_in AFTER INSERT ON outbox BEGIN
+    INSERT INTO stream_bytes (stream, bytes, records) VALUES (NEW.stream, length(NEW.body) + 48, 1)
+    ON CONFLICT (stream) DO UPDATE SET bytes = bytes + excluded.bytes, records = records + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_bytes_out AFTER DELETE ON outbox BEGIN
+    UPDATE stream_bytes SET bytes = bytes - (length(OLD.body) + 48), records = records - 1
+    WHERE stream = OLD.stream;
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_bytes_change AFTER UPDATE OF body ON outbox BEGIN
+    UPDATE stream_bytes SET bytes = bytes - length(OLD.body) + length(NEW.body)
+    WHERE stream = NEW.stream;
+END;
+CREATE TABLE IF NOT EXISTS dropped (
+    stream  TEXT PRIMARY KEY,
+    records INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sequences (
     stream   TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
@@ -157,7 +178,18 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let counted: bool = conn
+            .query_row("SELECT 1 FROM sqlite_master WHERE name = 'stream_bytes'", [], |_| Ok(true))
+            .optional()?
+            .unwrap_or(false);
         conn.execute_batch(SCHEMA)?;
+        if !counted {
+            // An outbox from before byte accounting: count what it holds once.
+            conn.execute_batch(
+                "INSERT INTO stream_bytes (stream, bytes, records)
+                 SELECT stream, SUM(length(body) + 48), COUNT(*) FROM outbox GROUP BY stream",
+            )?;
+        }
         conn.execute_batch(crate::update_state::SCHEMA)?;
         Ok(Store { conn })
     }
@@ -353,13 +385,109 @@ impl Store {
         Ok(out)
     }
 
+    /// Records waiting in `stream` and the time of the oldest: from the byte counters and the
+    /// first row, so it costs the same whatever the backlog.
     pub fn backlog(&self, stream: Stream) -> Result<Backlog, StoreError> {
-        let (records, oldest_at_ms) = self.conn.query_row(
-            "SELECT COUNT(*), MIN(at_ms) FROM outbox WHERE stream = ?1",
-            [stream.as_str()],
-            |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Option<i64>>(1)?)),
+        let records: Option<u64> = self
+            .conn
+            .prepare_cached("SELECT records FROM stream_bytes WHERE stream = ?1")?
+            .query_row([stream.as_str()], |r| r.get(0))
+            .optional()?;
+        let oldest_at_ms: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT at_ms FROM outbox WHERE stream = ?1 ORDER BY seq LIMIT 1")?
+            .query_row([stream.as_str()], |r| r.get(0))
+            .optional()?;
+        Ok(Backlog { records: records.unwrap_or(0), oldest_at_ms })
+    }
+
+    /// Bytes the outbox's records take per stream (bodies plus a per-row allowance).
+    pub fn bytes(&self) -> Result<HashMap<Stream, u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT stream, bytes FROM stream_bytes")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (stream, bytes) = row?;
+            if let Some(stream) = Stream::parse(&stream) {
+                out.insert(stream, bytes.max(0) as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records dropped by policy per stream, ever, in this outbox (what the gap records
+    /// announce).
+    pub fn dropped(&self) -> Result<HashMap<Stream, u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT stream, records FROM dropped")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (stream, n) = row?;
+            if let Some(stream) = Stream::parse(&stream) {
+                out.insert(stream, n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Frees at least `bytes` from `stream` by dropping its oldest records above `floor` (what
+    /// is in flight stays): the first of them becomes a gap record announcing the range, the
+    /// rest are deleted, and the drop is counted, in one transaction. Gap records are never
+    /// dropped. Returns the gap, or `None` if nothing could go.
+    pub fn drop_oldest(
+        &mut self,
+        stream: Stream,
+        floor: u64,
+        bytes: u64,
+        reason: &str,
+    ) -> Result<Option<Gap>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut chosen: Vec<u64> = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, length(body) + 48, body LIKE '{\"kind\":\"gap\"%' FROM outbox
+                 WHERE stream = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![stream.as_str(), floor])?;
+            let mut freed = 0u64;
+            while let Some(row) = rows.next()? {
+                let (seq, size, gap): (u64, u64, bool) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                if gap {
+                    // A range stops at an earlier announcement; the next one starts after it.
+                    if chosen.is_empty() {
+                        continue;
+                    }
+                    break;
+                }
+                chosen.push(seq);
+                freed += size;
+                if freed >= bytes + 160 && chosen.len() > 1 {
+                    break;
+                }
+            }
+        }
+        let (Some(&first), Some(&last)) = (chosen.first(), chosen.last()) else {
+            return Ok(None);
+        };
+        let gap =
+            Gap { stream, first, last, dropped: chosen.len() as u64, reason: reason.to_owned() };
+        let body = serde_json::to_string(&RecordBody::Gap(gap.clone()))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "DELETE FROM outbox WHERE stream = ?1 AND seq > ?2 AND seq <= ?3",
+            params![stream.as_str(), first, last],
         )?;
-        Ok(Backlog { records, oldest_at_ms })
+        tx.execute(
+            "UPDATE outbox SET body = ?3 WHERE stream = ?1 AND seq = ?2",
+            params![stream.as_str(), first, body],
+        )?;
+        tx.execute(
+            "INSERT INTO dropped (stream, records) VALUES (?1, ?2)
+             ON CONFLICT (stream) DO UPDATE SET records = records + excluded.records",
+            params![stream.as_str(), gap.dropped],
+        )?;
+        tx.commit()?;
+        Ok(Some(gap))
     }
 
     /// The last sequence number given out on `stream` (0 before the first).
@@ -455,6 +583,40 @@ mod tests {
         std::fs::create_dir(&folder).unwrap();
         assert!(Store::open_or_set_aside(&folder, 8).is_err());
         assert!(!dir.path().join("folder.sqlite.corrupt-8").exists());
+    }
+
+    #[test]
+    fn dropping_the_oldest_records_leaves_a_gap_record_and_counts_bytes_and_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("outbox.sqlite")).unwrap();
+        store.append(&(1..=10).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
+        let bytes = |s: &Store| s.bytes().unwrap()[&Stream::Predictions];
+        let full = bytes(&store);
+        let row = full / 10;
+        // Records 1-2 are in flight: the drop starts above them.
+        let gap = store.drop_oldest(Stream::Predictions, 2, 3 * row, "quota").unwrap().unwrap();
+        assert_eq!((gap.first, gap.last, gap.dropped), (3, 7, 5), "{gap:?}");
+        let left = store.read(Stream::Predictions, 0, u64::MAX, 20).unwrap().records;
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 8, 9, 10]);
+        assert_eq!(left[2].body, RecordBody::Gap(gap.clone()));
+        assert_eq!(store.dropped().unwrap()[&Stream::Predictions], 5);
+        assert_eq!(store.backlog(Stream::Predictions).unwrap().records, 6);
+        let counted = bytes(&store);
+        let real: i64 = store
+            .conn
+            .query_row("SELECT SUM(length(body) + 48) FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(counted as i64, real, "the triggers keep the byte count");
+        assert!(counted < full - 3 * row);
+        // The next drop skips the announcement and never swallows it.
+        let next = store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap().unwrap();
+        assert_eq!((next.first, next.last, next.dropped), (8, 9, 2));
+        assert_eq!(
+            store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap().unwrap().first,
+            10
+        );
+        assert_eq!(store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap(), None);
+        assert_eq!(store.dropped().unwrap()[&Stream::Predictions], 8);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub const PRIORITY: [Stream; 4] =
 pub const DRIFT_BATCH_MAX: usize = 50;
 
 /// A batch's wait for its ack doubles per attempt up to this many times `retry_after_ms`.
-pub const MAX_BACKOFF_FACTOR: i64 = 16;
+pub const MAX_BACKOFF_FACTOR: i64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -228,6 +228,12 @@ impl Uplink {
             }
         }
         due
+    }
+
+    /// The highest record of `stream` sent on this connection: what is at or below it may be in
+    /// flight or due again (0 while disconnected).
+    pub fn sent_upto(&self, stream: Stream) -> u64 {
+        self.streams[index(stream)].sent_upto
     }
 
     pub fn inflight_batches(&self) -> usize {

@@ -1,6 +1,8 @@
 //! The rumqttc adapter: one connection to a broker, plain TCP or TLS with a client
 //! certificate, polled by its own task, which reports connection changes and incoming messages
-//! to its owner's loop and reconnects with exponential backoff. Used by the agent and the server.
+//! to its owner's loop and reconnects with exponential backoff and full jitter (each wait drawn
+//! at random up to the backoff, so a fleet that lost its broker at once does not come back at
+//! once). Used by the agent and the server.
 
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration,
@@ -66,14 +68,33 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
     client
 }
 
+/// The first reconnect waits up to this long; each failed attempt doubles it, up to the
+/// configured maximum.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+
+/// Full jitter: a wait drawn uniformly from `[0, backoff]` by `random`.
+fn full_jitter(backoff: Duration, random: u64) -> Duration {
+    let ms = backoff.as_millis().min(u128::from(u64::MAX)) as u64;
+    Duration::from_millis(random % ms.saturating_add(1))
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Without randomness the wait is the whole backoff: still bounded, only less spread.
+    if getrandom::getrandom(&mut bytes).is_err() {
+        return u64::MAX;
+    }
+    u64::from_le_bytes(bytes)
+}
+
 async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: Duration) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = BACKOFF_START;
     let mut connected = false;
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                backoff = Duration::from_millis(200);
+                backoff = BACKOFF_START;
                 MqttEvent::Connected
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -91,9 +112,9 @@ async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: D
                 if events.send(MqttEvent::Disconnected(e.to_string())).await.is_err() {
                     return;
                 }
+                tokio::time::sleep(full_jitter(backoff, random_u64())).await;
                 if !was_connected {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(max);
+                    backoff = (backoff * 2).min(max.max(BACKOFF_START));
                 }
                 continue;
             }
@@ -101,5 +122,24 @@ async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: D
         if events.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_jitter_draws_from_zero_to_the_backoff() {
+        let b = Duration::from_millis(800);
+        assert_eq!(full_jitter(b, 0), Duration::ZERO);
+        assert_eq!(full_jitter(b, 800), b);
+        assert_eq!(full_jitter(b, 801), Duration::ZERO);
+        assert_eq!(full_jitter(b, u64::MAX), Duration::from_millis(u64::MAX % 801));
+        let waits: Vec<Duration> = (0..1000).map(|_| full_jitter(b, random_u64())).collect();
+        assert!(waits.iter().all(|w| *w <= b));
+        let spread =
+            waits.iter().max().unwrap().as_millis() - waits.iter().min().unwrap().as_millis();
+        assert!(spread > 600, "1,000 draws spread over {spread} ms of 800");
     }
 }

@@ -63,6 +63,17 @@ CREATE TABLE IF NOT EXISTS outbox_epochs (
     first_seen_ms INTEGER NOT NULL,
     PRIMARY KEY (device, stream, epoch)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gaps (
+    device      TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    dropped     INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, stream, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS update_reports (
     device      TEXT NOT NULL,
     seq         INTEGER NOT NULL,
@@ -131,6 +142,10 @@ pub struct StreamCount {
     pub epochs: u64,
     /// Stored sequence number = the device's + this base (0 in its first epoch).
     pub epoch_base: u64,
+    /// Ranges the device announced it dropped by policy (its outbox quota), and how many
+    /// records they held: with exactly-once delivery, `records + dropped` is `last_seq`.
+    pub gaps: u64,
+    pub dropped: u64,
 }
 
 /// What storing a batch did.
@@ -241,8 +256,13 @@ impl Db {
         let d = batch.device.as_str();
         let known = Self::epochs_in(&tx, d, stream)?;
         let stored_max: Option<u64> = tx.query_row(
-            &format!("SELECT MAX(seq) FROM {} WHERE device = ?1", stream_table(batch.stream)),
-            [d],
+            &format!(
+                "SELECT max(coalesce((SELECT MAX(seq) FROM {} WHERE device = ?1), 0),
+                            coalesce((SELECT MAX(last_seq) FROM gaps WHERE device = ?1
+                                      AND stream = ?2), 0))",
+                stream_table(batch.stream)
+            ),
+            params![d, stream],
             |r| r.get(0),
         )?;
         let placement = crate::epochs::place(&known, &batch.epoch, stored_max.unwrap_or(0));
@@ -310,6 +330,22 @@ impl Db {
                         crate::drift_db::insert(&tx, d, seq, r.at_ms, report, now_ms)?;
                         1
                     }
+                    RecordBody::Gap(g) => tx
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO gaps
+                             (device, stream, seq, last_seq, dropped, reason, at_ms, received_ms)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        )?
+                        .execute(params![
+                            d,
+                            stream,
+                            seq,
+                            stored_seq(g.last)?,
+                            g.dropped,
+                            clean_text(&g.reason, MAX_LABEL_BYTES),
+                            r.at_ms,
+                            now_ms
+                        ])?,
                     RecordBody::Update(u) => tx
                         .prepare_cached(
                             "INSERT OR IGNORE INTO update_reports
@@ -333,7 +369,12 @@ impl Db {
                 };
             }
         }
-        if let Some(last) = accepted.iter().map(|r| r.seq).max() {
+        // A gap record at `first` stands for its whole range.
+        let last_of = |r: &&millwright_shared::wire::Record| match &r.body {
+            RecordBody::Gap(g) => g.last,
+            _ => r.seq,
+        };
+        if let Some(last) = accepted.iter().map(last_of).max() {
             tx.execute(
                 "UPDATE outbox_epochs SET last_seq = max(last_seq, ?4)
                  WHERE device = ?1 AND stream = ?2 AND epoch = ?3",
@@ -583,7 +624,7 @@ impl Db {
     ) -> rusqlite::Result<std::collections::BTreeMap<&'static str, StreamCount>> {
         let mut out = std::collections::BTreeMap::new();
         for stream in millwright_shared::wire::Stream::ALL {
-            let (records, last_seq) = self.conn.query_row(
+            let (records, last_seq): (u64, Option<u64>) = self.conn.query_row(
                 &format!(
                     "SELECT COUNT(*), MAX(seq) FROM {} WHERE device = ?1",
                     stream_table(stream)
@@ -591,6 +632,13 @@ impl Db {
                 [device],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
+            let (gaps, dropped, gap_last): (u64, u64, Option<u64>) = self.conn.query_row(
+                "SELECT COUNT(*), coalesce(SUM(dropped), 0), MAX(last_seq) FROM gaps
+                 WHERE device = ?1 AND stream = ?2",
+                params![device, stream.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let last_seq = last_seq.max(gap_last);
             let epochs = Self::epochs_in(&self.conn, device, stream.as_str())?;
             let current = epochs.iter().find(|e| e.current);
             out.insert(
@@ -601,6 +649,8 @@ impl Db {
                     epoch: current.map(|e| e.epoch.clone()),
                     epochs: epochs.len() as u64,
                     epoch_base: current.map_or(0, |e| e.base),
+                    gaps,
+                    dropped,
                 },
             );
         }
@@ -723,5 +773,52 @@ mod tests {
             (pred.records, pred.last_seq, pred.epoch.as_deref(), pred.epochs, pred.epoch_base),
             (5, Some(5), Some("e2"), 2, 3)
         );
+    }
+
+    #[test]
+    fn a_gap_record_stands_for_its_range_in_the_counts_and_in_the_next_epoch() {
+        use millwright_shared::wire::Gap;
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let mut batch = accepted(&[1, 2, 9]);
+        batch.records.insert(
+            2,
+            Record {
+                seq: 3,
+                at_ms: 5,
+                body: RecordBody::Gap(Gap {
+                    stream: Stream::Predictions,
+                    first: 3,
+                    last: 8,
+                    dropped: 6,
+                    reason: "quota".into(),
+                }),
+            },
+        );
+        let stored = db.store(&batch, 10).unwrap();
+        assert_eq!(stored.ack.ranges, vec![(1, 3), (9, 9)]);
+        let pred = &db.streams("gw1").unwrap()["pred"];
+        assert_eq!(
+            (pred.records, pred.dropped, pred.gaps, pred.last_seq),
+            (3, 6, 1, Some(9)),
+            "records + dropped = last_seq"
+        );
+        // A gap at the end of an epoch: the next epoch starts above it.
+        let mut tail = accepted(&[]);
+        tail.records.push(Record {
+            seq: 10,
+            at_ms: 5,
+            body: RecordBody::Gap(Gap {
+                stream: Stream::Predictions,
+                first: 10,
+                last: 20,
+                dropped: 11,
+                reason: "quota".into(),
+            }),
+        });
+        db.store(&tail, 11).unwrap();
+        let mut next = accepted(&[1]);
+        next.epoch = "e2".into();
+        assert_eq!(db.store(&next, 12).unwrap().base, 20);
     }
 }

@@ -143,6 +143,15 @@ fn judge_record(r: &Record, stream: Stream) -> Option<String> {
         {
             Some("directive or release above 2^63 - 1".into())
         }
+        RecordBody::Gap(g)
+            if g.first != r.seq
+                || g.last < g.first
+                || !fits(g.last)
+                || g.dropped == 0
+                || g.dropped > g.last - g.first + 1 =>
+        {
+            Some("a gap record whose range does not start at its own seq".into())
+        }
         _ => None,
     }
 }

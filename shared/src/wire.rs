@@ -96,6 +96,22 @@ pub enum RecordBody {
     Drift(Box<DriftReport>),
     /// A step of a model update, or why one was refused.
     Update(Box<UpdateReport>),
+    /// Records `first..=last` of a stream were dropped by policy (the outbox quota) on the
+    /// gateway: `dropped` of them (rows already quarantined are not counted). The gap record
+    /// itself takes seq `first`, so it travels, is acknowledged and de-duplicated like any other.
+    Gap(Gap),
+}
+
+/// An in-band announcement of records dropped by policy ([`RecordBody::Gap`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gap {
+    pub stream: Stream,
+    pub first: u64,
+    pub last: u64,
+    pub dropped: u64,
+    /// Why, e.g. `quota`.
+    pub reason: String,
 }
 
 impl RecordBody {
@@ -105,6 +121,7 @@ impl RecordBody {
             RecordBody::Alert(_) => Stream::Alerts,
             RecordBody::Drift(_) => Stream::Drift,
             RecordBody::Update(_) => Stream::Updates,
+            RecordBody::Gap(g) => g.stream,
         }
     }
 
@@ -114,7 +131,7 @@ impl RecordBody {
             RecordBody::Prediction(p) => Some(&p.asset),
             RecordBody::Alert(a) => Some(&a.asset),
             RecordBody::Drift(d) => Some(&d.asset),
-            RecordBody::Update(_) => None,
+            RecordBody::Update(_) | RecordBody::Gap(_) => None,
         }
     }
 }

@@ -756,7 +756,8 @@ pub fn expected_predictions_of(data: &Path) -> anyhow::Result<Vec<ExpectedPredic
 
 /// Checks that every outbox stream of the agent (predictions, alerts, drift reports, update
 /// reports) arrived exactly once: for each, the server holds as many records as its highest
-/// sequence number (1..=n, so no gap and no duplicate), and that number is the agent's last.
+/// sequence number (1..=n, so no gap and no duplicate) less what the agent announced it dropped
+/// by policy (gap records), and that number is the agent's last.
 /// Waits up to `timeout` for the last records to arrive. Returns the records per stream.
 pub fn check_streams(
     server: &Server,
@@ -779,8 +780,12 @@ pub fn check_streams(
             let sent = status["last_seq"][stream].as_u64().unwrap_or(0);
             let records = stored[stream]["records"].as_u64().unwrap_or(0);
             let highest = stored[stream]["last_seq"].as_u64().unwrap_or(0);
-            last += &format!("{stream}: agent {sent}, server {records} records up to {highest}; ");
-            ok &= records == highest && highest == sent;
+            let dropped = stored[stream]["dropped"].as_u64().unwrap_or(0);
+            last += &format!(
+                "{stream}: agent {sent}, server {records} records + {dropped} dropped up to \
+                 {highest}; "
+            );
+            ok &= records + dropped == highest && highest == sent;
             counted.push((stream.to_owned(), records));
         }
         ok

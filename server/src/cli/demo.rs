@@ -102,6 +102,7 @@ fn agent_config(
             cert: Some(identity.join(files::PAGE_CERT)),
             key: Some(identity.join(files::PAGE_KEY)),
         },
+        outbox: Default::default(),
         assets: gateway
             .units
             .iter()

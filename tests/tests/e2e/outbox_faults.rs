@@ -436,3 +436,95 @@ fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_the
         stored.len()
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_outage_that_overruns_the_quota_drops_only_predictions_and_drift_and_announces_every_gap() {
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(dir.path()).unwrap();
+    let mut server = Server::start(dir.path(), BrokerChoice::Mosquitto(&mosquitto)).unwrap();
+    let device = "quota";
+    // Six engines run to failure (~1,000 predictions of ~250 bytes, and their alerts) and a
+    // drift report per engine a second, into a 64 KiB outbox with 16 KiB kept for alerts and
+    // update reports.
+    let mut spec = AgentSpec::replaying(device, 1..=6, 20.0);
+    spec.data = Some(repo_file("data/cmapss/train_FD001_units_1-6.txt"));
+    spec.drift = Some("interval_secs = 1".into());
+    spec.top = "[outbox]\nmax_bytes = 65536\nreserve_bytes = 16384\n".into();
+    let agent = Agent::start(dir.path(), spec, &server).unwrap();
+    // The uplink is gone from the start: the server is down behind a live broker.
+    server.proc.kill();
+    let pid = agent.proc.pid().unwrap();
+    let mut rss = Vec::new();
+    let finished = wait_until(Duration::from_secs(120), || {
+        rss.push(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(900));
+        agent.proc.log_text().matches("replay finished").count() == 6
+    });
+    assert!(finished, "replay did not finish: {}", agent.proc.log_text());
+    std::thread::sleep(Duration::from_secs(2));
+    let offline = agent.status().unwrap();
+    let dropped_pred = offline["dropped"]["pred"].as_u64().unwrap_or(0);
+    let made_pred = offline["last_seq"]["pred"].as_u64().unwrap();
+    assert!(
+        dropped_pred * 2 > made_pred,
+        "the quota should have been overrun several times: {offline}"
+    );
+    assert!(offline["outbox_bytes"].as_u64() <= Some(65536), "{offline}");
+    assert_eq!(offline["dropped"]["alert"], serde_json::Value::Null, "alerts never go: {offline}");
+    assert_eq!(offline["dropped"]["update"], serde_json::Value::Null, "{offline}");
+    let gaps_logged = agent.proc.log_text().matches("oldest records dropped").count();
+
+    server.restart().unwrap();
+    let drained = wait_until(Duration::from_secs(180), || backlog_empty(&agent));
+    assert!(drained, "backlog not drained: {:?}\n{}", agent.status(), dump(&server, &agent));
+    // Exactly once outside the announced gaps, on all four streams, and the server's gaps are
+    // the gateway's drop counters, exactly.
+    let streams = check_streams(&server, &agent, Duration::from_secs(60)).unwrap();
+    let status = agent.status().unwrap();
+    for name in ["pred", "alert", "drift", "update"] {
+        let on_server = stream(&server, device, name);
+        assert_eq!(
+            on_server["dropped"].as_u64().unwrap(),
+            status["dropped"][name].as_u64().unwrap_or(0),
+            "{name}: server {on_server}, gateway {}",
+            status["dropped"]
+        );
+    }
+    let alerts = stream(&server, device, "alert");
+    assert_eq!(alerts["dropped"], 0);
+    assert!(alerts["records"].as_u64() > Some(0), "the replay raises alerts: {alerts}");
+    // What arrived are the replay's own predictions, each once.
+    let stored = server.predictions(device).unwrap();
+    let expected: BTreeSet<(String, u64, u32)> = agent
+        .expected()
+        .unwrap()
+        .iter()
+        .map(|p| (p.asset.clone(), p.cycle, p.value.to_bits()))
+        .collect();
+    let got: Vec<(String, u64, u32)> =
+        stored.iter().map(|p| (p.asset.clone(), p.cycle, (p.value as f32).to_bits())).collect();
+    let unique: BTreeSet<_> = got.iter().cloned().collect();
+    assert_eq!(unique.len(), got.len(), "no prediction twice");
+    assert!(unique.is_subset(&expected), "nothing the replay did not make");
+    let peak = rss.iter().max().copied().unwrap_or(0);
+    let sampled: Vec<String> =
+        rss.iter().step_by(2).map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+    println!(
+        "quota 64 KiB overrun: {made_pred} predictions made, {dropped_pred} dropped in \
+         {gaps_logged} announced gaps, {} delivered; streams {streams:?}; agent RSS MiB over the \
+         outage: [{}], peak {:.1}",
+        stored.len(),
+        sampled.join(", "),
+        peak as f64 / 1024.0
+    );
+}

@@ -35,6 +35,7 @@ const PURE: &[&str] = &[
     "agent/src/cmapss.rs",
     "agent/src/reading.rs",
     "agent/src/uplink.rs",
+    "agent/src/quota.rs",
     "agent/src/activation.rs",
     "agent/src/status.rs",
     "agent/src/page.rs",
@@ -44,6 +45,7 @@ const PURE: &[&str] = &[
     "server/src/rollout.rs",
     "server/src/identity.rs",
     "server/src/mosquitto.rs",
+    "server/src/epochs.rs",
 ];
 
 const FORBIDDEN: &[&str] = &[
