@@ -187,6 +187,11 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         ("records_acked", "Records the server acknowledged.", c.records_acked),
         ("store_errors", "Failed outbox commits.", c.store_errors),
         (
+            "records_unstored",
+            "Predictions not kept while outbox commits failed (a full disk).",
+            c.records_unstored,
+        ),
+        (
             "records_dead_lettered",
             "Records the server refused for good, moved to the dead letters.",
             c.records_dead_lettered,

@@ -133,6 +133,8 @@ struct Agent {
     quarantined: u64,
     /// The corrupt outbox file set aside at start, if there was one.
     set_aside: Option<crate::store::SetAside>,
+    /// Outbox commits are failing (a full disk, say).
+    store_failing: bool,
 }
 
 /// The bundle files to try for an asset, best first: the model's active slot, its last known
@@ -316,6 +318,10 @@ fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::
     })
 }
 
+/// Records waiting for a commit are capped at this many flushes' worth: file inputs pause, and
+/// predictions from inputs that cannot wait (MQTT) are counted and not kept.
+const MAX_PENDING_FLUSHES: usize = 10;
+
 /// How often the time floor is saved while the clock moves forward.
 const FLOOR_SAVE_EVERY_MS: i64 = 60_000;
 
@@ -437,6 +443,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pin_guard,
         quarantined,
         set_aside,
+        store_failing: false,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -458,7 +465,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        let room = agent.pending.len() < 10 * agent.config.uplink.flush_max_records;
+        let room =
+            agent.pending.len() < MAX_PENDING_FLUSHES * agent.config.uplink.flush_max_records;
         let event = tokio::select! {
             biased;
             _ = &mut shutdown => Event::Shutdown,
@@ -578,6 +586,7 @@ impl Agent {
                 drift.observe_output(p.value);
             }
         }
+        let max_pending = MAX_PENDING_FLUSHES * self.config.uplink.flush_max_records;
         match outcome {
             Some(Outcome::Produced { records, cursor }) => {
                 let at_ms = clock::now_ms();
@@ -598,6 +607,12 @@ impl Agent {
                             tracing::warn!(asset = %asset.state.id(), cycle, level = ?asset.state.level(), "asset health changed");
                         }
                         Stream::Drift | Stream::Updates => {}
+                    }
+                    // Memory stays bounded while commits fail (a full disk): past the cap a
+                    // prediction is shown on the page but not kept; alerts always are.
+                    if body.stream() == Stream::Predictions && self.pending.len() >= max_pending {
+                        self.counters.records_unstored += 1;
+                        continue;
                     }
                     self.pending.push(NewRecord { at_ms, body });
                 }
@@ -688,15 +703,26 @@ impl Agent {
                 self.counters.records_stored += self.pending.len() as u64;
                 self.pending.clear();
                 self.pending_cursors.clear();
+                if std::mem::take(&mut self.store_failing) {
+                    tracing::info!(
+                        failed_commits = self.counters.store_errors,
+                        "outbox writes work again"
+                    );
+                }
                 self.enforce_quota();
                 self.pump();
             }
             Err(e) => {
                 self.counters.store_errors += 1;
-                tracing::error!(
-                    pending = self.pending.len(),
-                    "outbox write failed, will retry: {e}"
-                );
+                // Logged when it starts, not on every retry (20 a second on a full disk).
+                if !std::mem::replace(&mut self.store_failing, true) {
+                    tracing::error!(
+                        pending = self.pending.len(),
+                        "outbox write failed, retrying; inputs pause and predictions beyond \
+                         {} waiting are not kept until it works: {e}",
+                        MAX_PENDING_FLUSHES * self.config.uplink.flush_max_records
+                    );
+                }
             }
         }
     }
@@ -827,7 +853,11 @@ impl Agent {
         if !ranges.is_empty() {
             match self.store.delete(ack.stream, &ranges) {
                 Ok(n) => self.counters.records_acked += n as u64,
-                Err(e) => tracing::error!("outbox delete failed: {e}"),
+                Err(e) => {
+                    // Still in flight: the batch is sent again and its next ack deletes it.
+                    self.counters.store_errors += 1;
+                    return tracing::error!("outbox delete failed (a full disk?): {e}");
+                }
             }
         }
         let refused = self.uplink.refusable(&ack);

@@ -32,6 +32,8 @@ pub struct Counters {
     pub store_errors: u64,
     /// Records the server refused for good, moved to the dead letters.
     pub records_dead_lettered: u64,
+    /// Predictions not kept because outbox commits were failing (shown on the page only).
+    pub records_unstored: u64,
     pub bad_acks: u64,
     pub drift_reports: u64,
     pub drift_alerts: u64,

@@ -560,6 +560,8 @@ pub struct AgentSpec {
     pub top: String,
     /// Body of the agent's `[updates]` table.
     pub updates: Option<String>,
+    /// Extra lines of the agent's `[uplink]` table, e.g. `flush_max_records = 100`.
+    pub uplink: String,
 }
 
 impl AgentSpec {
@@ -580,6 +582,7 @@ impl AgentSpec {
             bundle: None,
             top: String::new(),
             updates: None,
+            uplink: String::new(),
         }
     }
 }
@@ -629,11 +632,12 @@ impl Agent {
         let mut toml = format!(
             "device = {:?}\ndata_dir = {:?}\n{}\n\n[identity]\ndir = {identity:?}\n\n\
              [uplink]\nbroker = \"mqtts://127.0.0.1:{broker_port}\"\n\
-             keep_alive_secs = 2\nretry_after_secs = 3\nreconnect_max_secs = 1\n\n\
+             keep_alive_secs = 2\nretry_after_secs = 3\nreconnect_max_secs = 1\n{}\n\n\
              [trust]\n{trust}\n",
             spec.device,
             dir.join("data"),
             spec.top,
+            spec.uplink,
         );
         if let Some(updates) = &spec.updates {
             toml += &format!("\n[updates]\n{updates}\n");

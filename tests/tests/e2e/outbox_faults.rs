@@ -528,3 +528,175 @@ fn an_outage_that_overruns_the_quota_drops_only_predictions_and_drift_and_announ
         peak as f64 / 1024.0
     );
 }
+
+/// A small tmpfs mounted at `at`, unmounted when dropped. Mounting needs root (CI runs as
+/// root) or passwordless sudo.
+struct SmallDisk(std::path::PathBuf, bool);
+
+fn as_root(sudo: bool, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut cmd = if sudo {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-n").args(args);
+        c
+    } else {
+        let mut c = std::process::Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    };
+    cmd.output().expect("run mount")
+}
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let options = format!("size={size}");
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "mount".as_ref(),
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+            "tmpfs".as_ref(),
+            at.as_os_str(),
+        ];
+        let mut out = as_root(false, &args);
+        let mut sudo = false;
+        if !out.status.success() {
+            sudo = true;
+            out = as_root(true, &args);
+        }
+        assert!(
+            out.status.success(),
+            "the full-disk test mounts a {size} tmpfs: run as root or with passwordless sudo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(at.to_owned(), sudo)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = as_root(self.1, &["umount".as_ref(), "-l".as_ref(), self.0.as_os_str()]);
+    }
+}
+
+#[test]
+fn a_full_disk_mid_run_bounds_memory_loses_nothing_committed_and_recovers_by_itself() {
+    use rumqttc::{Client, Event, Packet, QoS};
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let device = "full-disk";
+    let disk = SmallDisk::mount(&dir.path().join(device).join("data"), "6m");
+    let port = free_port();
+    let mut spec = AgentSpec::replaying(device, [], 0.0);
+    spec.mqtt_assets = vec![("press-1".into(), "plant/press-1/readings".into())];
+    spec.top = format!("[local]\nlisten = \"127.0.0.1:{port}\"\n");
+    // At most 10 x 100 records wait for a commit.
+    spec.uplink = "flush_max_records = 100".into();
+    let agent = Agent::start(dir.path(), spec, &server).unwrap();
+    let page = format!("http://127.0.0.1:{port}/api/status");
+    let live = || -> serde_json::Value {
+        ureq::get(&page).call().ok().and_then(|r| r.into_json().ok()).unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(20), || live()["uplink_connected"] == true));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A machine publishing readings at ~200/s for the whole test, from unit 2 of the data.
+    let sender = server.enroll("disk-sender").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (options, stop) = (mqtt_as(server.mqtt_port, &sender, None).unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            let (client, mut connection) = Client::new(options, 100);
+            let features = [
+                "s2", "s3", "s4", "s7", "s8", "s9", "s11", "s12", "s13", "s14", "s15", "s17",
+                "s20", "s21",
+            ];
+            let text = std::fs::read_to_string(repo_file(TEST_DATA)).unwrap();
+            let columns = millwright_agent::cmapss::feature_indices(features).unwrap();
+            let rows: Vec<_> = millwright_agent::cmapss::parse(&text)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.unit == 2)
+                .collect();
+            let mut sent = 0u64;
+            for row in rows.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let values: serde_json::Map<String, serde_json::Value> = features
+                    .iter()
+                    .zip(&columns)
+                    .map(|(n, &c)| ((*n).to_owned(), serde_json::json!(row.values[c])))
+                    .collect();
+                let reading = serde_json::json!({ "values": values });
+                client
+                    .publish("plant/press-1/readings", QoS::AtLeastOnce, false, reading.to_string())
+                    .unwrap();
+                for event in connection.iter() {
+                    if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
+                        break;
+                    }
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sent
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || server.prediction_count(device) > 50),
+        "{}",
+        dump(&server, &agent)
+    );
+
+    // The disk fills up.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() && f.flush().is_ok() {}
+    }
+    let full_at = live();
+    let pid = agent.proc.pid().unwrap();
+    let mut rss = Vec::new();
+    let mut last = full_at.clone();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_secs(1));
+        rss.push(rss_kib(pid));
+        last = live();
+    }
+    let c = |s: &serde_json::Value, k: &str| s["counters"][k].as_u64().unwrap_or(0);
+    assert!(c(&last, "store_errors") > c(&full_at, "store_errors"), "commits fail: {last}");
+    assert!(c(&last, "records_unstored") > 0, "predictions beyond the cap not kept: {last}");
+    assert!(c(&last, "predictions") > c(&full_at, "predictions") + 500, "inference goes on");
+    let rss_growth = rss.last().unwrap().saturating_sub(rss[0]);
+    assert!(rss_growth < 4096, "memory bounded on a full disk: RSS KiB {rss:?}");
+    let log = agent.proc.log_text();
+    assert_eq!(log.matches("outbox write failed").count(), 1, "logged once:\n{log}");
+
+    // Space comes back: the agent resumes by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = wait_until(Duration::from_secs(30), || {
+        agent.proc.log_text().contains("outbox writes work again")
+    });
+    assert!(resumed, "{}", dump(&server, &agent));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let published = publisher.join().unwrap();
+    let drained = wait_until(Duration::from_secs(60), || backlog_empty(&agent));
+    assert!(drained, "{:?}\n{}", agent.status(), dump(&server, &agent));
+    // Everything committed arrived exactly once: seqs 1..=last, no gap.
+    let streams = check_streams(&server, &agent, Duration::from_secs(30)).unwrap();
+    let status = agent.status().unwrap();
+    assert!(!agent.proc.log_text().contains("panicked"));
+    println!(
+        "full disk for 15 s under {published} MQTT readings: {} commits failed, {} predictions \
+         not kept (shown on the page only), RSS KiB {:?} (growth {rss_growth}); after space \
+         came back the agent resumed by itself and delivered {streams:?} exactly once",
+        c(&status, "store_errors"),
+        c(&status, "records_unstored"),
+        rss
+    );
+}
