@@ -73,7 +73,8 @@ fn corrupt_outbox_rows_are_quarantined_and_every_stream_flows_on() {
             .unwrap();
         db.execute_batch(
             "INSERT INTO outbox (stream, seq, at_ms, body) VALUES ('update', 1, 0, '[1, 2]');
-             INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);",
+             INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);
+             INSERT INTO stream_bytes (stream, bytes, records) VALUES ('update', 54, 1);",
         )
         .unwrap();
         (seq, key.0, key.1)
@@ -365,7 +366,8 @@ fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_the
         db.execute_batch(
             r#"INSERT INTO outbox (stream, seq, at_ms, body) VALUES ('update', 1, 0,
                  '{"kind":"update","directive":18446744073709551615,"phase":"rejected","reason":"x"}');
-               INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);"#,
+               INSERT INTO sequences (stream, last_seq) VALUES ('update', 1);
+               INSERT INTO stream_bytes (stream, bytes, records) VALUES ('update', 130, 1);"#,
         )
         .unwrap();
         (seq, key.0, key.1)
