@@ -135,6 +135,8 @@ struct Agent {
     set_aside: Option<crate::store::SetAside>,
     /// Outbox commits are failing (a full disk, say).
     store_failing: bool,
+    /// When `status.json` was last written (monotonic).
+    status_file_ms: i64,
 }
 
 /// The bundle files to try for an asset, best first: the model's active slot, its last known
@@ -444,6 +446,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         quarantined,
         set_aside,
         store_failing: false,
+        status_file_ms: i64::MIN / 2,
     };
     tracing::info!(
         device = %agent.config.device,
@@ -525,7 +528,9 @@ impl Agent {
                 self.close_drift_intervals(clock::now_ms(), false);
                 self.on_update_tick(clock::now_ms());
                 self.pump();
-                self.write_status();
+                let due = clock::monotonic_ms() - self.status_file_ms
+                    >= self.config.status_file_every.as_millis() as i64;
+                self.publish_snapshot(due);
                 let now_ms = clock::now_ms();
                 if self.uplink.is_connected() && now_ms - self.status_sent_ms >= STATUS_EVERY_MS {
                     self.publish_status(true);
@@ -1150,13 +1155,22 @@ impl Agent {
     }
 
     /// Writes `status.json` and publishes the snapshot the local page serves.
-    fn write_status(&self) {
+    fn write_status(&mut self) {
+        self.publish_snapshot(true);
+    }
+
+    /// Publishes the snapshot the local page serves (every tick, in memory) and, when `to_file`,
+    /// writes it to `status.json` too (every `status_file_secs`: an SD card's wear).
+    fn publish_snapshot(&mut self, to_file: bool) {
         let status = self.status();
-        let path = self.config.data_dir.join("status.json");
-        let tmp = path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
-        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
-            tracing::debug!("cannot write {}: {e}", path.display());
+        if to_file {
+            self.status_file_ms = clock::monotonic_ms();
+            let path = self.config.data_dir.join("status.json");
+            let tmp = path.with_extension("json.tmp");
+            let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
+            if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)) {
+                tracing::debug!("cannot write {}: {e}", path.display());
+            }
         }
         let history =
             self.assets.iter().map(|a| (a.state.id().to_string(), a.history.to_vec())).collect();

@@ -22,4 +22,5 @@ mod e2e {
     mod update_outage;
     mod update_refusals;
     mod variants;
+    mod wear;
 }

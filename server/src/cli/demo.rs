@@ -103,6 +103,7 @@ fn agent_config(
             key: Some(identity.join(files::PAGE_KEY)),
         },
         outbox: Default::default(),
+        status_file_secs: None,
         assets: gateway
             .units
             .iter()
