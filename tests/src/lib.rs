@@ -891,3 +891,63 @@ pub fn replay_drift(
     let preds = lines(&out)?.iter().map(|l| serde_json::from_str(l)).collect::<Result<_, _>>()?;
     Ok((reports, preds))
 }
+
+/// A machine on the broker at `port`: publishes unit `unit`'s readings of the committed test
+/// data as JSON on `topic` (without cycle numbers, over and over, each publish waiting for its
+/// PUBACK, `pause` apart) as `identity` until `stop`; returns how many it published.
+pub fn publish_readings(
+    port: u16,
+    identity: &Path,
+    topic: &str,
+    unit: u32,
+    pause: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let options = mqtt_as(port, identity, None).expect("publisher options");
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let (client, mut connection) = rumqttc::Client::new(options, 100);
+        let features = [
+            "s2", "s3", "s4", "s7", "s8", "s9", "s11", "s12", "s13", "s14", "s15", "s17", "s20",
+            "s21",
+        ];
+        let text = std::fs::read_to_string(repo_file(TEST_DATA)).expect("test data");
+        let columns = millwright_agent::cmapss::feature_indices(features).expect("features");
+        let rows: Vec<_> = millwright_agent::cmapss::parse(&text)
+            .expect("test data parses")
+            .into_iter()
+            .filter(|r| r.unit == unit)
+            .collect();
+        let mut sent = 0u64;
+        for row in rows.iter().cycle() {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            let values: serde_json::Map<String, Value> = features
+                .iter()
+                .zip(&columns)
+                .map(|(n, &c)| ((*n).to_owned(), serde_json::json!(row.values[c])))
+                .collect();
+            let reading = serde_json::json!({ "values": values }).to_string();
+            if client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, reading).is_err() {
+                break;
+            }
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+                    Ok(_) if !stop.load(std::sync::atomic::Ordering::SeqCst) => {}
+                    Ok(_) => break,
+                    // The broker restarted (some tests do that): that reading is gone, as a
+                    // machine's would be; reconnect and go on.
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        break;
+                    }
+                }
+            }
+            sent += 1;
+            std::thread::sleep(pause);
+        }
+        sent
+    })
+}

@@ -584,7 +584,6 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_full_disk_mid_run_bounds_memory_loses_nothing_committed_and_recovers_by_itself() {
-    use rumqttc::{Client, Event, Packet, QoS};
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
@@ -607,46 +606,15 @@ fn a_full_disk_mid_run_bounds_memory_loses_nothing_committed_and_recovers_by_its
     // A machine publishing readings at ~200/s for the whole test, from unit 2 of the data.
     let sender = server.enroll("disk-sender").unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = {
-        let (options, stop) = (mqtt_as(server.mqtt_port, &sender, None).unwrap(), stop.clone());
-        std::thread::spawn(move || {
-            let (client, mut connection) = Client::new(options, 100);
-            let features = [
-                "s2", "s3", "s4", "s7", "s8", "s9", "s11", "s12", "s13", "s14", "s15", "s17",
-                "s20", "s21",
-            ];
-            let text = std::fs::read_to_string(repo_file(TEST_DATA)).unwrap();
-            let columns = millwright_agent::cmapss::feature_indices(features).unwrap();
-            let rows: Vec<_> = millwright_agent::cmapss::parse(&text)
-                .unwrap()
-                .into_iter()
-                .filter(|r| r.unit == 2)
-                .collect();
-            let mut sent = 0u64;
-            for row in rows.iter().cycle() {
-                if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    break;
-                }
-                let values: serde_json::Map<String, serde_json::Value> = features
-                    .iter()
-                    .zip(&columns)
-                    .map(|(n, &c)| ((*n).to_owned(), serde_json::json!(row.values[c])))
-                    .collect();
-                let reading = serde_json::json!({ "values": values });
-                client
-                    .publish("plant/press-1/readings", QoS::AtLeastOnce, false, reading.to_string())
-                    .unwrap();
-                for event in connection.iter() {
-                    if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
-                        break;
-                    }
-                }
-                sent += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            sent
-        })
-    };
+    let topic = "plant/press-1/readings";
+    let publisher = publish_readings(
+        server.mqtt_port,
+        &sender,
+        topic,
+        2,
+        Duration::from_millis(5),
+        stop.clone(),
+    );
     assert!(
         wait_until(Duration::from_secs(30), || server.prediction_count(device) > 50),
         "{}",
