@@ -416,22 +416,18 @@ impl Store {
 
     /// Bytes the outbox's records take per stream (bodies plus a per-row allowance).
     pub fn bytes(&self) -> Result<HashMap<Stream, u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT stream, bytes FROM stream_bytes")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = HashMap::new();
-        for row in rows {
-            let (stream, bytes) = row?;
-            if let Some(stream) = Stream::parse(&stream) {
-                out.insert(stream, bytes.max(0) as u64);
-            }
-        }
-        Ok(out)
+        self.per_stream("SELECT stream, max(bytes, 0) FROM stream_bytes")
     }
 
     /// Records dropped by policy per stream, ever, in this outbox (what the gap records
     /// announce).
     pub fn dropped(&self) -> Result<HashMap<Stream, u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT stream, records FROM dropped")?;
+        self.per_stream("SELECT stream, records FROM dropped")
+    }
+
+    /// A `(stream, count)` query as a map, rows of unknown streams left out.
+    fn per_stream(&self, sql: &str) -> Result<HashMap<Stream, u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
         let mut out = HashMap::new();
         for row in rows {

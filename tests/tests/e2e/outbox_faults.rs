@@ -35,6 +35,27 @@ fn backlog_empty(agent: &Agent) -> bool {
     })
 }
 
+/// Takes the uplink away (the server is killed), lets the gateway buffer a few records the
+/// server cannot have seen, then SIGKILLs it. Returns the newest buffered prediction's seq and
+/// body: the status file can be a second old, so records 3 past it were made offline.
+fn buffer_offline_then_kill(server: &mut Server, agent: &mut Agent) -> (u64, serde_json::Value) {
+    server.proc.kill();
+    let last_pred = || agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
+    let at_kill = last_pred();
+    assert!(wait_until(Duration::from_secs(20), || last_pred() >= at_kill + 3));
+    agent.proc.kill();
+    let (seq, body): (u64, String) = outbox(agent)
+        .query_row(
+            "SELECT seq, body FROM outbox WHERE stream = 'pred' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["kind"], "prediction", "{body}");
+    (seq, body)
+}
+
 #[test]
 fn corrupt_outbox_rows_are_quarantined_and_every_stream_flows_on() {
     let _fleet = fleet_lock();
@@ -49,23 +70,9 @@ fn corrupt_outbox_rows_are_quarantined_and_every_stream_flows_on() {
         dump(&server, &agent)
     );
     // The uplink goes away, the gateway buffers, and is killed with records waiting.
-    server.proc.kill();
-    let last_pred = || agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
-    // The status file can be a second old: records 3 past it were made with the server gone.
-    let at_kill = last_pred();
-    assert!(wait_until(Duration::from_secs(20), || last_pred() >= at_kill + 3));
-    agent.proc.kill();
+    let (seq, body) = buffer_offline_then_kill(&mut server, &mut agent);
     let (bad_seq, bad_asset, bad_cycle) = {
         let db = outbox(&agent);
-        let (seq, body): (u64, String) = db
-            .query_row(
-                "SELECT seq, body FROM outbox WHERE stream = 'pred' ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(body["kind"], "prediction", "{body}");
         let key = (body["asset"].as_str().unwrap().to_owned(), body["cycle"].as_u64().unwrap());
         // A prediction the server cannot have seen rots, and an update report that is not one
         // appears: the highest-priority stream, which used to stop all four.
@@ -338,24 +345,12 @@ fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_the
         "{}",
         dump(&server, &agent)
     );
-    server.proc.kill();
-    let last_pred = || agent.status().unwrap()["last_seq"]["pred"].as_u64().unwrap();
-    let at_kill = last_pred();
-    assert!(wait_until(Duration::from_secs(20), || last_pred() >= at_kill + 3));
-    agent.proc.kill();
+    let (seq, mut body) = buffer_offline_then_kill(&mut server, &mut agent);
     // Records the gateway can read but the server can never store: a prediction whose cycle
     // is beyond SQLite's integers (a bug, or an older agent), and an update report naming a
     // directive seq of 2^64 - 1 (what an unsigned directive once made agents write).
     let (bad_seq, bad_asset, bad_cycle) = {
         let db = outbox(&agent);
-        let (seq, body): (u64, String) = db
-            .query_row(
-                "SELECT seq, body FROM outbox WHERE stream = 'pred' ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        let mut body: serde_json::Value = serde_json::from_str(&body).unwrap();
         let key = (body["asset"].as_str().unwrap().to_owned(), body["cycle"].as_u64().unwrap());
         body["cycle"] = serde_json::json!(9_223_372_036_854_775_900_u64);
         db.execute(
