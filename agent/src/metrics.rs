@@ -199,6 +199,11 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         ("batches_sent", "Uplink batches published.", c.batches_sent),
         ("resends", "Uplink batches sent again after a late ack.", c.resends),
         ("reconnects", "Uplink connections lost.", c.reconnects),
+        (
+            "uplink_stalls",
+            "Uplink connections dropped because the broker acknowledged no publish.",
+            c.uplink_stalls,
+        ),
         ("drift_reports", "Drift reports closed.", c.drift_reports),
         ("updates_committed", "Model updates committed.", c.updates_committed),
         ("updates_rejected", "Model updates refused.", c.updates_rejected),

@@ -317,6 +317,7 @@ fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::
         keep_alive: u.keep_alive,
         reconnect_max: u.reconnect_max,
         last_will: Some((topics::status(&config.device), last_will)),
+        stall_after: mqtt::DEFAULT_STALL_AFTER,
     })
 }
 
@@ -513,6 +514,8 @@ impl Agent {
                 self.uplink.on_disconnected();
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => self.on_message(&topic, &payload),
+            Event::Mqtt(MqttEvent::Stalled { .. }) => self.counters.uplink_stalls += 1,
+            Event::Mqtt(MqttEvent::Flowing) => {}
             Event::Flush => self.flush(),
             Event::Tick => {
                 crate::watchdog::ping();

@@ -29,6 +29,8 @@ pub struct Counters {
     pub batches_sent: u64,
     pub resends: u64,
     pub reconnects: u64,
+    /// Connections dropped because the broker acknowledged no publish (half-open links).
+    pub uplink_stalls: u64,
     pub store_errors: u64,
     /// Records the server refused for good, moved to the dead letters.
     pub records_dead_lettered: u64,

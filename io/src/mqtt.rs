@@ -3,22 +3,42 @@
 //! to its owner's loop and reconnects with exponential backoff and full jitter (each wait drawn
 //! at random up to the backoff, so a fleet that lost its broker at once does not come back at
 //! once). Used by the agent and the server.
+//!
+//! A broker can also accept a connection and then make no progress: it answers pings but
+//! acknowledges no publish (a half-open link, a wedged broker, a proxy in trouble). The driver
+//! watches its QoS 1 publishes; when the oldest has waited `stall_after` for its PUBACK, it says
+//! so ([`MqttEvent::Stalled`]), drops the connection and connects again.
 
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Largest MQTT packet either side sends; an uplink batch of 500 records is ~80 KB.
 pub const MAX_PACKET_BYTES: usize = 4 << 20;
+
+/// A publish that has waited this long for its PUBACK means the connection makes no progress.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum MqttEvent {
     Connected,
     Disconnected(String),
-    Message { topic: String, payload: Vec<u8> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The broker kept the connection but acknowledged no publish for `waited`: the driver
+    /// drops the connection and reconnects (a `Disconnected` follows).
+    Stalled {
+        waited: Duration,
+    },
+    /// The first PUBACK after a stall: the broker makes progress again.
+    Flowing,
 }
 
 /// How the bytes travel.
@@ -45,6 +65,10 @@ pub struct Connect {
     pub reconnect_max: Duration,
     /// Retained message the broker publishes if the connection dies.
     pub last_will: Option<(String, Vec<u8>)>,
+    /// The longest a QoS 1 publish may wait for its PUBACK before the connection is dropped
+    /// and made again ([`DEFAULT_STALL_AFTER`]). Checked whenever the connection yields an
+    /// event, at the latest every keep-alive (pings go out regardless of traffic).
+    pub stall_after: Duration,
 }
 
 /// Starts the connection task; events arrive on `events` until the client is dropped.
@@ -64,7 +88,7 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
     let (client, eventloop) = AsyncClient::new(options, 256);
-    tokio::spawn(drive(eventloop, events, connect.reconnect_max));
+    tokio::spawn(drive(eventloop, events, connect.reconnect_max, connect.stall_after));
     client
 }
 
@@ -87,27 +111,89 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: Duration) {
+/// The publishes a connection has sent and the broker has not acknowledged yet.
+#[derive(Debug, Default)]
+struct Unacked {
+    sent: HashMap<u16, Instant>,
+    /// A stall was reported and no PUBACK has arrived since.
+    stalled: bool,
+}
+
+impl Unacked {
+    fn sent(&mut self, pkid: u16, now: Instant) {
+        if pkid != 0 {
+            self.sent.entry(pkid).or_insert(now);
+        }
+    }
+
+    /// A PUBACK: true if it is the first since a stall.
+    fn acked(&mut self, pkid: u16) -> bool {
+        self.sent.remove(&pkid);
+        std::mem::replace(&mut self.stalled, false)
+    }
+
+    /// How long the oldest publish has waited, if that is `limit` or more.
+    fn stalled_for(&self, now: Instant, limit: Duration) -> Option<Duration> {
+        let oldest = self.sent.values().min()?;
+        let waited = now.saturating_duration_since(*oldest);
+        (waited >= limit).then_some(waited)
+    }
+
+    /// A new connection starts with nothing in flight (clean session).
+    fn reset(&mut self) {
+        self.sent.clear();
+    }
+
+    /// After a stall, a connection that has had nothing waiting for `limit` since it was made
+    /// counts as flowing too (an idle party has no PUBACK to show): true once, then.
+    fn idle_since_stall(&mut self, connected_for: Duration, limit: Duration) -> bool {
+        let idle = self.stalled && self.sent.is_empty() && connected_for >= limit;
+        if idle {
+            self.stalled = false;
+        }
+        idle
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<MqttEvent>,
+    max: Duration,
+    stall_after: Duration,
+) {
     let mut backoff = BACKOFF_START;
     let mut connected = false;
+    let mut unacked = Unacked::default();
+    let mut connected_at = Instant::now();
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
                 backoff = BACKOFF_START;
-                MqttEvent::Connected
+                unacked.reset();
+                connected_at = Instant::now();
+                Some(MqttEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                MqttEvent::Message { topic: p.topic, payload: p.payload.to_vec() }
+                Some(MqttEvent::Message { topic: p.topic, payload: p.payload.to_vec() })
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                unacked.sent(pkid, Instant::now());
+                None
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => unacked.acked(ack.pkid).then(|| {
+                tracing::info!("the broker acknowledges publishes again");
+                MqttEvent::Flowing
+            }),
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => continue,
+            Ok(_) => None,
             Err(e) => {
                 if connected {
                     tracing::warn!(error = %e, "broker connection lost");
                 } else {
                     tracing::debug!(error = %e, retry_in = ?backoff, "broker unreachable");
                 }
+                unacked.reset();
                 let was_connected = std::mem::replace(&mut connected, false);
                 if events.send(MqttEvent::Disconnected(e.to_string())).await.is_err() {
                     return;
@@ -119,8 +205,36 @@ async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: D
                 continue;
             }
         };
-        if events.send(event).await.is_err() {
+        if let Some(event) = event
+            && events.send(event).await.is_err()
+        {
             return;
+        }
+        if connected && unacked.idle_since_stall(connected_at.elapsed(), stall_after) {
+            tracing::info!("nothing waits for the broker since the stall");
+            if events.send(MqttEvent::Flowing).await.is_err() {
+                return;
+            }
+        }
+        if let Some(waited) = unacked.stalled_for(Instant::now(), stall_after) {
+            tracing::warn!(
+                waited_secs = waited.as_secs(),
+                unacked = unacked.sent.len(),
+                "the broker acknowledges no publish: reconnecting"
+            );
+            unacked.reset();
+            unacked.stalled = true;
+            connected = false;
+            // Drops the connection; the next poll connects again.
+            eventloop.clean();
+            for event in [
+                MqttEvent::Stalled { waited },
+                MqttEvent::Disconnected(format!("no PUBACK for {} s", waited.as_secs())),
+            ] {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -128,6 +242,39 @@ async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<MqttEvent>, max: D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_unacknowledged_publish_decides_a_stall() {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(30);
+        let mut u = Unacked::default();
+        assert_eq!(u.stalled_for(t0 + limit * 9, limit), None, "nothing sent, nothing waits");
+        u.sent(1, t0);
+        u.sent(2, t0 + Duration::from_secs(20));
+        u.sent(0, t0); // QoS 0 has no packet id and no PUBACK
+        u.sent(1, t0 + Duration::from_secs(25)); // a retransmission keeps its first time
+        assert_eq!(u.stalled_for(t0 + Duration::from_secs(29), limit), None);
+        assert_eq!(u.stalled_for(t0 + limit, limit), Some(limit));
+        assert!(!u.acked(1), "no stall was reported");
+        assert_eq!(u.stalled_for(t0 + Duration::from_secs(45), limit), None, "2 waited 25 s");
+        assert_eq!(
+            u.stalled_for(t0 + Duration::from_secs(50), limit),
+            Some(Duration::from_secs(30))
+        );
+        u.reset();
+        u.stalled = true;
+        assert_eq!(u.stalled_for(t0 + limit * 9, limit), None, "a new connection owes nothing");
+        assert!(u.acked(7), "the first PUBACK after a stall says the broker flows again");
+        assert!(!u.acked(8));
+        u.stalled = true;
+        u.sent(9, t0);
+        assert!(!u.idle_since_stall(limit, limit), "a publish still waits");
+        u.acked(9);
+        u.stalled = true;
+        assert!(!u.idle_since_stall(limit / 2, limit), "not connected long enough yet");
+        assert!(u.idle_since_stall(limit, limit), "connected a while with nothing waiting");
+        assert!(!u.idle_since_stall(limit * 2, limit), "said once");
+    }
 
     #[test]
     fn full_jitter_draws_from_zero_to_the_backoff() {

@@ -56,10 +56,37 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The server's MQTT connection as its loop sees it, shared with the API.
+#[derive(Debug, Default)]
+pub struct BrokerLink {
+    pub connected: AtomicBool,
+    /// The broker kept the connection but acknowledged no publish for a while; cleared by the
+    /// next PUBACK.
+    pub stalled: AtomicBool,
+    /// Stalls detected since start (each one a reconnection).
+    pub stalls: AtomicU64,
+    /// Publishes given up because the MQTT client's queue was full (the loop never waits on
+    /// the broker; a device resends what was not acknowledged).
+    pub publishes_dropped: AtomicU64,
+}
+
+impl BrokerLink {
+    /// Why the link is not healthy, if it is not.
+    pub fn degraded(&self) -> Option<&'static str> {
+        if !self.connected.load(Ordering::Relaxed) {
+            Some("not connected to the broker")
+        } else if self.stalled.load(Ordering::Relaxed) {
+            Some("the broker acknowledges no publish (reconnected, waiting for progress)")
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ApiState {
     pub db: Arc<ReadPool>,
-    pub broker_connected: Arc<AtomicBool>,
+    pub broker: Arc<BrokerLink>,
     pub profiles: Arc<std::sync::RwLock<Profiles>>,
     /// The writer task.
     pub requests: Option<tokio::sync::mpsc::Sender<crate::writer::Request>>,
@@ -278,12 +305,14 @@ fn seq_param(seq: u64) -> Result<u64, Box<Response>> {
 }
 
 async fn health(State(state): State<ApiState>) -> Response {
-    let connected = state.broker_connected.load(Ordering::Relaxed);
+    let connected = state.broker.connected.load(Ordering::Relaxed);
+    let degraded = state.broker.degraded();
     let sign_in_required = !state.users.is_empty();
     query(&state, move |db| {
         let (devices, predictions, alerts) = db.totals()?;
         Ok(json!({
-            "status": if connected { "ok" } else { "degraded" },
+            "status": if degraded.is_some() { "degraded" } else { "ok" },
+            "degraded_reason": degraded,
             "version": crate::VERSION,
             "broker_connected": connected,
             "devices": devices,
@@ -360,7 +389,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     .await;
     match snapshot {
         Ok(Ok(mut s)) => {
-            s.broker_connected = state.broker_connected.load(Ordering::Relaxed);
+            s.broker_connected = state.broker.connected.load(Ordering::Relaxed);
+            s.broker_stalled = state.broker.stalled.load(Ordering::Relaxed);
+            s.broker_stalls = state.broker.stalls.load(Ordering::Relaxed);
+            s.publishes_dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
             s.bundle_bytes_sent = state.served.lock().map(|m| m.values().sum()).unwrap_or(0);
             if let Ok(r) = state.refusals.lock() {
                 s.refused = r.counts().iter().map(|(k, n)| ((*k).to_owned(), *n)).collect();

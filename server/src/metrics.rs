@@ -21,6 +21,11 @@ pub struct Snapshot {
     pub bundle_bytes_sent: u64,
     pub retraining_events: u64,
     pub broker_connected: bool,
+    /// The broker keeps the connection but acknowledges nothing.
+    pub broker_stalled: bool,
+    pub broker_stalls: u64,
+    /// Publishes given up on a full client queue.
+    pub publishes_dropped: u64,
     /// (reason, messages refused before anything acted on them)
     pub refused: Vec<(String, u64)>,
     /// Enrolled devices that are not revoked.
@@ -59,6 +64,27 @@ pub fn render(s: &Snapshot) -> String {
     let broker = Gauge::<i64>::default();
     broker.set(i64::from(s.broker_connected));
     registry.register("broker_connected", "1 when the server's MQTT client is connected", broker);
+    let stalled = Gauge::<i64>::default();
+    stalled.set(i64::from(s.broker_stalled));
+    registry.register(
+        "broker_stalled",
+        "1 while the broker keeps the connection but acknowledges no publish",
+        stalled,
+    );
+    let stalls = Counter::<u64>::default();
+    stalls.inc_by(s.broker_stalls);
+    registry.register(
+        "broker_stalls",
+        "Connections dropped because the broker acknowledged no publish",
+        stalls,
+    );
+    let dropped = Counter::<u64>::default();
+    dropped.inc_by(s.publishes_dropped);
+    registry.register(
+        "publishes_dropped",
+        "Publishes given up because the MQTT client's queue was full (devices resend)",
+        dropped,
+    );
     let refused = Family::<Labels, Counter>::default();
     for (reason, n) in &s.refused {
         refused.get_or_create(&vec![("reason", reason.clone())]).inc_by(*n);
@@ -117,6 +143,9 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
         bundle_bytes_sent: 0,
         retraining_events: count("retraining_events")?,
         broker_connected: false,
+        broker_stalled: false,
+        broker_stalls: 0,
+        publishes_dropped: 0,
         refused: Vec::new(),
         enrolled: 0,
         sign_in_lockouts: 0,
@@ -138,6 +167,9 @@ mod tests {
             bundle_bytes_sent: 270_063,
             retraining_events: 1,
             broker_connected: true,
+            broker_stalled: false,
+            broker_stalls: 2,
+            publishes_dropped: 7,
             refused: vec![("bad_signature".into(), 3)],
             enrolled: 20,
             sign_in_lockouts: 2,
@@ -151,6 +183,9 @@ mod tests {
             "millwright_bundle_bytes_sent_total 270063",
             "millwright_retraining_events_total 1",
             "millwright_broker_connected 1",
+            "millwright_broker_stalled 0",
+            "millwright_broker_stalls_total 2",
+            "millwright_publishes_dropped_total 7",
             "millwright_refused_total{reason=\"bad_signature\"} 3",
             "millwright_enrolled_devices 20",
             "millwright_sign_in_lockouts_total 2",

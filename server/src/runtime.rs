@@ -27,7 +27,7 @@ use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -80,9 +80,25 @@ struct Ingest {
     refusals: Arc<Mutex<Refusals>>,
     profiles: Arc<RwLock<Profiles>>,
     identity: crate::config::Identity,
+    broker: Arc<http::BrokerLink>,
 }
 
 impl Ingest {
+    /// Queues a publish without waiting: a broker that takes nothing must not stop the loop
+    /// (or the API writes behind it). What does not fit the client's queue is counted and
+    /// given up; acks are resent for when the device sends its batch again.
+    fn publish(&self, client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
+        if client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_err() {
+            let n = self.broker.publishes_dropped.fetch_add(1, Ordering::Relaxed);
+            if n == 0 || (n + 1).is_power_of_two() {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "the MQTT client's queue is full: publishes are given up, not waited for"
+                );
+            }
+        }
+    }
+
     /// Counts a refusal; logs it the first time for this source lately.
     fn refuse(&self, reason: &'static str, source: &str, detail: impl std::fmt::Display) {
         let log = self.refusals.lock().map(|mut r| r.refuse(reason, source, now_ms()));
@@ -137,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let (host, port, tls) = tokio::task::block_in_place(|| broker_address(&config, logins))?;
 
-    let broker_connected = Arc::new(AtomicBool::new(false));
+    let broker = Arc::new(http::BrokerLink::default());
     let queued = Arc::new(AtomicU64::new(0));
     let profiles = Arc::new(RwLock::new(load_profiles(&config)));
     let mut rollouts =
@@ -158,7 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let api = http::router(http::ApiState {
         db: Arc::new(http::ReadPool::new(path.clone())),
-        broker_connected: broker_connected.clone(),
+        broker: broker.clone(),
         profiles: profiles.clone(),
         requests: Some(request_tx),
         users: Arc::new(config.users.clone()),
@@ -179,6 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         refusals: refusals.clone(),
         profiles,
         identity: config.identity.clone(),
+        broker: broker.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
@@ -214,6 +231,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             keep_alive: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(5),
             last_will: None,
+            stall_after: mqtt::DEFAULT_STALL_AFTER,
         },
         tx,
     );
@@ -275,7 +293,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 },
             },
             Event::Mqtt(MqttEvent::Connected) => {
-                broker_connected.store(true, Ordering::Relaxed);
+                broker.connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");
                 for filter in [
                     topics::UPLINK_FILTER,
@@ -283,15 +301,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     topics::DESIRED_FILTER,
                     topics::TRUST_ROOT,
                 ] {
-                    let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+                    if client.try_subscribe(filter, QoS::AtLeastOnce).is_err() {
+                        broker.publishes_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 if let Some(r) = &rollouts {
                     tokio::task::block_in_place(|| r.on_connected(&db, &client));
                 }
             }
             Event::Mqtt(MqttEvent::Disconnected(_)) => {
-                broker_connected.store(false, Ordering::Relaxed)
+                broker.connected.store(false, Ordering::Relaxed)
             }
+            Event::Mqtt(MqttEvent::Stalled { .. }) => {
+                broker.stalled.store(true, Ordering::Relaxed);
+                broker.stalls.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Mqtt(MqttEvent::Flowing) => broker.stalled.store(false, Ordering::Relaxed),
             Event::Mqtt(MqttEvent::Message { topic, payload }) => {
                 on_message(&mut db, &client, &mut ingest, rollouts.as_mut(), &topic, &payload).await
             }
@@ -539,7 +564,7 @@ async fn on_admitted(
                     &device,
                     &wire::encode(&stored.ack),
                 );
-                let _ = client.publish(topics::ack(&device), QoS::AtLeastOnce, false, frame).await;
+                ingest.publish(client, topics::ack(&device), false, frame);
             }
             if stream == Stream::Drift {
                 let releases: BTreeSet<(ModelName, u64)> = batch
@@ -667,7 +692,7 @@ async fn check_retraining(
     let features: Vec<&str> = event.features.iter().map(|f| f.feature.as_str()).collect();
     tracing::warn!(model, release, ?features, id = event.id, "retraining recommended");
     let body = serde_json::to_vec(&event).unwrap_or_default();
-    let _ = client.publish(topics::RETRAINING, QoS::AtLeastOnce, true, body).await;
+    ingest.publish(client, topics::RETRAINING.to_owned(), true, body);
     if let Some(url) = ingest.webhook.clone() {
         tokio::task::spawn_blocking(move || post_webhook(&url, &event));
     }

@@ -19,6 +19,7 @@ pub use millwright_shared as shared;
 
 pub mod browser;
 pub mod pki;
+pub mod proxy;
 pub mod rogue;
 pub mod trust;
 pub mod variants;
@@ -243,6 +244,9 @@ impl Mosquitto {
 pub enum BrokerChoice<'a> {
     Embedded,
     Mosquitto(&'a Mosquitto),
+    /// Mosquitto, the server reaching it through the proxy on this port (agents connect to
+    /// Mosquitto itself).
+    MosquittoVia(&'a Mosquitto, u16),
 }
 
 /// A `millwright-server` process.
@@ -307,7 +311,7 @@ impl Server {
             pki.message_key, pki.ca_cert, pki.server_cert, pki.server_key
         );
         let mut acl_reloads = None;
-        if let BrokerChoice::Mosquitto(m) = &broker
+        if let BrokerChoice::Mosquitto(m) | BrokerChoice::MosquittoVia(m, _) = &broker
             && m.acl == Acl::Registry
         {
             acl_reloads = Some(m.dir.join("mosquitto.log"));
@@ -343,6 +347,10 @@ impl Server {
             }
             BrokerChoice::Mosquitto(m) => {
                 cmd.arg("--broker").arg(format!("mqtts://127.0.0.1:{}", m.port));
+                m.port
+            }
+            BrokerChoice::MosquittoVia(m, proxy) => {
+                cmd.arg("--broker").arg(format!("mqtts://127.0.0.1:{proxy}"));
                 m.port
             }
         };

@@ -11,6 +11,7 @@ mod e2e {
     mod delivery;
     mod drift_fleet;
     mod faults;
+    mod half_open;
     mod http_attacks;
     mod local_page;
     mod outbox_faults;
