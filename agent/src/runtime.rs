@@ -529,7 +529,7 @@ impl Agent {
                 }
                 self.keep_time_floor();
                 self.close_drift_intervals(clock::now_ms(), false);
-                self.on_update_tick(clock::now_ms());
+                self.on_update_tick(clock::monotonic_ms());
                 self.pump();
                 let due = clock::monotonic_ms() - self.status_file_ms
                     >= self.config.status_file_every.as_millis() as i64;

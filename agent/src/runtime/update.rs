@@ -145,6 +145,8 @@ pub(super) enum Stage {
     Shadow {
         candidate: Box<Model>,
         meter: HealthMeter,
+        /// When the shadow period ends, on the monotonic clock (a clock step neither
+        /// shortens nor stretches it).
         until_ms: i64,
     },
     /// The new model serves; `previous` is the one it replaced (after a restart it is loaded
@@ -152,6 +154,7 @@ pub(super) enum Stage {
     Probation {
         previous: Option<Box<Model>>,
         meter: HealthMeter,
+        /// When probation ends, on the monotonic clock.
         until_ms: i64,
     },
 }
@@ -531,7 +534,7 @@ impl Agent {
         }
         failpoint("shadow");
         tracing::info!(release = job.directive.release.0, "shadow period started");
-        let until_ms = clock::now_ms() + 1000 * shadow_secs as i64;
+        let until_ms = clock::monotonic_ms() + 1000 * shadow_secs as i64;
         let stage = Stage::Shadow { candidate, meter: HealthMeter::default(), until_ms };
         self.update = Some(Update { job, stage });
     }
@@ -560,7 +563,7 @@ impl Agent {
         );
         failpoint("activated");
         let activation = &job.directive.activation;
-        let until_ms = clock::now_ms() + 1000 * activation.probation_secs as i64;
+        let until_ms = clock::monotonic_ms() + 1000 * activation.probation_secs as i64;
         let stage = Stage::Probation {
             previous: Some(Box::new(previous)),
             meter: HealthMeter::default(),
@@ -665,14 +668,15 @@ impl Agent {
         }
     }
 
-    /// Once a second: re-requests chunks, judges shadow and probation.
+    /// Once a second: re-requests chunks, judges shadow and probation. `now_ms` is the
+    /// monotonic clock ([`clock::monotonic_ms`]): the periods are durations.
     pub(super) fn on_update_tick(&mut self, now_ms: i64) {
         let Some(update) = self.update.take() else { return };
         let gates = update.job.directive.activation.gates.clone();
         match update.stage {
             Stage::Fetching { .. } => {
                 self.update = Some(update);
-                self.request_chunks(clock::monotonic_ms());
+                self.request_chunks(now_ms);
             }
             Stage::Shadow { candidate, meter, until_ms } => {
                 let health = meter.health();
@@ -759,7 +763,7 @@ impl Agent {
                 let stage = Stage::Probation {
                     previous: None,
                     meter: HealthMeter::default(),
-                    until_ms: clock::now_ms() + 1000 * secs as i64,
+                    until_ms: clock::monotonic_ms() + 1000 * secs as i64,
                 };
                 self.update = Some(Update { job, stage });
             }

@@ -332,6 +332,113 @@ fn a_late_batch_is_sent_again_on_time_when_the_wall_clock_steps_back_an_hour() {
     );
 }
 
+/// Probation is a duration: a wall clock stepped an hour either way in the middle of it
+/// neither ends it at once (+1 h) nor holds it for an hour (-1 h).
+#[test]
+fn a_wall_clock_stepped_an_hour_either_way_mid_probation_neither_ends_nor_stretches_it() {
+    const PROBATION_SECS: u64 = 20;
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
+    let (r1, r2) = (dir.path().join("r1.mwb"), dir.path().join("r2.mwb"));
+    std::fs::write(&r1, kit.release(1).unwrap()).unwrap();
+    std::fs::write(&r2, kit.release(2).unwrap()).unwrap();
+    let config = kit.server_config("chunk_size = 65536");
+    let server = Server::start_with_config(dir.path(), BrokerChoice::Embedded, &config).unwrap();
+    for bundle in [&r1, &r2] {
+        let out = server.cli(trust::ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let lib = libfaketime();
+    let mut fleet = Vec::new();
+    for (device, step) in [("clock-ahead", "+1h"), ("clock-behind", "-1h")] {
+        let offset = dir.path().join(format!("{device}.offset"));
+        std::fs::write(&offset, "+0\n").unwrap();
+        let env = [
+            ("LD_PRELOAD", lib.to_str().unwrap()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ];
+        let mut spec = AgentSpec::replaying(device, [12, 13], 5.0);
+        spec.trust_root = Some(kit.root_path.clone());
+        spec.bundle = Some(r1.clone());
+        let agent = Agent::start_with_env(dir.path(), spec, &server, &env).unwrap();
+        fleet.push((agent, offset, step));
+    }
+    let known = wait_until(Duration::from_secs(60), || {
+        let devices = server.get("/api/v1/devices").unwrap_or_default();
+        devices.as_array().is_some_and(|a| {
+            a.iter().filter(|d| d["models"][0]["release"] == 1).count() == fleet.len()
+        })
+    });
+    assert!(known, "the server does not know both gateways yet");
+    let spec = serde_json::json!({
+        "model": "rul-cnn-fd001", "release": 2, "target": {"kind": "all"},
+        "canary": {"count": 2}, "waves": {"fixed": 1}, "soak_secs": 0,
+        "device_timeout_secs": 600, "on_failure": "pause",
+        "activation": {"shadow_secs": 0, "probation_secs": PROBATION_SECS,
+                       "gates": {"min_predictions": 5}},
+        "reason": "clock drill",
+    });
+    let (code, rollout) = server.post("/api/v1/rollouts", trust::OPERATOR_TOKEN, &spec).unwrap();
+    assert_eq!(code, 200, "{rollout}");
+
+    // Each gateway's clock is stepped as soon as its probation starts.
+    let mut started = Vec::new();
+    for (agent, offset, step) in &fleet {
+        let began = wait_until(Duration::from_secs(90), || {
+            agent.proc.log_text().contains("probation started")
+        });
+        assert!(began, "{}: no probation: {}", agent.spec.device, agent.proc.log_text());
+        std::fs::write(offset, format!("{step}\n")).unwrap();
+        started.push(std::time::Instant::now());
+    }
+    // The gateways do live an hour off (their status files say what their clocks read).
+    for (agent, _, step) in &fleet {
+        let sign = if step.starts_with('-') { -1 } else { 1 };
+        let off = wait_until(Duration::from_secs(5), || {
+            let real = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            agent
+                .status()
+                .and_then(|s| s["at_ms"].as_i64())
+                .is_some_and(|at| sign * (at - real) > 3_000_000)
+        });
+        assert!(off, "{}: its clock did not step {step}: {:?}", agent.spec.device, agent.status());
+    }
+    for ((agent, _, step), began) in fleet.iter().zip(started) {
+        let committed = wait_until(Duration::from_secs(PROBATION_SECS + 40), || {
+            agent.proc.log_text().contains("release committed")
+        });
+        let took = began.elapsed();
+        assert!(
+            committed,
+            "{}: probation did not end within {} s of a {step} step: {}",
+            agent.spec.device,
+            PROBATION_SECS + 40,
+            agent.proc.log_text()
+        );
+        // The step was written within a poll of the start: probation ends no sooner than its
+        // length after it, less that poll and a tick.
+        assert!(
+            took + Duration::from_secs(2) >= Duration::from_secs(PROBATION_SECS),
+            "{}: a {step} step ended probation after {took:?} of {PROBATION_SECS} s",
+            agent.spec.device
+        );
+        assert!(agent.serving("rul-cnn-fd001").is_some_and(|s| s.0 == 2));
+        println!(
+            "{}: wall clock stepped {step} at the start of a {PROBATION_SECS} s probation: \
+             committed {:.1} s later",
+            agent.spec.device,
+            took.as_secs_f64()
+        );
+    }
+}
+
 #[test]
 fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_them_flow() {
     let _fleet = fleet_lock();
