@@ -203,6 +203,8 @@ pub struct RawUplink {
     pub flush_interval_ms: Option<u64>,
     pub flush_max_records: Option<usize>,
     pub reconnect_max_secs: Option<u64>,
+    /// Predictions and drift reports sent per second at most while a backlog drains.
+    pub drain_records_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,7 +433,14 @@ impl Config {
             batch_max: u.batch_max.unwrap_or(DEFAULT_BATCH_MAX),
             max_inflight: u.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
             retry_after_ms: 1000 * u.retry_after_secs.unwrap_or(DEFAULT_RETRY_AFTER_SECS) as i64,
+            drain_per_sec: u.drain_records_per_sec,
         };
+        if settings.drain_per_sec == Some(0) {
+            return Err(invalid(
+                "uplink.drain_records_per_sec must be at least 1 (leave it out for no limit)"
+                    .into(),
+            ));
+        }
         if settings.batch_max == 0 || settings.max_inflight == 0 {
             return Err(invalid(
                 "uplink.batch_max and uplink.max_inflight must be at least 1".into(),

@@ -992,6 +992,7 @@ impl Agent {
     /// Sends outbox records while the uplink window has room, each batch signed and kept
     /// under the broker's packet limit.
     fn pump(&mut self) {
+        self.uplink.refill(clock::monotonic_ms());
         for stream in PRIORITY {
             while let Some(req) = self.uplink.next_request(stream) {
                 let mut records = match self.store.read(stream, req.after, req.upto, req.limit) {

@@ -11,6 +11,10 @@
 //!
 //! Times are milliseconds of a monotonic clock: a wall-clock step neither stalls a resend nor
 //! fires one early.
+//!
+//! An optional drain rate paces predictions and drift reports (a token bucket holding one
+//! second's worth), so a fleet back from an outage does not flatten its server; alerts and
+//! update reports are never held back.
 
 use millwright_shared::wire::{Ack, Stream};
 use std::collections::VecDeque;
@@ -35,6 +39,20 @@ pub struct Settings {
     pub max_inflight: usize,
     /// How long a first send waits for its ack before it is sent again.
     pub retry_after_ms: i64,
+    /// Predictions and drift reports sent per second at most (`None`: as fast as acks come).
+    pub drain_per_sec: Option<u32>,
+}
+
+/// The drain rate's budget: records that may be sent now, refilled with time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bucket {
+    tokens: f64,
+    refilled_ms: Option<i64>,
+}
+
+/// The streams a drain rate paces.
+fn paced(stream: Stream) -> bool {
+    matches!(stream, Stream::Predictions | Stream::Drift)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +96,7 @@ pub struct Uplink {
     settings: Settings,
     connected: bool,
     streams: [StreamState; 4],
+    bucket: Bucket,
 }
 
 fn index(stream: Stream) -> usize {
@@ -110,7 +129,19 @@ fn covered(ack: &Ack, first: u64, last: u64) -> bool {
 
 impl Uplink {
     pub fn new(settings: Settings) -> Self {
-        Self { settings, connected: false, streams: Default::default() }
+        let bucket = Bucket { tokens: 0.0, refilled_ms: None };
+        Self { settings, connected: false, streams: Default::default(), bucket }
+    }
+
+    /// Adds the drain rate's tokens for the time since the last refill (up to one second's
+    /// worth, at least one record: a batch may always go).
+    pub fn refill(&mut self, now_ms: i64) {
+        let Some(rate) = self.settings.drain_per_sec else { return };
+        let rate = f64::from(rate.max(1));
+        let b = &mut self.bucket;
+        let elapsed = b.refilled_ms.map_or(1000, |at| (now_ms - at).max(0));
+        b.tokens = (b.tokens + rate * elapsed as f64 / 1000.0).min(rate.max(1.0));
+        b.refilled_ms = Some(now_ms);
     }
 
     pub fn is_connected(&self) -> bool {
@@ -135,10 +166,17 @@ impl Uplink {
         if !self.connected || s.inflight.len() >= self.settings.max_inflight {
             return None;
         }
-        let limit = match stream {
+        let mut limit = match stream {
             Stream::Drift | Stream::Updates => self.settings.batch_max.min(DRIFT_BATCH_MAX),
             Stream::Predictions | Stream::Alerts => self.settings.batch_max,
         };
+        if self.settings.drain_per_sec.is_some() && paced(stream) {
+            let tokens = self.bucket.tokens.floor() as usize;
+            if tokens == 0 {
+                return None;
+            }
+            limit = limit.min(tokens);
+        }
         Some(match s.resend.front() {
             Some(r) => {
                 Request { stream, after: r.first - 1, upto: r.last, limit, attempt: r.attempt }
@@ -156,6 +194,10 @@ impl Uplink {
 
     /// Records `first..=last` of what `req` asked for were handed to the MQTT client.
     pub fn on_sent(&mut self, req: &Request, first: u64, last: u64, now_ms: i64) {
+        if self.settings.drain_per_sec.is_some() && paced(req.stream) {
+            // Sequence numbers can skip (quarantined rows): the range is an upper bound.
+            self.bucket.tokens = (self.bucket.tokens - (last + 1 - first) as f64).max(0.0);
+        }
         let s = &mut self.streams[index(req.stream)];
         if req.attempt > 1 {
             match s.resend.front_mut() {
@@ -245,7 +287,38 @@ impl Uplink {
 mod tests {
     use super::*;
 
-    const S: Settings = Settings { batch_max: 100, max_inflight: 2, retry_after_ms: 1000 };
+    const S: Settings =
+        Settings { batch_max: 100, max_inflight: 2, retry_after_ms: 1000, drain_per_sec: None };
+
+    #[test]
+    fn a_drain_rate_paces_predictions_and_drift_but_never_alerts_or_update_reports() {
+        let mut u = Uplink::new(Settings { drain_per_sec: Some(150), max_inflight: 100, ..S });
+        u.on_connected();
+        assert_eq!(u.next_request(P), None, "no tokens before the first refill");
+        assert!(u.next_request(Stream::Alerts).is_some(), "alerts are never paced");
+        assert!(u.next_request(Stream::Updates).is_some(), "nor update reports");
+        u.refill(10_000);
+        let sent = |u: &mut Uplink, stream: Stream, now: i64| -> usize {
+            let mut n = 0;
+            while let Some(req) = u.next_request(stream) {
+                let last = req.after + req.limit as u64;
+                u.on_sent(&req, req.after + 1, last, now);
+                n += req.limit;
+            }
+            n
+        };
+        assert_eq!(sent(&mut u, P, 10_000), 150, "one second's worth, in batches of 100 and 50");
+        assert_eq!(u.next_request(Stream::Drift), None, "drift shares the budget");
+        u.refill(10_200);
+        assert_eq!(sent(&mut u, P, 10_200), 30, "0.2 s later: 30 more");
+        u.refill(60_000);
+        assert_eq!(sent(&mut u, Stream::Drift, 60_000), 150, "an idle minute banks one second");
+        u.refill(59_000);
+        assert_eq!(u.next_request(P), None, "a clock that goes back adds nothing");
+        let mut free = Uplink::new(S);
+        free.on_connected();
+        assert_eq!(free.next_request(P).map(|r| r.limit), Some(100), "no rate: no pacing");
+    }
     const P: Stream = Stream::Predictions;
 
     #[test]

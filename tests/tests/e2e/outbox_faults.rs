@@ -439,6 +439,65 @@ fn a_wall_clock_stepped_an_hour_either_way_mid_probation_neither_ends_nor_stretc
     }
 }
 
+/// `drain_records_per_sec` paces a backlog's predictions (and drift), never its alerts: the
+/// server's count grows no faster than the rate (plus one second's burst), and everything
+/// arrives once.
+#[test]
+fn a_drain_rate_paces_a_backlog_and_loses_nothing() {
+    const RATE: u64 = 50;
+    let _fleet = fleet_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    let device = "paced";
+    let mut spec = AgentSpec::replaying(device, 1..=3, 50.0);
+    spec.data = Some(repo_file("data/cmapss/train_FD001_units_1-6.txt"));
+    spec.uplink = format!("drain_records_per_sec = {RATE}\n");
+    let agent = Agent::start(dir.path(), spec, &server).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || server.prediction_count(device) > 0));
+    server.proc.kill();
+    let finished = wait_until(Duration::from_secs(60), || {
+        agent.proc.log_text().matches("replay finished").count() == 3
+    });
+    assert!(finished, "{}", agent.proc.log_text());
+    std::thread::sleep(Duration::from_secs(2));
+    let offline = agent.status().unwrap();
+    let backlog = offline["backlog"]["pred"].as_u64().unwrap();
+    let alerts = offline["backlog"]["alert"].as_u64().unwrap();
+    assert!(backlog > 5 * RATE, "too small a backlog to pace: {offline}");
+
+    server.restart().unwrap();
+    let start = server.prediction_count(device);
+    let t0 = std::time::Instant::now();
+    let mut samples = Vec::new();
+    let drained = wait_until(Duration::from_secs(120), || {
+        let n = server.prediction_count(device) - start;
+        samples.push((t0.elapsed().as_secs_f64(), n));
+        std::thread::sleep(Duration::from_millis(250));
+        n >= backlog
+    });
+    assert!(drained, "the backlog did not drain: {:?}", samples.last());
+    let secs = samples.last().unwrap().0;
+    // Counted from the restart: the connection takes a moment, so this bound is generous.
+    for (t, n) in &samples {
+        let bound = (RATE as f64 * (t + 1.0)).ceil() as u64 + RATE;
+        assert!(*n <= bound, "{n} predictions delivered {t:.1} s after the restart (rate {RATE})");
+    }
+    let alerts_at =
+        server.get(&format!("/api/v1/devices/{device}/streams")).unwrap()["alert"]["records"]
+            .as_u64()
+            .unwrap_or(0);
+    assert!(alerts_at >= alerts, "alerts are not paced: {alerts_at} of {alerts} by then");
+    wait_for_all(&server, &[&agent], Duration::from_secs(60)).unwrap();
+    let stored = check_exactly_once(&server, &agent).unwrap();
+    let streams = check_streams(&server, &agent, Duration::from_secs(30)).unwrap();
+    println!(
+        "a backlog of {backlog} predictions and {alerts} alerts drained at {RATE}/s: {:.0} \
+         predictions/s over {secs:.1} s ({alerts_at} alerts stored by then); {stored} stored \
+         exactly once, streams {streams:?}",
+        backlog as f64 / secs
+    );
+}
+
 #[test]
 fn poison_records_are_dead_lettered_with_their_reason_and_the_streams_behind_them_flow() {
     let _fleet = fleet_lock();
