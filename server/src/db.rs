@@ -121,6 +121,8 @@ pub struct DeviceRow {
     pub backlog_oldest_ms: Option<i64>,
     /// Assets whose newest alert is at warning or alarm and not acknowledged.
     pub open_alerts: u64,
+    /// Records the device dropped by policy (its outbox quota), as its gap records say.
+    pub dropped: u64,
 }
 
 impl DeviceRow {
@@ -501,7 +503,8 @@ impl Db {
                        AND a.seq = (SELECT MAX(b.seq) FROM alerts b
                                     WHERE b.device = a.device AND b.asset = a.asset)
                        AND NOT EXISTS (SELECT 1 FROM alert_acks k
-                                       WHERE k.device = a.device AND k.seq = a.seq))
+                                       WHERE k.device = a.device AND k.seq = a.seq)),
+                    (SELECT COALESCE(SUM(g.dropped), 0) FROM gaps g WHERE g.device = d.device)
              FROM devices d WHERE ?1 IS NULL OR d.device = ?1 ORDER BY d.device",
         )?;
         let rows = stmt.query_map([only], |r| {
@@ -521,6 +524,7 @@ impl Db {
                 backlog_records: r.get(11)?,
                 backlog_oldest_ms: r.get(12)?,
                 open_alerts: r.get(13)?,
+                dropped: r.get(14)?,
             })
         })?;
         rows.collect()

@@ -16,6 +16,8 @@ pub struct Snapshot {
     pub devices_offline: u64,
     /// (stream, records stored)
     pub records: Vec<(&'static str, u64)>,
+    /// (stream, records devices dropped by policy, from their gap records)
+    pub dropped: Vec<(String, u64)>,
     /// (state, rollouts)
     pub rollouts: Vec<(String, u64)>,
     pub bundle_bytes_sent: u64,
@@ -50,6 +52,15 @@ pub fn render(s: &Snapshot) -> String {
         records.get_or_create(&vec![("stream", (*stream).to_owned())]).inc_by(*n);
     }
     registry.register("records_stored", "Records stored (idempotently) per uplink stream", records);
+    let dropped = Family::<Labels, Counter>::default();
+    for (stream, n) in &s.dropped {
+        dropped.get_or_create(&vec![("stream", stream.clone())]).inc_by(*n);
+    }
+    registry.register(
+        "records_dropped_by_policy",
+        "Records devices dropped by policy (outbox quota), announced in gap records, per stream",
+        dropped,
+    );
     let rollouts = Family::<Labels, Gauge>::default();
     for (state, n) in &s.rollouts {
         rollouts.get_or_create(&vec![("state", state.clone())]).set(*n as i64);
@@ -78,12 +89,12 @@ pub fn render(s: &Snapshot) -> String {
         "Connections dropped because the broker acknowledged no publish",
         stalls,
     );
-    let dropped = Counter::<u64>::default();
-    dropped.inc_by(s.publishes_dropped);
+    let given_up = Counter::<u64>::default();
+    given_up.inc_by(s.publishes_dropped);
     registry.register(
         "publishes_dropped",
         "Publishes given up because the MQTT client's queue was full (devices resend)",
-        dropped,
+        given_up,
     );
     let refused = Family::<Labels, Counter>::default();
     for (reason, n) in &s.refused {
@@ -130,7 +141,13 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
             None => rollouts.push((state, 1)),
         }
     }
+    let mut stmt =
+        db.conn.prepare_cached("SELECT stream, SUM(dropped) FROM gaps GROUP BY stream")?;
+    let dropped = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Snapshot {
+        dropped,
         devices_online: online,
         devices_offline: devices.len() as u64 - online,
         records: vec![
@@ -163,6 +180,7 @@ mod tests {
             devices_online: 19,
             devices_offline: 1,
             records: vec![("pred", 1234)],
+            dropped: vec![("pred".into(), 1072)],
             rollouts: vec![("completed".into(), 2)],
             bundle_bytes_sent: 270_063,
             retraining_events: 1,
@@ -179,6 +197,7 @@ mod tests {
             "millwright_devices{online=\"true\"} 19",
             "millwright_devices{online=\"false\"} 1",
             "millwright_records_stored_total{stream=\"pred\"} 1234",
+            "millwright_records_dropped_by_policy_total{stream=\"pred\"} 1072",
             "millwright_rollouts{state=\"completed\"} 2",
             "millwright_bundle_bytes_sent_total 270063",
             "millwright_retraining_events_total 1",

@@ -582,6 +582,7 @@ mod tests {
                 backlog_records: None,
                 backlog_oldest_ms: None,
                 open_alerts: 0,
+                dropped: 0,
             })
             .collect()
     }

@@ -173,7 +173,9 @@ async function viewFleet() {
         h('td', { class: 'release' }, d.models.length
           ? d.models.map(m => m.model + ' r' + m.release).join(', ') : '—'),
         h('td', { class: 'backlog' }, d.backlog_records === null ? '—'
-          : d.backlog_records + (d.backlog_oldest_ms ? ' (oldest ' + ago(d.backlog_oldest_ms) + ')' : '')),
+          : d.backlog_records + (d.backlog_oldest_ms ? ' (oldest ' + ago(d.backlog_oldest_ms) + ')' : ''),
+          d.dropped ? h('span', { class: 'dropped muted', title: 'dropped by policy (outbox quota), announced in gap records' },
+            ' · ' + d.dropped + ' dropped') : ''),
         h('td', {}, ago(d.last_seen_ms)),
         h('td', { class: 'open-alerts' }, d.open_alerts ? badge(String(d.open_alerts), 'alarm') : '0'),
         h('td', { class: 'predictions' }, d.predictions),
@@ -198,6 +200,7 @@ async function viewDevice(id) {
       h('span', {}, 'Models: ', h('b', { class: 'release' },
         device.models.map(m => m.model + ' r' + m.release).join(', ') || '—')),
       h('span', {}, 'Backlog: ', h('b', {}, device.backlog_records === null ? '—' : device.backlog_records)),
+      h('span', {}, 'Dropped by policy: ', h('b', { class: 'dropped' }, device.dropped)),
       h('span', {}, 'Last seen: ', h('b', {}, ago(device.last_seen_ms))),
       h('span', {}, 'First seen: ', h('b', {}, when(device.first_seen_ms)))))];
   out.push(h('h2', {}, 'Assets'));

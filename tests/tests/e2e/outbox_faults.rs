@@ -663,6 +663,19 @@ fn an_outage_that_overruns_the_quota_drops_only_predictions_and_drift_and_announ
             status["dropped"]
         );
     }
+    // The same numbers in the fleet view the dashboard draws and in /metrics.
+    let total: u64 =
+        ["pred", "drift"].iter().map(|n| status["dropped"][n].as_u64().unwrap_or(0)).sum();
+    let row = server.get(&format!("/api/v1/devices/{device}")).unwrap();
+    assert_eq!(row["dropped"].as_u64(), Some(total), "{row}");
+    for name in ["pred", "drift"] {
+        let series = format!("millwright_records_dropped_by_policy_total{{stream=\"{name}\"}}");
+        assert_eq!(
+            server.metric(&series) as u64,
+            status["dropped"][name].as_u64().unwrap_or(0),
+            "{series}"
+        );
+    }
     let alerts = stream(&server, device, "alert");
     assert_eq!(alerts["dropped"], 0);
     assert!(alerts["records"].as_u64() > Some(0), "the replay raises alerts: {alerts}");
