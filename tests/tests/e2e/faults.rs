@@ -1,6 +1,7 @@
 //! Faults: the broker stops mid-run, an agent is SIGKILLed mid-run, garbage arrives on an input
 //! topic. Nothing acknowledged is lost or duplicated and the agent keeps running.
 
+use millwright_tests::trust::{ADMIN_TOKEN, OPERATOR_TOKEN, TrustKit};
 use millwright_tests::*;
 use rumqttc::{Client, Event, Packet, QoS};
 use std::time::{Duration, Instant};
@@ -255,7 +256,20 @@ impl Lcg {
 fn two_hundred_sigkills_of_a_busy_gateway_through_broker_flaps_lose_and_duplicate_nothing() {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), BrokerChoice::Embedded).unwrap();
+    // A rollout runs through the kills too: release 1 of the reference model is served, 2 is
+    // rolled out (the same weights, so the predictions stay the reference replay's).
+    let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
+    let (r1, r2) = (dir.path().join("r1.mwb"), dir.path().join("r2.mwb"));
+    std::fs::write(&r1, kit.release(1).unwrap()).unwrap();
+    std::fs::write(&r2, kit.release(2).unwrap()).unwrap();
+    let config = kit.server_config("chunk_size = 16384");
+    let mut server =
+        Server::start_with_config(dir.path(), BrokerChoice::Embedded, &config).unwrap();
+    for bundle in [&r1, &r2] {
+        let out = server.cli(ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let device = "sigkill-gw";
     // Six engines run to failure (predictions and alerts), drift reports every second, and a
     // press whose readings keep arriving over MQTT whatever happens to the gateway.
@@ -263,7 +277,11 @@ fn two_hundred_sigkills_of_a_busy_gateway_through_broker_flaps_lose_and_duplicat
     spec.data = Some(repo_file("data/cmapss/train_FD001_units_1-6.txt"));
     spec.drift = Some("interval_secs = 1".into());
     spec.mqtt_assets = vec![("press-1".into(), "plant/press-1/readings".into())];
+    spec.trust_root = Some(kit.root_path.clone());
+    spec.bundle = Some(r1.clone());
+    spec.updates = Some("fetch_window = 2\nfetch_timeout_secs = 2".into());
     let mut agent = Agent::start(dir.path(), spec, &server).unwrap();
+    let mut rollout = None;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = server.enroll("sigkill-press").unwrap();
     let topic = "plant/press-1/readings";
@@ -288,6 +306,9 @@ fn two_hundred_sigkills_of_a_busy_gateway_through_broker_flaps_lose_and_duplicat
         if random.below(10) > 0 {
             let up = wait_until(Duration::from_secs(20), || starts(&agent) > before);
             assert!(up, "restart {i} did not start:\n{}", agent.proc.log_text());
+        }
+        if i == 10 {
+            rollout = Some(start_rollout(&server, device));
         }
         std::thread::sleep(Duration::from_millis(random.below(1000)));
         agent.proc.kill();
@@ -329,10 +350,71 @@ fn two_hundred_sigkills_of_a_busy_gateway_through_broker_flaps_lose_and_duplicat
     assert_eq!(got, want, "seed {seed}: the engines' predictions");
     let alerts = streams.iter().find(|(s, _)| s == "alert").map_or(0, |(_, n)| *n);
     assert!(alerts > 0, "engines run to failure raise alerts: {streams:?}");
+    let outcome = rollout_outcome(&server, &agent, rollout.as_deref().unwrap(), seed);
     let checked: u64 = streams.iter().map(|(_, n)| n).sum();
     println!(
         "{kills} SIGKILLs at random moments (seed {seed}) and {flaps} broker restarts, under \
-         {published} MQTT readings; {made} predictions made by the last kill; {checked} records \
-         checked, every stream exactly once: {streams:?}"
+         {published} MQTT readings and a rollout ({outcome}); {made} predictions made by the \
+         last kill; {checked} records checked, every stream exactly once: {streams:?}"
     );
+}
+
+/// Rolls release 2 out to `device` (a canary of one); returns the rollout's id.
+fn start_rollout(server: &Server, device: &str) -> String {
+    let known = wait_until(Duration::from_secs(30), || {
+        server
+            .get(&format!("/api/v1/devices/{device}"))
+            .is_ok_and(|d| d["models"][0]["release"] == 1)
+    });
+    assert!(known, "the server does not know that {device} serves release 1");
+    let spec = serde_json::json!({
+        "model": "rul-cnn-fd001", "release": 2, "target": {"kind": "devices", "devices": [device]},
+        "canary": {"count": 1}, "waves": {"fixed": 1}, "soak_secs": 0,
+        "device_timeout_secs": 900, "on_failure": "pause",
+        "activation": {"shadow_secs": 1, "probation_secs": 1, "gates": {"min_predictions": 3}},
+        "reason": "through the kills",
+    });
+    let (code, rollout) = server.post("/api/v1/rollouts", OPERATOR_TOKEN, &spec).unwrap();
+    assert_eq!(code, 200, "{rollout}");
+    rollout["id"].as_str().unwrap().to_owned()
+}
+
+/// After the kills the device ends the rollout one way or the other, on a verified release
+/// that the server agrees on: committed on release 2, or (when kills cut the activation more
+/// often than the agent allows) failed or reverted on release 1.
+fn rollout_outcome(server: &Server, agent: &Agent, id: &str, seed: u64) -> String {
+    let state = || {
+        server.get(&format!("/api/v1/rollouts/{id}")).ok().and_then(|r| {
+            r["devices"][0]["state"].as_str().map(|s| (s.to_owned(), r["devices"][0].clone()))
+        })
+    };
+    let ended = wait_until(Duration::from_secs(120), || {
+        state().is_some_and(|(s, _)| ["committed", "failed", "reverted"].contains(&s.as_str()))
+    });
+    let (s, run) = state().unwrap_or_default();
+    assert!(ended, "seed {seed}: the device's rollout did not end: {s} {run}");
+    let want = if s == "committed" { 2 } else { 1 };
+    let serving = wait_until(Duration::from_secs(30), || {
+        agent.serving("rul-cnn-fd001").is_some_and(|r| r.0 == want)
+    });
+    assert!(
+        serving,
+        "seed {seed}: {s}, but the gateway serves {:?}",
+        agent.serving("rul-cnn-fd001")
+    );
+    let agreed = wait_until(Duration::from_secs(30), || {
+        server
+            .get(&format!("/api/v1/devices/{}", agent.spec.device))
+            .is_ok_and(|d| d["models"][0]["release"] == want)
+    });
+    assert!(agreed, "seed {seed}: the server does not see release {want}");
+    let reason = run["reason"].as_str().unwrap_or("");
+    assert!(
+        s == "committed" || reason.contains("restarted"),
+        "seed {seed}: the update ended {s} for another reason than the kills: {run}"
+    );
+    format!(
+        "{s} on release {want}{}",
+        if reason.is_empty() { String::new() } else { format!(": {reason}") }
+    )
 }
