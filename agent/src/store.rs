@@ -6,7 +6,7 @@
 
 use crate::asset::Cursor;
 use millwright_shared::AssetId;
-use millwright_shared::wire::{Gap, Level, Record, RecordBody, Stream};
+use millwright_shared::wire::{Gap, Level, Prediction, Record, RecordBody, Stream, summarize};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
@@ -452,10 +452,13 @@ impl Store {
     ) -> Result<Option<Gap>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut chosen: Vec<u64> = Vec::new();
+        // Dropped predictions are thinned into per-asset summaries carried by the gap.
+        let mut predictions: Vec<Prediction> = Vec::new();
+        let mut assets: std::collections::HashSet<AssetId> = std::collections::HashSet::new();
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, length(CAST(body AS BLOB)) + 48, body LIKE '{\"kind\":\"gap\"%' FROM outbox
-                 WHERE stream = ?1 AND seq > ?2 ORDER BY seq",
+                "SELECT seq, length(CAST(body AS BLOB)) + 48, body LIKE '{\"kind\":\"gap\"%', body
+                 FROM outbox WHERE stream = ?1 AND seq > ?2 ORDER BY seq",
             )?;
             let mut rows = stmt.query(params![stream.as_str(), floor])?;
             let mut freed = 0u64;
@@ -470,7 +473,17 @@ impl Store {
                 }
                 chosen.push(seq);
                 freed += size;
-                if freed >= bytes + 160 && chosen.len() > 1 {
+                if stream == Stream::Predictions
+                    && let Ok(RecordBody::Prediction(p)) =
+                        serde_json::from_str::<RecordBody>(&row.get::<_, String>(3)?)
+                {
+                    if !assets.contains(&p.asset) {
+                        assets.insert(p.asset.clone());
+                    }
+                    predictions.push(p);
+                }
+                // The gap itself: ~160 bytes, and ~200 per asset summarised.
+                if freed >= bytes + 160 + 200 * assets.len() as u64 && chosen.len() > 1 {
                     break;
                 }
             }
@@ -478,8 +491,14 @@ impl Store {
         let (Some(&first), Some(&last)) = (chosen.first(), chosen.last()) else {
             return Ok(None);
         };
-        let gap =
-            Gap { stream, first, last, dropped: chosen.len() as u64, reason: reason.to_owned() };
+        let gap = Gap {
+            stream,
+            first,
+            last,
+            dropped: chosen.len() as u64,
+            reason: reason.to_owned(),
+            summaries: summarize(&predictions),
+        };
         let body = serde_json::to_string(&RecordBody::Gap(gap.clone()))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         tx.execute(
@@ -604,12 +623,25 @@ mod tests {
         let row = full / 10;
         // Records 1-2 are in flight: the drop starts above them.
         let gap = store.drop_oldest(Stream::Predictions, 2, 3 * row, "quota").unwrap().unwrap();
-        assert_eq!((gap.first, gap.last, gap.dropped), (3, 7, 5), "{gap:?}");
+        assert_eq!((gap.first, gap.dropped), (3, gap.last - 2), "{gap:?}");
+        assert!(gap.last < 10, "the drop takes what it needs, not all: {gap:?}");
+        // Thinned: one summary of asset u1's dropped predictions (values = cycles here).
+        let [summary] = &gap.summaries[..] else { panic!("{gap:?}") };
+        assert_eq!(
+            (summary.count, summary.first_cycle, summary.last_cycle),
+            (gap.dropped, 3, gap.last)
+        );
+        assert_eq!(
+            (summary.min, summary.max, summary.last),
+            (3.0, gap.last as f32, gap.last as f32)
+        );
         let left = store.read(Stream::Predictions, 0, u64::MAX, 20).unwrap().records;
-        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 8, 9, 10]);
+        let mut want = vec![1, 2, 3];
+        want.extend(gap.last + 1..=10);
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
         assert_eq!(left[2].body, RecordBody::Gap(gap.clone()));
-        assert_eq!(store.dropped().unwrap()[&Stream::Predictions], 5);
-        assert_eq!(store.backlog(Stream::Predictions).unwrap().records, 6);
+        assert_eq!(store.dropped().unwrap()[&Stream::Predictions], gap.dropped);
+        assert_eq!(store.backlog(Stream::Predictions).unwrap().records, want.len() as u64);
         let counted = bytes(&store);
         let real: i64 = store
             .conn
@@ -617,14 +649,13 @@ mod tests {
             .unwrap();
         assert_eq!(counted as i64, real, "the triggers keep the byte count");
         assert!(counted < full - 3 * row);
-        // The next drop skips the announcement and never swallows it.
-        let next = store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap().unwrap();
-        assert_eq!((next.first, next.last, next.dropped), (8, 9, 2));
-        assert_eq!(
-            store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap().unwrap().first,
-            10
-        );
-        assert_eq!(store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap(), None);
+        // The next drops skip the announcements and never swallow them, down to nothing.
+        let mut from = gap.last + 1;
+        while let Some(next) = store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap() {
+            assert_eq!(next.first, from, "{next:?}");
+            from = next.last + 1;
+        }
+        assert_eq!(from, 11, "every record above the floor went");
         assert_eq!(store.dropped().unwrap()[&Stream::Predictions], 8);
     }
 

@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS gaps (
     reason      TEXT NOT NULL,
     at_ms       INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
+    -- JSON: what the dropped predictions said, per asset (wire::Summary); [] for other streams
+    summaries   TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (device, stream, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS update_reports (
@@ -133,6 +135,21 @@ impl DeviceRow {
 }
 
 /// One stream of one device as stored.
+/// One gap record as stored (`GET /api/v1/devices/{device}/gaps`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GapRow {
+    pub stream: String,
+    /// The stored sequence numbers the gap stands for, `seq..=last_seq`.
+    pub seq: u64,
+    pub last_seq: u64,
+    pub dropped: u64,
+    pub reason: String,
+    /// When the gateway dropped them, and when the server learnt it.
+    pub at_ms: i64,
+    pub received_ms: i64,
+    pub summaries: Vec<millwright_shared::wire::Summary>,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct StreamCount {
     pub records: u64,
@@ -218,6 +235,12 @@ impl Db {
         conn.execute_batch(crate::rollout_db::SCHEMA)?;
         conn.execute_batch(crate::alerts_db::SCHEMA)?;
         conn.execute_batch(crate::identity_db::SCHEMA)?;
+        let gap_summaries = conn
+            .prepare("SELECT 1 FROM pragma_table_info('gaps') WHERE name = 'summaries'")?
+            .exists([])?;
+        if !gap_summaries {
+            conn.execute_batch("ALTER TABLE gaps ADD COLUMN summaries TEXT NOT NULL DEFAULT '[]'")?;
+        }
         for column in DEVICE_COLUMNS {
             let name = column.split(' ').next().unwrap_or(column);
             let exists = conn
@@ -335,8 +358,9 @@ impl Db {
                     RecordBody::Gap(g) => tx
                         .prepare_cached(
                             "INSERT OR IGNORE INTO gaps
-                             (device, stream, seq, last_seq, dropped, reason, at_ms, received_ms)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                             (device, stream, seq, last_seq, dropped, reason, at_ms, received_ms,
+                              summaries)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                         )?
                         .execute(params![
                             d,
@@ -346,7 +370,8 @@ impl Db {
                             g.dropped,
                             clean_text(&g.reason, MAX_LABEL_BYTES),
                             r.at_ms,
-                            now_ms
+                            now_ms,
+                            serde_json::to_string(&g.summaries).unwrap_or_else(|_| "[]".into()),
                         ])?,
                     RecordBody::Update(u) => tx
                         .prepare_cached(
@@ -619,6 +644,29 @@ impl Db {
         Ok(out)
     }
 
+    /// The device's gap records, newest first: what it dropped by policy, when, why, and for
+    /// dropped predictions what they said per asset.
+    pub fn gaps(&self, device: &str) -> rusqlite::Result<Vec<GapRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT stream, seq, last_seq, dropped, reason, at_ms, received_ms, summaries
+             FROM gaps WHERE device = ?1 ORDER BY received_ms DESC, stream, seq DESC LIMIT 1000",
+        )?;
+        let rows = stmt.query_map([device], |r| {
+            let summaries: String = r.get(7)?;
+            Ok(GapRow {
+                stream: r.get(0)?,
+                seq: r.get(1)?,
+                last_seq: r.get(2)?,
+                dropped: r.get(3)?,
+                reason: r.get(4)?,
+                at_ms: r.get(5)?,
+                received_ms: r.get(6)?,
+                summaries: serde_json::from_str(&summaries).unwrap_or_default(),
+            })
+        })?;
+        rows.collect()
+    }
+
     /// Counts for the health endpoint.
     /// Per uplink stream, the device's stored records and the highest sequence number: with
     /// exactly-once delivery the two agree with the device's own last sequence number.
@@ -796,6 +844,7 @@ mod tests {
                     last: 8,
                     dropped: 6,
                     reason: "quota".into(),
+                    summaries: Vec::new(),
                 }),
             },
         );
@@ -818,6 +867,7 @@ mod tests {
                 last: 20,
                 dropped: 11,
                 reason: "quota".into(),
+                summaries: Vec::new(),
             }),
         });
         db.store(&tail, 11).unwrap();

@@ -8,6 +8,7 @@
 //! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
 //! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=` | predictions in sequence order |
 //! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=` | alerts in sequence order |
+//! | `GET /api/v1/devices/{device}/gaps` | what the device dropped by policy: ranges, reason, time, per-asset summaries of dropped predictions |
 //! | `GET /api/v1/devices/{device}/updates` | update reports: phase, reason, health, rollout, directive, release |
 //! | `GET /api/v1/drift?by=feature\|site\|device\|bucket&bucket_s=&model=&release=&site=&device=&feature=&from_ms=&to_ms=` | fleet drift: merged histograms and their scores per group |
 //! | `GET /api/v1/drift/drifting?model=&release=&site=` | assets whose latest report has a feature at warn/drift or a data-quality flag, and the sites they are at |
@@ -173,6 +174,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}/alerts", get(alerts))
         .route("/api/v1/devices/{device}/updates", get(updates))
         .route("/api/v1/devices/{device}/streams", get(streams))
+        .route("/api/v1/devices/{device}/gaps", get(gaps))
         .route("/api/v1/drift", get(fleet_drift))
         .route("/api/v1/drift/drifting", get(drifting))
         .route("/api/v1/drift/events", get(retraining_events))
@@ -341,6 +343,10 @@ async fn device(State(state): State<ApiState>, Path(device): Path<String>) -> Re
 /// Per stream: how many records of the device are stored and the highest sequence number.
 async fn streams(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
     query(&state, move |db| db.streams(&device)).await
+}
+
+async fn gaps(State(state): State<ApiState>, Path(device): Path<String>) -> Response {
+    query(&state, move |db| db.gaps(&device)).await
 }
 
 async fn latest(State(state): State<ApiState>, Path(device): Path<String>) -> Response {

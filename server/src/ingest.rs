@@ -152,6 +152,15 @@ fn judge_record(r: &Record, stream: Stream) -> Option<String> {
         {
             Some("a gap record whose range does not start at its own seq".into())
         }
+        RecordBody::Gap(g)
+            if !g.summaries.is_empty()
+                && (g.stream != Stream::Predictions
+                    || g.summaries.len() as u64 > g.dropped
+                    || g.summaries.iter().map(|s| s.count).sum::<u64>() > g.dropped
+                    || !g.summaries.iter().all(|s| s.is_sound() && fits(s.last_cycle))) =>
+        {
+            Some("a gap's summaries do not fit its range".into())
+        }
         _ => None,
     }
 }
@@ -232,5 +241,35 @@ mod tests {
         // A record without a sequence number cannot be named: the message is refused.
         doc["records"][1].as_object_mut().unwrap().remove("seq");
         assert!(accept(&gw1, Stream::Predictions, doc.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_gap_is_stored_only_with_summaries_that_fit_its_range() {
+        let gw1 = DeviceId::new("gw1").unwrap();
+        let summary = serde_json::json!({"asset": "u1", "model": "m", "count": 4,
+            "first_cycle": 30, "last_cycle": 33, "min": 10.0, "mean": 11.5, "max": 13.0, "last": 13.0});
+        let gap = |seq: u64, summaries: serde_json::Value| {
+            serde_json::json!({"seq": seq, "at_ms": 0, "body": {"kind": "gap", "stream": "pred",
+                "first": seq, "last": seq + 3, "dropped": 4, "reason": "quota",
+                "summaries": summaries}})
+        };
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&batch("gw1", Stream::Predictions, 1)).unwrap();
+        let mut too_many = summary.clone();
+        too_many["count"] = 5.into();
+        let mut unsound = summary.clone();
+        unsound["mean"] = 99.0.into();
+        doc["records"] = serde_json::json!([
+            gap(1, serde_json::json!([summary])),
+            gap(5, serde_json::json!([too_many])),
+            gap(9, serde_json::json!([unsound])),
+            gap(13, serde_json::json!([])),
+        ]);
+        let judged = accept(&gw1, Stream::Predictions, doc.to_string().as_bytes()).unwrap();
+        assert_eq!(judged.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 13]);
+        let refused: Vec<(u64, &str)> =
+            judged.refused.iter().map(|p| (p.seq, p.reason.as_str())).collect();
+        let why = "a gap's summaries do not fit its range";
+        assert_eq!(refused, vec![(5, why), (9, why)]);
     }
 }

@@ -103,7 +103,7 @@ pub enum RecordBody {
 }
 
 /// An in-band announcement of records dropped by policy ([`RecordBody::Gap`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gap {
     pub stream: Stream,
@@ -112,6 +112,83 @@ pub struct Gap {
     pub dropped: u64,
     /// Why, e.g. `quota`.
     pub reason: String,
+    /// Dropped predictions are thinned, not lost without a trace: what they said, per asset
+    /// and model ([`summarize`]). Empty for other streams.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub summaries: Vec<Summary>,
+}
+
+/// What a run of one asset's dropped predictions said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    pub asset: AssetId,
+    pub model: ModelName,
+    pub count: u64,
+    pub first_cycle: u64,
+    pub last_cycle: u64,
+    pub min: f32,
+    pub mean: f32,
+    pub max: f32,
+    /// The value of the latest of them.
+    pub last: f32,
+}
+
+impl Summary {
+    /// Whether the summary is one `summarize` could have made: counts and cycles in order,
+    /// values finite and `min <= mean <= max` (within rounding), `last` within them.
+    pub fn is_sound(&self) -> bool {
+        let values = [self.min, self.mean, self.max, self.last];
+        let slack = 1e-3 * self.max.abs().max(self.min.abs()).max(1.0);
+        self.count > 0
+            && self.first_cycle <= self.last_cycle
+            && values.iter().all(|v| v.is_finite())
+            && self.min <= self.max
+            && self.mean >= self.min - slack
+            && self.mean <= self.max + slack
+            && self.last >= self.min
+            && self.last <= self.max
+    }
+}
+
+/// Summaries of `predictions` per (asset, model), in order of first appearance, over their
+/// finite values (a model's NaN has nothing to summarise: it is dropped uncounted here, counted
+/// in the gap's `dropped` as every record is).
+pub fn summarize<'a>(predictions: impl IntoIterator<Item = &'a Prediction>) -> Vec<Summary> {
+    let mut out: Vec<(Summary, f64)> = Vec::new();
+    for p in predictions.into_iter().filter(|p| p.value.is_finite()) {
+        let found = out.iter_mut().find(|(s, _)| s.asset == p.asset && s.model == p.model);
+        let Some((s, sum)) = found else {
+            let s = Summary {
+                asset: p.asset.clone(),
+                model: p.model.clone(),
+                count: 1,
+                first_cycle: p.cycle,
+                last_cycle: p.cycle,
+                min: p.value,
+                mean: p.value,
+                max: p.value,
+                last: p.value,
+            };
+            out.push((s, f64::from(p.value)));
+            continue;
+        };
+        s.count += 1;
+        *sum += f64::from(p.value);
+        s.first_cycle = s.first_cycle.min(p.cycle);
+        if p.cycle >= s.last_cycle {
+            s.last_cycle = p.cycle;
+            s.last = p.value;
+        }
+        s.min = s.min.min(p.value);
+        s.max = s.max.max(p.value);
+    }
+    out.into_iter()
+        .map(|(mut s, sum)| {
+            s.mean = (sum / s.count as f64) as f32;
+            s
+        })
+        .collect()
 }
 
 impl RecordBody {
@@ -424,6 +501,60 @@ impl DeviceStatus {
 /// cannot fail except on non-finite floats, which become `null` in serde_json.
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     serde_json::to_vec(message).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    fn p(asset: &str, cycle: u64, value: f32) -> Prediction {
+        Prediction {
+            asset: AssetId::new(asset).unwrap(),
+            cycle,
+            model: ModelName::new("m").unwrap(),
+            release: Release(1),
+            value,
+        }
+    }
+
+    #[test]
+    fn summaries_per_asset_over_finite_values_with_the_latest_last() {
+        let preds = [
+            p("u1", 31, 120.0),
+            p("u2", 31, 80.0),
+            p("u1", 32, f32::NAN),
+            p("u1", 33, 100.0),
+            p("u1", 30, 130.0), // out of order: not the last
+            p("u3", 31, f32::INFINITY),
+        ];
+        let s = summarize(&preds);
+        assert_eq!(s.len(), 2, "u3 had nothing finite: {s:?}");
+        let u1 = &s[0];
+        assert_eq!((u1.asset.as_str(), u1.count, u1.first_cycle, u1.last_cycle), ("u1", 3, 30, 33));
+        assert_eq!((u1.min, u1.max, u1.last), (100.0, 130.0, 100.0));
+        assert!((u1.mean - 350.0 / 3.0).abs() < 1e-4);
+        assert!(s.iter().all(Summary::is_sound));
+        assert_eq!((s[1].asset.as_str(), s[1].count, s[1].mean), ("u2", 1, 80.0));
+        let json = serde_json::to_string(&RecordBody::Gap(Gap {
+            stream: Stream::Predictions,
+            first: 1,
+            last: 6,
+            dropped: 6,
+            reason: "quota".into(),
+            summaries: s.clone(),
+        }))
+        .unwrap();
+        let back: RecordBody = serde_json::from_str(&json).unwrap();
+        assert!(matches!(back, RecordBody::Gap(g) if g.summaries == s));
+        let mut bad = s[0].clone();
+        bad.mean = 500.0;
+        assert!(!bad.is_sound());
+        let no_summaries =
+            r#"{"kind":"gap","stream":"pred","first":1,"last":2,"dropped":2,"reason":"quota"}"#;
+        assert!(
+            matches!(serde_json::from_str(no_summaries).unwrap(), RecordBody::Gap(g) if g.summaries.is_empty())
+        );
+    }
 }
 
 #[cfg(test)]

@@ -692,13 +692,46 @@ fn an_outage_that_overruns_the_quota_drops_only_predictions_and_drift_and_announ
     let unique: BTreeSet<_> = got.iter().cloned().collect();
     assert_eq!(unique.len(), got.len(), "no prediction twice");
     assert!(unique.is_subset(&expected), "nothing the replay did not make");
+    // Dropped predictions were thinned, not lost without a trace: per asset, the gaps'
+    // summaries are exactly what the replay made and the server does not have.
+    let gaps = server.get(&format!("/api/v1/devices/{device}/gaps")).unwrap();
+    let mut summarized: std::collections::BTreeMap<String, (u64, f32, f32)> = Default::default();
+    for gap in gaps.as_array().unwrap().iter().filter(|g| g["stream"] == "pred") {
+        for s in gap["summaries"].as_array().unwrap() {
+            let e = summarized.entry(s["asset"].as_str().unwrap().to_owned()).or_insert((
+                0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+            ));
+            e.0 += s["count"].as_u64().unwrap();
+            e.1 = e.1.min(s["min"].as_f64().unwrap() as f32);
+            e.2 = e.2.max(s["max"].as_f64().unwrap() as f32);
+        }
+    }
+    let have: BTreeSet<(String, u64)> = got.iter().map(|(a, c, _)| (a.clone(), *c)).collect();
+    let mut missing: std::collections::BTreeMap<String, (u64, f32, f32)> = Default::default();
+    for (asset, cycle, bits) in &expected {
+        if !have.contains(&(asset.clone(), *cycle)) {
+            let v = f32::from_bits(*bits);
+            let e = missing.entry(asset.clone()).or_insert((0, f32::INFINITY, f32::NEG_INFINITY));
+            (e.0, e.1, e.2) = (e.0 + 1, e.1.min(v), e.2.max(v));
+        }
+    }
+    assert_eq!(summarized, missing, "the gaps' summaries against what is missing, per asset");
+    let thinned: u64 = summarized.values().map(|(n, _, _)| n).sum();
+    assert_eq!(thinned, dropped_pred, "every dropped prediction is in a summary");
     let peak = rss.iter().max().copied().unwrap_or(0);
     let sampled: Vec<String> =
         rss.iter().step_by(2).map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
     println!(
         "quota 64 KiB overrun: {made_pred} predictions made, {dropped_pred} dropped in \
-         {gaps_logged} announced gaps, {} delivered; streams {streams:?}; agent RSS MiB over the \
+         {gaps_logged} announced gaps (thinned into {} per-asset summaries), {} delivered; streams {streams:?}; agent RSS MiB over the \
          outage: [{}], peak {:.1}",
+        gaps.as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["summaries"].as_array().unwrap().len())
+            .sum::<usize>(),
         stored.len(),
         sampled.join(", "),
         peak as f64 / 1024.0
