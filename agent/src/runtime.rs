@@ -746,7 +746,7 @@ impl Agent {
                 if need == 0 {
                     return;
                 }
-                let floor = self.uplink.sent_upto(stream);
+                let floor = self.uplink.drop_floor(stream);
                 match self.store.drop_oldest(stream, floor, need, "quota") {
                     Ok(Some(gap)) => tracing::warn!(
                         stream = stream.as_str(),

@@ -97,6 +97,8 @@ pub struct Uplink {
     connected: bool,
     streams: [StreamState; 4],
     bucket: Bucket,
+    /// Per stream, the highest record sent on any connection since start ([`Uplink::drop_floor`]).
+    ever_sent: [u64; 4],
 }
 
 fn index(stream: Stream) -> usize {
@@ -130,7 +132,7 @@ fn covered(ack: &Ack, first: u64, last: u64) -> bool {
 impl Uplink {
     pub fn new(settings: Settings) -> Self {
         let bucket = Bucket { tokens: 0.0, refilled_ms: None };
-        Self { settings, connected: false, streams: Default::default(), bucket }
+        Self { settings, connected: false, streams: Default::default(), bucket, ever_sent: [0; 4] }
     }
 
     /// Adds the drain rate's tokens for the time since the last refill (up to one second's
@@ -198,6 +200,8 @@ impl Uplink {
             // Sequence numbers can skip (quarantined rows): the range is an upper bound.
             self.bucket.tokens = (self.bucket.tokens - (last + 1 - first) as f64).max(0.0);
         }
+        let ever = &mut self.ever_sent[index(req.stream)];
+        *ever = (*ever).max(last);
         let s = &mut self.streams[index(req.stream)];
         if req.attempt > 1 {
             match s.resend.front_mut() {
@@ -272,10 +276,12 @@ impl Uplink {
         due
     }
 
-    /// The highest record of `stream` sent on this connection: what is at or below it may be in
-    /// flight or due again (0 while disconnected).
-    pub fn sent_upto(&self, stream: Stream) -> u64 {
-        self.streams[index(stream)].sent_upto
+    /// The highest record of `stream` sent since the agent started, on any connection: at or
+    /// below it the server may already have stored a record whose ack was lost with its
+    /// connection, so the quota drops nothing there (a gap over a stored record would count it
+    /// twice). Bounded by what was in flight when a connection dropped.
+    pub fn drop_floor(&self, stream: Stream) -> u64 {
+        self.ever_sent[index(stream)]
     }
 
     pub fn inflight_batches(&self) -> usize {
@@ -289,6 +295,21 @@ mod tests {
 
     const S: Settings =
         Settings { batch_max: 100, max_inflight: 2, retry_after_ms: 1000, drain_per_sec: None };
+
+    #[test]
+    fn the_drop_floor_outlives_the_connection_a_batch_was_sent_on() {
+        let mut u = Uplink::new(S);
+        u.on_connected();
+        let req = u.next_request(P).unwrap();
+        u.on_sent(&req, 1, 40, 0);
+        assert_eq!(u.drop_floor(P), 40);
+        // Its ack may have been lost with the connection: the server may hold 1-40.
+        u.on_disconnected();
+        assert_eq!(u.drop_floor(P), 40);
+        u.on_connected();
+        assert_eq!(u.drop_floor(P), 40);
+        assert_eq!(u.drop_floor(Stream::Alerts), 0);
+    }
 
     #[test]
     fn a_drain_rate_paces_predictions_and_drift_but_never_alerts_or_update_reports() {
