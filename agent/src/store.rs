@@ -6,7 +6,9 @@
 
 use crate::asset::Cursor;
 use millwright_shared::AssetId;
-use millwright_shared::wire::{Gap, Level, Prediction, Record, RecordBody, Stream, summarize};
+use millwright_shared::wire::{
+    Gap, Level, Prediction, Record, RecordBody, Stream, merge_summaries, summarize,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
@@ -440,9 +442,11 @@ impl Store {
     }
 
     /// Frees at least `bytes` from `stream` by dropping its oldest records above `floor` (what
-    /// is in flight stays): the first of them becomes a gap record announcing the range, the
+    /// was ever sent stays): the first of them becomes a gap record announcing the range, the
     /// rest are deleted, and the drop is counted, in one transaction. Gap records are never
-    /// dropped. Returns the gap, or `None` if nothing could go.
+    /// dropped; a range right after an earlier gap (above the floor, so never sent) extends that
+    /// gap instead, its summaries merged, so a long outage leaves one announcement, not one per
+    /// drop. Returns the gap, or `None` if nothing could go.
     pub fn drop_oldest(
         &mut self,
         stream: Stream,
@@ -455,6 +459,8 @@ impl Store {
         // Dropped predictions are thinned into per-asset summaries carried by the gap.
         let mut predictions: Vec<Prediction> = Vec::new();
         let mut assets: std::collections::HashSet<AssetId> = std::collections::HashSet::new();
+        // The last gap before the range, if the range starts right after it.
+        let mut before: Option<Gap> = None;
         {
             let mut stmt = tx.prepare_cached(
                 "SELECT seq, length(CAST(body AS BLOB)) + 48, body LIKE '{\"kind\":\"gap\"%', body
@@ -467,9 +473,17 @@ impl Store {
                 if gap {
                     // A range stops at an earlier announcement; the next one starts after it.
                     if chosen.is_empty() {
+                        before = match serde_json::from_str::<RecordBody>(&row.get::<_, String>(3)?)
+                        {
+                            Ok(RecordBody::Gap(g)) if g.first == seq => Some(g),
+                            _ => None,
+                        };
                         continue;
                     }
                     break;
+                }
+                if chosen.is_empty() && before.as_ref().is_some_and(|g| g.last + 1 != seq) {
+                    before = None;
                 }
                 chosen.push(seq);
                 freed += size;
@@ -491,7 +505,7 @@ impl Store {
         let (Some(&first), Some(&last)) = (chosen.first(), chosen.last()) else {
             return Ok(None);
         };
-        let gap = Gap {
+        let fresh = Gap {
             stream,
             first,
             last,
@@ -499,20 +513,33 @@ impl Store {
             reason: reason.to_owned(),
             summaries: summarize(&predictions),
         };
+        let (gap, at, delete_from) = match before {
+            Some(b) if b.reason == fresh.reason => (
+                Gap {
+                    last,
+                    dropped: b.dropped + fresh.dropped,
+                    summaries: merge_summaries(b.summaries, fresh.summaries),
+                    ..b
+                },
+                b.first,
+                first - 1,
+            ),
+            _ => (fresh, first, first),
+        };
         let body = serde_json::to_string(&RecordBody::Gap(gap.clone()))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         tx.execute(
             "DELETE FROM outbox WHERE stream = ?1 AND seq > ?2 AND seq <= ?3",
-            params![stream.as_str(), first, last],
+            params![stream.as_str(), delete_from, last],
         )?;
         tx.execute(
             "UPDATE outbox SET body = ?3 WHERE stream = ?1 AND seq = ?2",
-            params![stream.as_str(), first, body],
+            params![stream.as_str(), at, body],
         )?;
         tx.execute(
             "INSERT INTO dropped (stream, records) VALUES (?1, ?2)
              ON CONFLICT (stream) DO UPDATE SET records = records + excluded.records",
-            params![stream.as_str(), gap.dropped],
+            params![stream.as_str(), chosen.len() as u64],
         )?;
         tx.commit()?;
         Ok(Some(gap))
@@ -649,14 +676,30 @@ mod tests {
             .unwrap();
         assert_eq!(counted as i64, real, "the triggers keep the byte count");
         assert!(counted < full - 3 * row);
-        // The next drops skip the announcements and never swallow them, down to nothing.
-        let mut from = gap.last + 1;
+        // The next drops extend that announcement (never sent: it is above the floor), down
+        // to nothing: one gap for the whole run, its summaries merged.
+        let mut last = gap.last;
         while let Some(next) = store.drop_oldest(Stream::Predictions, 2, 1, "quota").unwrap() {
-            assert_eq!(next.first, from, "{next:?}");
-            from = next.last + 1;
+            assert_eq!(next.first, 3, "{next:?}");
+            assert!(next.last > last, "{next:?}");
+            last = next.last;
         }
-        assert_eq!(from, 11, "every record above the floor went");
+        assert_eq!(last, 10, "every record above the floor went");
         assert_eq!(store.dropped().unwrap()[&Stream::Predictions], 8);
+        let left = store.read(Stream::Predictions, 0, u64::MAX, 20).unwrap().records;
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let RecordBody::Gap(one) = &left[2].body else { panic!("{left:?}") };
+        assert_eq!((one.first, one.last, one.dropped), (3, 10, 8));
+        let [s] = &one.summaries[..] else { panic!("{one:?}") };
+        assert_eq!(
+            (s.count, s.first_cycle, s.last_cycle, s.min, s.max, s.last),
+            (8, 3, 10, 3.0, 10.0, 10.0)
+        );
+        assert!((s.mean - 6.5).abs() < 1e-5, "{s:?}");
+        // A gap at or below the floor was sent: it is never extended.
+        store.append(&(11..=14).map(prediction).collect::<Vec<_>>(), &[]).unwrap();
+        let apart = store.drop_oldest(Stream::Predictions, 3, 1, "quota").unwrap().unwrap();
+        assert_eq!(apart.first, 11, "{apart:?}");
     }
 
     #[test]

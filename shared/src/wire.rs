@@ -151,6 +151,32 @@ impl Summary {
     }
 }
 
+/// One list of summaries for the predictions of `earlier` and `later` together, per (asset,
+/// model): counts add, cycles and values span both, the mean is weighted by the counts and
+/// `last` is the value at the later last cycle.
+pub fn merge_summaries(earlier: Vec<Summary>, later: Vec<Summary>) -> Vec<Summary> {
+    let mut out = earlier;
+    for b in later {
+        match out.iter_mut().find(|a| a.asset == b.asset && a.model == b.model) {
+            Some(a) => {
+                let n = (a.count + b.count) as f64;
+                a.mean = ((f64::from(a.mean) * a.count as f64 + f64::from(b.mean) * b.count as f64)
+                    / n) as f32;
+                a.count += b.count;
+                a.first_cycle = a.first_cycle.min(b.first_cycle);
+                if b.last_cycle >= a.last_cycle {
+                    a.last_cycle = b.last_cycle;
+                    a.last = b.last;
+                }
+                a.min = a.min.min(b.min);
+                a.max = a.max.max(b.max);
+            }
+            None => out.push(b),
+        }
+    }
+    out
+}
+
 /// Summaries of `predictions` per (asset, model), in order of first appearance, over their
 /// finite values (a model's NaN has nothing to summarise: it is dropped uncounted here, counted
 /// in the gap's `dropped` as every record is).
@@ -546,6 +572,9 @@ mod summary_tests {
         .unwrap();
         let back: RecordBody = serde_json::from_str(&json).unwrap();
         assert!(matches!(back, RecordBody::Gap(g) if g.summaries == s));
+        // Summaries of two runs merge into the summary of both.
+        let (a, b) = preds.split_at(3);
+        assert_eq!(merge_summaries(summarize(a), summarize(b)), s);
         let mut bad = s[0].clone();
         bad.mean = 500.0;
         assert!(!bad.is_sound());
