@@ -695,6 +695,18 @@ fn an_outage_that_overruns_the_quota_drops_only_predictions_and_drift_and_announ
     // Dropped predictions were thinned, not lost without a trace: per asset, the gaps'
     // summaries are exactly what the replay made and the server does not have.
     let gaps = server.get(&format!("/api/v1/devices/{device}/gaps")).unwrap();
+    // ... and answer as the OpenAPI document says (the demo the dashboard test reads has none).
+    let doc = server.get_text("/api/v1/openapi.json").unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&doc.replace("#/components/schemas/", "#/$defs/")).unwrap();
+    let mut schema = doc["paths"]["/api/v1/devices/{device}/gaps"]["get"]["responses"]["200"]
+        ["content"]["application/json"]["schema"]
+        .clone();
+    schema["$defs"] = doc["components"]["schemas"].clone();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&gaps).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "the gaps do not answer as documented: {errors:?}\n{gaps}");
+    assert!(gaps.as_array().is_some_and(|g| !g.is_empty()));
     let mut summarized: std::collections::BTreeMap<String, (u64, f32, f32)> = Default::default();
     for gap in gaps.as_array().unwrap().iter().filter(|g| g["stream"] == "pred") {
         for s in gap["summaries"].as_array().unwrap() {
