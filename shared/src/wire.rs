@@ -151,26 +151,47 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// The summary of one prediction.
+    fn of(p: &Prediction) -> Summary {
+        Summary {
+            asset: p.asset.clone(),
+            model: p.model.clone(),
+            count: 1,
+            first_cycle: p.cycle,
+            last_cycle: p.cycle,
+            min: p.value,
+            mean: p.value,
+            max: p.value,
+            last: p.value,
+        }
+    }
+
+    /// Takes in `later` (same asset and model): counts add, cycles and values span both, the
+    /// mean is weighted by the counts and `last` is the value at the later last cycle.
+    fn absorb(&mut self, later: &Summary) {
+        let n = (self.count + later.count) as f64;
+        let weighted =
+            f64::from(self.mean) * self.count as f64 + f64::from(later.mean) * later.count as f64;
+        self.mean = (weighted / n) as f32;
+        self.count += later.count;
+        self.first_cycle = self.first_cycle.min(later.first_cycle);
+        if later.last_cycle >= self.last_cycle {
+            self.last_cycle = later.last_cycle;
+            self.last = later.last;
+        }
+        self.min = self.min.min(later.min);
+        self.max = self.max.max(later.max);
+    }
+}
+
 /// One list of summaries for the predictions of `earlier` and `later` together, per (asset,
-/// model): counts add, cycles and values span both, the mean is weighted by the counts and
-/// `last` is the value at the later last cycle.
+/// model) ([`Summary::absorb`]).
 pub fn merge_summaries(earlier: Vec<Summary>, later: Vec<Summary>) -> Vec<Summary> {
     let mut out = earlier;
     for b in later {
         match out.iter_mut().find(|a| a.asset == b.asset && a.model == b.model) {
-            Some(a) => {
-                let n = (a.count + b.count) as f64;
-                a.mean = ((f64::from(a.mean) * a.count as f64 + f64::from(b.mean) * b.count as f64)
-                    / n) as f32;
-                a.count += b.count;
-                a.first_cycle = a.first_cycle.min(b.first_cycle);
-                if b.last_cycle >= a.last_cycle {
-                    a.last_cycle = b.last_cycle;
-                    a.last = b.last;
-                }
-                a.min = a.min.min(b.min);
-                a.max = a.max.max(b.max);
-            }
+            Some(a) => a.absorb(&b),
             None => out.push(b),
         }
     }
@@ -181,40 +202,8 @@ pub fn merge_summaries(earlier: Vec<Summary>, later: Vec<Summary>) -> Vec<Summar
 /// finite values (a model's NaN has nothing to summarise: it is dropped uncounted here, counted
 /// in the gap's `dropped` as every record is).
 pub fn summarize<'a>(predictions: impl IntoIterator<Item = &'a Prediction>) -> Vec<Summary> {
-    let mut out: Vec<(Summary, f64)> = Vec::new();
-    for p in predictions.into_iter().filter(|p| p.value.is_finite()) {
-        let found = out.iter_mut().find(|(s, _)| s.asset == p.asset && s.model == p.model);
-        let Some((s, sum)) = found else {
-            let s = Summary {
-                asset: p.asset.clone(),
-                model: p.model.clone(),
-                count: 1,
-                first_cycle: p.cycle,
-                last_cycle: p.cycle,
-                min: p.value,
-                mean: p.value,
-                max: p.value,
-                last: p.value,
-            };
-            out.push((s, f64::from(p.value)));
-            continue;
-        };
-        s.count += 1;
-        *sum += f64::from(p.value);
-        s.first_cycle = s.first_cycle.min(p.cycle);
-        if p.cycle >= s.last_cycle {
-            s.last_cycle = p.cycle;
-            s.last = p.value;
-        }
-        s.min = s.min.min(p.value);
-        s.max = s.max.max(p.value);
-    }
-    out.into_iter()
-        .map(|(mut s, sum)| {
-            s.mean = (sum / s.count as f64) as f32;
-            s
-        })
-        .collect()
+    let singles = predictions.into_iter().filter(|p| p.value.is_finite()).map(Summary::of);
+    merge_summaries(Vec::new(), singles.collect())
 }
 
 impl RecordBody {

@@ -163,6 +163,26 @@ impl TrustKit {
     pub fn server_config(&self, extra: &str) -> String {
         format!("[rollouts]\nroot = {:?}\ntick_ms = 200\n{extra}\n", self.root_path)
     }
+
+    /// Releases 1 and 2 of the reference model (the same weights) written to `dir` as
+    /// `r1.mwb` and `r2.mwb`, and a server on the embedded broker with this kit's config
+    /// (`extra` in its `[rollouts]`, e.g. a chunk size) that has both registered.
+    pub fn server_with_two_releases(
+        &self,
+        dir: &Path,
+        extra: &str,
+    ) -> anyhow::Result<(PathBuf, PathBuf, crate::Server)> {
+        let (r1, r2) = (dir.join("r1.mwb"), dir.join("r2.mwb"));
+        std::fs::write(&r1, self.release(1)?)?;
+        std::fs::write(&r2, self.release(2)?)?;
+        let config = self.server_config(extra);
+        let server = crate::Server::start_with_config(dir, crate::BrokerChoice::Embedded, &config)?;
+        for bundle in [&r1, &r2] {
+            let out = server.cli(ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output()?;
+            anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((r1, r2, server))
+    }
 }
 
 /// How a bundle is named and cut in a directive.

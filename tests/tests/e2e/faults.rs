@@ -1,7 +1,7 @@
 //! Faults: the broker stops mid-run, an agent is SIGKILLed mid-run, garbage arrives on an input
 //! topic. Nothing acknowledged is lost or duplicated and the agent keeps running.
 
-use millwright_tests::trust::{ADMIN_TOKEN, OPERATOR_TOKEN, TrustKit};
+use millwright_tests::trust::{OPERATOR_TOKEN, TrustKit};
 use millwright_tests::*;
 use rumqttc::{Client, Event, Packet, QoS};
 use std::time::{Duration, Instant};
@@ -259,17 +259,8 @@ fn two_hundred_sigkills_of_a_busy_gateway_through_broker_flaps_lose_and_duplicat
     // A rollout runs through the kills too: release 1 of the reference model is served, 2 is
     // rolled out (the same weights, so the predictions stay the reference replay's).
     let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
-    let (r1, r2) = (dir.path().join("r1.mwb"), dir.path().join("r2.mwb"));
-    std::fs::write(&r1, kit.release(1).unwrap()).unwrap();
-    std::fs::write(&r2, kit.release(2).unwrap()).unwrap();
-    let config = kit.server_config("chunk_size = 16384");
-    let mut server =
-        Server::start_with_config(dir.path(), BrokerChoice::Embedded, &config).unwrap();
-    for bundle in [&r1, &r2] {
-        let out = server.cli(ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output();
-        let out = out.unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    let (r1, _, mut server) =
+        kit.server_with_two_releases(dir.path(), "chunk_size = 16384").unwrap();
     let device = "sigkill-gw";
     // Six engines run to failure (predictions and alerts), drift reports every second, and a
     // press whose readings keep arriving over MQTT whatever happens to the gateway.

@@ -340,16 +340,7 @@ fn a_wall_clock_stepped_an_hour_either_way_mid_probation_neither_ends_nor_stretc
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let kit = TrustKit::new(&dir.path().join("trust")).unwrap();
-    let (r1, r2) = (dir.path().join("r1.mwb"), dir.path().join("r2.mwb"));
-    std::fs::write(&r1, kit.release(1).unwrap()).unwrap();
-    std::fs::write(&r2, kit.release(2).unwrap()).unwrap();
-    let config = kit.server_config("chunk_size = 65536");
-    let server = Server::start_with_config(dir.path(), BrokerChoice::Embedded, &config).unwrap();
-    for bundle in [&r1, &r2] {
-        let out = server.cli(trust::ADMIN_TOKEN).args(["model", "register"]).arg(bundle).output();
-        let out = out.unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    let (r1, _, server) = kit.server_with_two_releases(dir.path(), "chunk_size = 65536").unwrap();
     let lib = libfaketime();
     let mut fleet = Vec::new();
     for (device, step) in [("clock-ahead", "+1h"), ("clock-behind", "-1h")] {
