@@ -2,7 +2,7 @@
 //!
 //! Pure core (no tokio, rusqlite, rumqttc, tract or `std::fs`; no clock): [`cmapss`],
 //! [`reading`], [`window`], [`alert`], [`asset`], [`uplink`], [`quota`] (what the outbox
-//! quota drops), [`status`] (the snapshot),
+//! quota drops), [`activation`] (an update's checks), [`update_machine`] (the model update), [`status`] (the snapshot),
 //! [`page`] (the local page's HTML), [`metrics`] (Prometheus text).
 //! Shell (one adapter per external system): [`store`] (SQLite), [`inference`] (tract),
 //! [`local_http`] (axum: the local page and its API), [`sources`] (file replay pacing), [`runtime`] (the event loop),
@@ -31,6 +31,7 @@ pub mod sources;
 pub mod staging;
 pub mod status;
 pub mod store;
+pub mod update_machine;
 pub mod update_state;
 pub mod uplink;
 pub mod watchdog;

@@ -4,7 +4,6 @@
 //! variant of [`Event`]. Inference runs inline (a window takes microseconds); SQLite commits are
 //! grouped every `flush_interval` or `flush_max_records`.
 
-mod download;
 mod update;
 
 use crate::asset::{self, AssetState, Cursor, Outcome};
@@ -18,6 +17,7 @@ use crate::status::{
     self, AssetStatus, Counters, FeatureStatus, History, OpenAlert, Point, Status,
 };
 use crate::store::{NewRecord, Store};
+use crate::update_machine::{Machine, Settings as MachineSettings};
 use crate::update_state::Slot;
 use crate::uplink::{PRIORITY, Uplink};
 use crate::{clock, cmapss, reading};
@@ -105,7 +105,7 @@ struct Agent {
     loaded: Vec<Loaded>,
     /// Model name → the bundle files serving it, once an update installed one.
     slots: HashMap<String, Slot>,
-    update: Option<update::Update>,
+    update: update::Updates,
     /// Refused directives and roots: which were reported, and when an unverified one last was.
     refused: update::Refused,
     assets: Vec<Asset>,
@@ -297,8 +297,14 @@ fn status_payload(
 }
 
 /// How the uplink connects: TLS with the gateway's client certificate for `mqtts://`, and
-/// the embedded broker's credentials (the device id and a signature over the client id).
-fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::Connect> {
+/// the embedded broker's credentials (the device id and a signature over the client id). The
+/// driver subscribes to this device's acks, directive, chunks, the fleet's root and the
+/// assets' MQTT `inputs` on every connection.
+fn connect_options(
+    config: &Config,
+    last_will: Vec<u8>,
+    inputs: Vec<String>,
+) -> anyhow::Result<mqtt::Connect> {
     let u = &config.uplink;
     let transport = match u.tls {
         true => mqtt::Transport::Tls(
@@ -318,6 +324,15 @@ fn connect_options(config: &Config, last_will: Vec<u8>) -> anyhow::Result<mqtt::
         reconnect_max: u.reconnect_max,
         last_will: Some((topics::status(&config.device), last_will)),
         stall_after: mqtt::DEFAULT_STALL_AFTER,
+        subscriptions: [
+            topics::ack(&config.device),
+            topics::desired(&config.device),
+            topics::chunk(&config.device),
+            topics::TRUST_ROOT.to_owned(),
+        ]
+        .into_iter()
+        .chain(inputs)
+        .collect(),
     })
 }
 
@@ -367,7 +382,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let started_at_ms = clock::trusted_now_ms();
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(1024);
     let will = status_payload(&config, (started_at_ms, started_at_ms), false, vec![], None);
-    let client = mqtt::start(connect_options(&config, will)?, mqtt_tx);
+    let inputs = assets.iter().filter_map(|a| a.input_topic.clone()).collect();
+    let client = mqtt::start(connect_options(&config, will, inputs)?, mqtt_tx);
 
     let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let pin_guard = Arc::new(local_http::PinGuard::default());
@@ -420,6 +436,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     drop(source_tx);
 
+    let machine = Machine::new(MachineSettings {
+        models_dir: config.data_dir.join("models"),
+        fetch_window: config.updates.fetch_window as usize,
+        fetch_timeout_ms: i64::try_from(config.updates.fetch_timeout.as_millis())
+            .unwrap_or(i64::MAX),
+    });
     let mut agent = Agent {
         uplink: Uplink::new(config.uplink.settings),
         config,
@@ -429,7 +451,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         models,
         loaded,
         slots,
-        update: None,
+        update: update::Updates::new(machine),
         refused: update::Refused::default(),
         assets,
         client,
@@ -512,6 +534,7 @@ impl Agent {
                     self.counters.reconnects += 1;
                 }
                 self.uplink.on_disconnected();
+                self.on_link_update(false);
             }
             Event::Mqtt(MqttEvent::Message { topic, payload }) => self.on_message(&topic, &payload),
             Event::Mqtt(MqttEvent::Stalled { .. }) => self.counters.uplink_stalls += 1,
@@ -568,7 +591,7 @@ impl Agent {
     ) {
         let asset = &mut self.assets[index];
         let model = &mut self.models[asset.model];
-        let mut observer = self.update.as_mut().and_then(|u| u.observer(asset.model));
+        let mut observer = self.update.observer(asset.model);
         let latency = &mut self.latency;
         let cycle = cycle.unwrap_or_else(|| asset.state.next_cycle());
         let outcome = row.map(|row| {
@@ -770,19 +793,8 @@ impl Agent {
     fn on_connected(&mut self) {
         tracing::info!("uplink connected");
         self.uplink.on_connected();
-        let device = &self.config.device;
-        let _ = self.client.try_subscribe(topics::ack(device), QoS::AtLeastOnce);
-        for topic in [topics::desired(device), topics::chunk(device), topics::TRUST_ROOT.to_owned()]
-        {
-            let _ = self.client.try_subscribe(topic, QoS::AtLeastOnce);
-        }
-        for asset in &self.assets {
-            if let Some(topic) = &asset.input_topic {
-                let _ = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
-            }
-        }
         self.publish_status(true);
-        self.on_reconnect_update();
+        self.on_link_update(true);
         self.pump();
     }
 
@@ -1127,7 +1139,7 @@ impl Agent {
             disk_bytes: dir_bytes(&self.config.data_dir),
             assets,
             models: self.running_models(),
-            update: self.update.as_ref().map(update::Update::status),
+            update: self.update.machine.status(),
             trust_root_version: self.root.version(),
             trust_root_expired: self.root.is_expired(clock::trusted_now()),
             outbox_quarantined: self.quarantined,

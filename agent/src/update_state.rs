@@ -4,6 +4,7 @@
 //! the one before it, the last known good) and the activation in progress.
 
 use crate::store::{NewRecord, Store, StoreError, append_in};
+use crate::update_machine::Progress;
 use rusqlite::{OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,47 +39,17 @@ pub struct Slot {
     pub previous: Option<PathBuf>,
 }
 
-/// How far an activation got. A restart resumes from here: fetching resumes the download,
-/// `Staged` and `Verified` verify and load again, `Shadow` restarts the shadow period, and
-/// `Probation` (the new model already serves) restarts probation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Fetching,
-    Staged,
-    Verified,
-    Shadow,
-    Probation,
-}
-
-impl Step {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Fetching => "fetching",
-            Step::Staged => "staged",
-            Step::Verified => "verified",
-            Step::Shadow => "shadow",
-            Step::Probation => "probation",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Step> {
-        [Step::Fetching, Step::Staged, Step::Verified, Step::Shadow, Step::Probation]
-            .into_iter()
-            .find(|step| step.as_str() == s)
-    }
-}
-
 /// The activation in progress: its directive (the signed envelope), step and how many times
 /// the agent started with it unfinished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     pub directive: Vec<u8>,
-    pub step: Step,
+    pub step: Progress,
     pub attempts: u32,
 }
 
 /// One change to the update state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Root(Vec<u8>),
     LastDirective { seq: u64, bytes: Vec<u8> },
@@ -240,7 +211,7 @@ impl Store {
             })
             .optional()?;
         row.map(|(directive, step, attempts)| {
-            let step = Step::parse(&step)
+            let step = Progress::parse(&step)
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown activation step {step:?}")))?;
             Ok(Pending { directive, step, attempts })
         })
@@ -284,7 +255,7 @@ mod tests {
                         },
                         Change::Activation(Some(Pending {
                             directive: b"d7".to_vec(),
-                            step: Step::Shadow,
+                            step: Progress::Shadow,
                             attempts: 1,
                         })),
                     ],
@@ -296,7 +267,7 @@ mod tests {
         assert_eq!(store.last_directive().unwrap(), Some((7, b"d7".to_vec())));
         assert_eq!(store.highest_seen("m").unwrap(), Some(3));
         assert_eq!(store.slots().unwrap()["m"].previous, Some(PathBuf::from("p.mwb")));
-        assert_eq!(store.activation().unwrap().map(|p| p.step), Some(Step::Shadow));
+        assert_eq!(store.activation().unwrap().map(|p| p.step), Some(Progress::Shadow));
         assert_eq!(store.last_seq(millwright_shared::wire::Stream::Updates).unwrap(), 1);
     }
 }

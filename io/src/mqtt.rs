@@ -8,9 +8,15 @@
 //! acknowledges no publish (a half-open link, a wedged broker, a proxy in trouble). The driver
 //! watches its QoS 1 publishes; when the oldest has waited `stall_after` for its PUBACK, it says
 //! so ([`MqttEvent::Stalled`]), drops the connection and connects again.
+//!
+//! Subscriptions are the driver's too ([`Connect::subscriptions`]): made on each connection
+//! before anything else goes out. Asked for through the client instead, one could wait behind
+//! a full window of unacknowledged publishes, be dropped with them at a reconnect, or be
+//! refused by a full request queue, and the party would stay connected and hear nothing.
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, TlsConfiguration,
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Request, Subscribe,
+    TlsConfiguration,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +75,10 @@ pub struct Connect {
     /// and made again ([`DEFAULT_STALL_AFTER`]). Checked whenever the connection yields an
     /// event, at the latest every keep-alive (pings go out regardless of traffic).
     pub stall_after: Duration,
+    /// Topic filters subscribed (QoS 1) on every connection, by the driver itself, ahead of
+    /// anything its owner queued: a subscription never waits behind publishes the broker has
+    /// not acknowledged, and a full request queue cannot lose it.
+    pub subscriptions: Vec<String>,
 }
 
 /// Starts the connection task; events arrive on `events` until the client is dropped.
@@ -88,7 +98,14 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
     let (client, eventloop) = AsyncClient::new(options, 256);
-    tokio::spawn(drive(eventloop, events, connect.reconnect_max, connect.stall_after));
+    let subscriptions = connect.subscriptions;
+    tokio::spawn(drive(
+        eventloop,
+        events,
+        connect.reconnect_max,
+        connect.stall_after,
+        subscriptions,
+    ));
     client
 }
 
@@ -160,6 +177,7 @@ async fn drive(
     events: mpsc::Sender<MqttEvent>,
     max: Duration,
     stall_after: Duration,
+    subscriptions: Vec<String>,
 ) {
     let mut backoff = BACKOFF_START;
     let mut connected = false;
@@ -172,6 +190,12 @@ async fn drive(
                 backoff = BACKOFF_START;
                 unacked.reset();
                 connected_at = Instant::now();
+                // A new (clean) session: the pending queue was emptied on connect, and it goes
+                // out before the request queue, whatever the publish window holds.
+                for filter in &subscriptions {
+                    let subscribe = Subscribe::new(filter.clone(), QoS::AtLeastOnce);
+                    eventloop.pending.push_front(Request::Subscribe(subscribe));
+                }
                 Some(MqttEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

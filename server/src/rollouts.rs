@@ -444,7 +444,6 @@ impl Rollouts {
     /// After (re)connecting to the broker: the root and every device's latest directive, retained
     /// (an embedded broker forgets retained messages when the server restarts).
     pub fn on_connected(&self, db: &Db, client: &AsyncClient) {
-        let _ = client.try_subscribe(topics::FETCH_FILTER, QoS::AtLeastOnce);
         let _ = client.try_publish(
             topics::TRUST_ROOT,
             QoS::AtLeastOnce,

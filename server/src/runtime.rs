@@ -232,6 +232,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             reconnect_max: Duration::from_secs(5),
             last_will: None,
             stall_after: mqtt::DEFAULT_STALL_AFTER,
+            subscriptions: [
+                topics::UPLINK_FILTER,
+                topics::STATUS_FILTER,
+                topics::DESIRED_FILTER,
+                topics::TRUST_ROOT,
+            ]
+            .into_iter()
+            .chain(rollouts.is_some().then_some(topics::FETCH_FILTER))
+            .map(str::to_owned)
+            .collect(),
         },
         tx,
     );
@@ -295,16 +305,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Event::Mqtt(MqttEvent::Connected) => {
                 broker.connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");
-                for filter in [
-                    topics::UPLINK_FILTER,
-                    topics::STATUS_FILTER,
-                    topics::DESIRED_FILTER,
-                    topics::TRUST_ROOT,
-                ] {
-                    if client.try_subscribe(filter, QoS::AtLeastOnce).is_err() {
-                        broker.publishes_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
                 if let Some(r) = &rollouts {
                     tokio::task::block_in_place(|| r.on_connected(&db, &client));
                 }

@@ -64,7 +64,16 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, f: impl FnMut() -> bool) -> bool {
+    wait_until_every(timeout, Duration::from_millis(100), f)
+}
+
+/// [`wait_until`], looking every `interval` (to catch a moment that passes quickly).
+pub fn wait_until_every(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
@@ -73,7 +82,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(interval);
     }
 }
 
@@ -611,7 +620,7 @@ impl Agent {
         Self::start_with_env(root, spec, server, &[])
     }
 
-    /// Starts an agent with extra environment variables (e.g. `MILLWRIGHT_PAUSE_AFTER`).
+    /// Starts an agent with extra environment variables (e.g. faketime's).
     pub fn start_with_env(
         root: &Path,
         spec: AgentSpec,

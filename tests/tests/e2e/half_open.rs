@@ -122,7 +122,8 @@ fn two_minutes_without_a_puback_are_detected_on_both_ends_and_nothing_waits_or_i
         "{}",
         dump()
     );
-    wait_for_all(&server, &[&agent], Duration::from_secs(120)).unwrap();
+    wait_for_all(&server, &[&agent], Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump()));
     let n = check_exactly_once(&server, &agent).unwrap_or_else(|e| panic!("{e}\n{}", dump()));
     let streams = check_streams(&server, &agent, Duration::from_secs(60)).unwrap();
     assert!(

@@ -37,6 +37,7 @@ const PURE: &[&str] = &[
     "agent/src/uplink.rs",
     "agent/src/quota.rs",
     "agent/src/activation.rs",
+    "agent/src/update_machine.rs",
     "agent/src/status.rs",
     "agent/src/page.rs",
     "agent/src/metrics.rs",
