@@ -998,6 +998,8 @@ mod tests {
         root: bool,
         /// Crash whenever the shadow step is recorded: on the way and after every resume.
         crash_every_resume: bool,
+        /// The disk fills just as the swap is to be recorded; the space returns with a restart.
+        disk_full_at_swap: bool,
         expected: &'static [(u64, UpdatePhase)],
         serves: u64,
     }
@@ -1023,6 +1025,7 @@ mod tests {
             revert_directive: false,
             root: false,
             crash_every_resume: false,
+            disk_full_at_swap: false,
             expected: &INSTALL,
             serves: 2,
         };
@@ -1099,6 +1102,7 @@ mod tests {
                 serves: 1,
                 ..base
             },
+            Path { name: "full disk at the swap", disk_full_at_swap: true, ..base },
             Path {
                 name: "resume after repeated crashes",
                 crash_every_resume: true,
@@ -1128,6 +1132,9 @@ mod tests {
         bundles: BTreeSet<PathBuf>,
         /// Staging files and which chunks they hold.
         staged: BTreeMap<String, Vec<bool>>,
+        /// No write succeeds.
+        full: bool,
+        filled: bool,
     }
 
     /// What a power cut loses.
@@ -1152,6 +1159,8 @@ mod tests {
         crash_after: Option<usize>,
         crashes: usize,
         resumes: usize,
+        /// Broken invariants seen on the way.
+        violations: Vec<String>,
     }
 
     fn models_dir() -> PathBuf {
@@ -1180,6 +1189,7 @@ mod tests {
                 crash_after,
                 crashes: 0,
                 resumes: 0,
+                violations: vec![],
             }
         }
 
@@ -1258,6 +1268,13 @@ mod tests {
             let (d, l) = (&mut self.durable, &mut self.live);
             match effect {
                 Effect::Persist { changes, reports } => {
+                    let swap = changes.iter().any(|c| matches!(c, Change::Slot { .. }));
+                    if self.path.disk_full_at_swap && swap && !d.filled {
+                        (d.full, d.filled) = (true, true);
+                    }
+                    if d.full {
+                        return Some(Input::Failed("database or disk is full".into()));
+                    }
                     for c in changes {
                         match c {
                             Change::Root(doc) => d.root = doc[0].into(),
@@ -1311,6 +1328,10 @@ mod tests {
                     Some(Input::Loaded(if here { Ok(()) } else { Err("cannot read".into()) }))
                 }
                 Effect::Swap { path, .. } => {
+                    if d.slot.as_ref().map(|s| &s.active) != Some(&path) {
+                        self.violations
+                            .push(format!("swapped to {path:?} before its slot was recorded"));
+                    }
                     assert_eq!(
                         l.candidate.take(),
                         Some(path.clone()),
@@ -1468,6 +1489,12 @@ mod tests {
                     started = false;
                     continue;
                 }
+                if self.durable.full && !self.live.machine.is_active() {
+                    // Space returns; the agent is restarted.
+                    self.durable.full = false;
+                    started = false;
+                    continue;
+                }
                 let done = self.durable.activation.is_none()
                     && !self.live.machine.is_active()
                     && self.desired().is_none_or(|d| d.seq <= self.durable.last_directive)
@@ -1482,6 +1509,12 @@ mod tests {
 
     /// Checks one finished run; returns what went wrong.
     fn verdict(g: &Gateway) -> Result<(), String> {
+        if !g.violations.is_empty() {
+            return Err(g.violations.join("; "));
+        }
+        if g.path.disk_full_at_swap && !g.durable.filled {
+            return Err("the disk never filled".into());
+        }
         let phases: Vec<(u64, UpdatePhase)> =
             g.durable.reports.iter().map(|r| (r.0, r.1)).collect();
         if phases != g.path.expected {
