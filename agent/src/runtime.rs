@@ -442,8 +442,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         fetch_timeout_ms: i64::try_from(config.updates.fetch_timeout.as_millis())
             .unwrap_or(i64::MAX),
     });
+    let mut uplink = Uplink::new(config.uplink.settings);
+    for stream in PRIORITY {
+        uplink.recorded_floor(stream, store.sent_floor(stream)?);
+    }
     let mut agent = Agent {
-        uplink: Uplink::new(config.uplink.settings),
+        uplink,
         config,
         store,
         epoch,
@@ -1060,6 +1064,22 @@ impl Agent {
                     &self.config.device,
                     &body,
                 );
+                if let Some(floor) = self.uplink.reservation(stream, last) {
+                    // Recorded before the send: after a restart the quota still spares what
+                    // this run sent. Sent regardless when the store refuses (a full disk is when
+                    // draining matters most): this run's own floor still holds.
+                    match self.store.save_sent_floor(stream, floor) {
+                        Ok(()) => self.uplink.recorded_floor(stream, floor),
+                        Err(e) => {
+                            self.counters.store_errors += 1;
+                            // Counted; the failing commits are logged where they happen.
+                            tracing::debug!(
+                                stream = stream.as_str(),
+                                "cannot record the drop floor: {e}"
+                            );
+                        }
+                    }
+                }
                 if self.client.try_publish(topic, QoS::AtLeastOnce, false, frame).is_err() {
                     return;
                 }

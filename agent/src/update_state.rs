@@ -162,6 +162,24 @@ impl Store {
         Ok(())
     }
 
+    /// The drop floor recorded for `stream` ([`crate::uplink::Uplink::drop_floor`]).
+    pub fn sent_floor(&self, stream: millwright_shared::wire::Stream) -> Result<u64, StoreError> {
+        let value = self.trust_value(&format!("sent_floor_{}", stream.as_str()))?;
+        Ok(value.and_then(|b| String::from_utf8(b).ok()?.parse().ok()).unwrap_or(0))
+    }
+
+    pub fn save_sent_floor(
+        &mut self,
+        stream: millwright_shared::wire::Stream,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO trust_state (name, value) VALUES (?1, ?2)",
+            params![format!("sent_floor_{}", stream.as_str()), seq.to_string().into_bytes()],
+        )?;
+        Ok(())
+    }
+
     /// The newest root this device accepted (beyond the provisioned one).
     pub fn stored_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.trust_value("root")
@@ -269,5 +287,22 @@ mod tests {
         assert_eq!(store.slots().unwrap()["m"].previous, Some(PathBuf::from("p.mwb")));
         assert_eq!(store.activation().unwrap().map(|p| p.step), Some(Progress::Shadow));
         assert_eq!(store.last_seq(millwright_shared::wire::Stream::Updates).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_drop_floor_survives_reopening() {
+        use millwright_shared::wire::Stream;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert_eq!(store.sent_floor(Stream::Predictions).unwrap(), 0);
+            store.save_sent_floor(Stream::Predictions, 1040).unwrap();
+            store.save_sent_floor(Stream::Drift, 7).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.sent_floor(Stream::Predictions).unwrap(), 1040);
+        assert_eq!(store.sent_floor(Stream::Drift).unwrap(), 7);
+        assert_eq!(store.sent_floor(Stream::Alerts).unwrap(), 0);
     }
 }

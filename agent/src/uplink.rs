@@ -99,6 +99,9 @@ pub struct Uplink {
     bucket: Bucket,
     /// Per stream, the highest record sent on any connection since start ([`Uplink::drop_floor`]).
     ever_sent: [u64; 4],
+    /// Per stream, the floor recorded in the store: at least every record sent by this or an
+    /// earlier run of the agent ([`Uplink::reservation`]).
+    recorded: [u64; 4],
 }
 
 fn index(stream: Stream) -> usize {
@@ -132,7 +135,14 @@ fn covered(ack: &Ack, first: u64, last: u64) -> bool {
 impl Uplink {
     pub fn new(settings: Settings) -> Self {
         let bucket = Bucket { tokens: 0.0, refilled_ms: None };
-        Self { settings, connected: false, streams: Default::default(), bucket, ever_sent: [0; 4] }
+        Self {
+            settings,
+            connected: false,
+            streams: Default::default(),
+            bucket,
+            ever_sent: [0; 4],
+            recorded: [0; 4],
+        }
     }
 
     /// Adds the drain rate's tokens for the time since the last refill (up to one second's
@@ -276,12 +286,26 @@ impl Uplink {
         due
     }
 
-    /// The highest record of `stream` sent since the agent started, on any connection: at or
-    /// below it the server may already have stored a record whose ack was lost with its
-    /// connection, so the quota drops nothing there (a gap over a stored record would count it
-    /// twice). Bounded by what was in flight when a connection dropped.
+    /// At or below this record of `stream` the server may already have stored a record whose
+    /// ack was lost with its connection (in this run or before a restart), so the quota drops
+    /// nothing there: a gap over a stored record would count it twice. The highest record sent,
+    /// or the floor recorded ahead of the sends, whichever is higher.
     pub fn drop_floor(&self, stream: Stream) -> u64 {
-        self.ever_sent[index(stream)]
+        self.ever_sent[index(stream)].max(self.recorded[index(stream)])
+    }
+
+    /// Before records up to `last` of `stream` go out: the floor to record first, if the one
+    /// recorded is below `last` and the quota may drop from `stream` (a batch sent again
+    /// records nothing).
+    pub fn reservation(&self, stream: Stream, last: u64) -> Option<u64> {
+        let droppable = crate::quota::DROP_ORDER.contains(&stream);
+        (droppable && last > self.recorded[index(stream)]).then_some(last)
+    }
+
+    /// The floor the store holds for `stream` (read at start, or just written).
+    pub fn recorded_floor(&mut self, stream: Stream, floor: u64) {
+        let r = &mut self.recorded[index(stream)];
+        *r = (*r).max(floor);
     }
 
     pub fn inflight_batches(&self) -> usize {
@@ -309,6 +333,26 @@ mod tests {
         u.on_connected();
         assert_eq!(u.drop_floor(P), 40);
         assert_eq!(u.drop_floor(Stream::Alerts), 0);
+    }
+
+    #[test]
+    fn the_drop_floor_is_recorded_ahead_of_the_sends_and_outlives_a_restart() {
+        let mut u = Uplink::new(S);
+        u.on_connected();
+        assert_eq!(u.reservation(P, 40), Some(40), "nothing recorded yet");
+        u.recorded_floor(P, 40);
+        assert_eq!(u.reservation(P, 40), None, "a batch sent again records nothing");
+        assert_eq!(u.reservation(P, 12), None);
+        assert_eq!(u.reservation(P, 41), Some(41));
+        assert_eq!(u.reservation(Stream::Alerts, 9), None, "alerts are never dropped");
+        assert_eq!(u.reservation(Stream::Drift, 9), Some(9));
+        // A restart: nothing sent in this run yet, the recorded floor still holds.
+        let mut after = Uplink::new(S);
+        after.recorded_floor(P, 40);
+        assert_eq!(after.drop_floor(P), 40);
+        after.recorded_floor(P, 3);
+        assert_eq!(after.drop_floor(P), 40, "a floor never goes down");
+        assert_eq!(after.drop_floor(Stream::Drift), 0);
     }
 
     #[test]
