@@ -107,7 +107,7 @@ pub fn check(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use millwright_shared::directive::{Activation, BundleRef};
     use millwright_shared::gates::Gates;
@@ -115,7 +115,8 @@ mod tests {
     use millwright_shared::{DeviceId, ModelName};
     use time::macros::datetime;
 
-    fn manifest(release: u64) -> Manifest {
+    /// A manifest of model `m`, release `release` (shared by the update machine's tests).
+    pub(crate) fn manifest(release: u64) -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             model: ModelName::new("m").unwrap(),

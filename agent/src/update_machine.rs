@@ -905,10 +905,10 @@ mod tests {
     //! resumes the recorded step.
 
     use super::*;
+    use crate::activation::tests::manifest;
     use millwright_shared::bundle::sha256_hex;
     use millwright_shared::directive::{Activation as Plan, BundleRef};
     use millwright_shared::gates::Gates;
-    use millwright_shared::manifest::*;
     use millwright_shared::{DeviceId, ModelName, Release};
     use std::collections::{BTreeMap, BTreeSet};
     use time::macros::datetime;
@@ -916,33 +916,6 @@ mod tests {
     const S1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const BUNDLE: &[u8] = b"abcdefghi";
     const CHUNKS: [&str; 3] = ["YWJj", "ZGVm", "Z2hp"];
-
-    fn manifest(release: u64) -> Manifest {
-        Manifest {
-            format: MANIFEST_FORMAT,
-            model: ModelName::new("m").unwrap(),
-            release: Release(release),
-            version: "x".into(),
-            created_at: datetime!(2026-01-01 0:00 UTC),
-            expires_at: datetime!(2027-01-01 0:00 UTC),
-            onnx: OnnxDigest { sha256: "0".repeat(64), length: 1 },
-            input: InputSpec {
-                tensor: "x".into(),
-                window: 3,
-                features: vec![Feature { name: "a".into(), unit: "-".into() }],
-            },
-            output: OutputSpec {
-                tensor: "y".into(),
-                kind: OutputKind::RemainingUsefulLife,
-                units: "cycles".into(),
-                alerts: AlertThresholds { warning: 50.0, alarm: 20.0, hysteresis: 5.0 },
-            },
-            asset_type: "turbofan".into(),
-            device_classes: vec![],
-            golden: Golden { tolerance: 1e-4, cases: vec![] },
-            drift: None,
-        }
-    }
 
     fn s2() -> String {
         sha256_hex(BUNDLE)
@@ -1015,6 +988,9 @@ mod tests {
         (1, Committed),
     ];
 
+    const SELF_TESTED_THEN_REJECTED: [(u64, UpdatePhase); 5] =
+        [(1, Received), (1, Downloaded), (1, Verified), (1, SelfTested), (1, Rejected)];
+
     fn paths() -> Vec<Path> {
         let base = Path {
             name: "install",
@@ -1054,13 +1030,7 @@ mod tests {
             Path {
                 name: "shadow fail",
                 shadow_ok: false,
-                expected: &[
-                    (1, Received),
-                    (1, Downloaded),
-                    (1, Verified),
-                    (1, SelfTested),
-                    (1, Rejected),
-                ],
+                expected: &SELF_TESTED_THEN_REJECTED,
                 serves: 1,
                 ..base
             },
@@ -1106,13 +1076,7 @@ mod tests {
             Path {
                 name: "resume after repeated crashes",
                 crash_every_resume: true,
-                expected: &[
-                    (1, Received),
-                    (1, Downloaded),
-                    (1, Verified),
-                    (1, SelfTested),
-                    (1, Rejected),
-                ],
+                expected: &SELF_TESTED_THEN_REJECTED,
                 serves: 1,
                 ..base
             },
