@@ -1080,7 +1080,7 @@ fn flood_attacks(ctx: &Ctx<'_>) {
         ctx.record(name, format!("refused by the gateway: root_malformed, {} counted, {grown} report, status lag ≤ {worst_lag} ms", ctx.agent_refused("root_malformed") - before));
     }
     // 1,000 one-record batches from one enrolled device: throttled, while another device's
-    // acks keep coming within two seconds.
+    // acks keep coming within five seconds.
     let name = "flood of 1,000 one-record batches from an enrolled device";
     let probe_dir = ctx.server.enroll("gw-probe").unwrap();
     let probe_key = device_key(&probe_dir);
@@ -1116,7 +1116,9 @@ fn flood_attacks(ctx: &Ctx<'_>) {
         wait_until(TIMEOUT, || ctx.server_refused("rate_limited") > before),
         "{name}: nothing throttled"
     );
-    assert!(worst < 2000, "{name}: another device's ack took {worst} ms");
+    // Starved would be the flood's whole length; 100–300 ms is typical here, and one CI run with
+    // the cross builds beside it (every accepted flood batch an fsync) saw 2.5 s.
+    assert!(worst < 5000, "{name}: another device's ack took {worst} ms");
     ctx.record(
         name,
         format!(
