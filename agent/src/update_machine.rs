@@ -278,6 +278,9 @@ pub struct Machine {
     connected: bool,
     /// A directive waiting for the activation it replaces to end.
     queued: Option<(Box<Directive>, Vec<u8>)>,
+    /// The activation a commit just ended, until the commit is known to be recorded: a
+    /// [`Input::Failed`] right after it puts it back, and the next tick commits again.
+    committing: Option<Box<Active>>,
 }
 
 /// The report about `d` in `phase`.
@@ -335,7 +338,7 @@ pub(crate) fn first_output<E>(out: &Result<Vec<f32>, E>) -> Result<f32, ()> {
 
 impl Machine {
     pub fn new(settings: Settings) -> Self {
-        Self { settings, active: None, connected: false, queued: None }
+        Self { settings, active: None, connected: false, queued: None, committing: None }
     }
 
     pub fn is_active(&self) -> bool {
@@ -431,6 +434,7 @@ impl Machine {
     /// The uplink went up or down: chunk requests made before a reconnect cannot be assumed to
     /// arrive.
     pub fn on_link(&mut self, up: bool, now_ms: i64) -> Vec<Effect> {
+        self.committing = None;
         self.connected = up;
         if let Some(a) = &mut self.active {
             a.download.requested.clear();
@@ -445,6 +449,7 @@ impl Machine {
         envelope: Vec<u8>,
         ctx: Context<'_>,
     ) -> Vec<Effect> {
+        self.committing = None;
         tracing::info!(
             seq = d.seq, rollout = %d.rollout, model = %d.model, release = d.release.0,
             action = ?d.action, "directive received"
@@ -523,6 +528,7 @@ impl Machine {
     /// A chunk the server signed for this device (the signature checked by the shell, so an
     /// unsigned chunk from another party never counts as a bad chunk of the download).
     pub fn on_chunk(&mut self, bytes: &[u8], now_ms: i64) -> Vec<Effect> {
+        self.committing = None;
         let Some(a) = &mut self.active else { return vec![] };
         if a.progress != Progress::Fetching || !a.download.opened {
             return vec![];
@@ -572,11 +578,16 @@ impl Machine {
 
     /// The answer to an effect.
     pub fn feed(&mut self, input: Input, now_ms: i64) -> Vec<Effect> {
+        let committing = self.committing.take();
+        if let (Input::Failed(reason), None, Some(a)) = (&input, &self.active, committing) {
+            tracing::error!("cannot record the commit ({reason}); trying again on the next tick");
+            self.active = Some(*a);
+            return vec![];
+        }
         let Some(a) = &mut self.active else { return self.reconsider(vec![]) };
         let effects = match input {
-            // The new release serves and the store says probation: a commit (or a resume's
-            // count of starts) that could not be recorded changes nothing; the next tick, or
-            // the next start, judges probation again.
+            // The new release serves and the store says probation: a resume's count of starts
+            // that could not be recorded changes nothing; probation goes on.
             Input::Failed(reason) if a.progress == Progress::Probation && !a.swapping => {
                 tracing::error!("cannot record an update step: {reason}");
                 vec![]
@@ -632,6 +643,7 @@ impl Machine {
 
     /// Once a second: re-requests chunks, judges shadow and probation.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<Effect> {
+        self.committing = None;
         let Some(a) = &mut self.active else { return self.reconsider(vec![]) };
         a.swapping = false;
         if a.reverting.is_some() {
@@ -664,7 +676,7 @@ impl Machine {
                     Effect::Count(Counter::Committed),
                     Effect::RemoveUnreferenced,
                 ];
-                self.active = None;
+                self.committing = self.active.take().map(Box::new);
                 effects
             }
             _ => vec![],
@@ -973,6 +985,8 @@ mod tests {
         crash_every_resume: bool,
         /// The disk fills just as the swap is to be recorded; the space returns with a restart.
         disk_full_at_swap: bool,
+        /// The disk fills just as the commit is to be recorded; the space returns a second later.
+        disk_full_at_commit: bool,
         expected: &'static [(u64, UpdatePhase)],
         serves: u64,
     }
@@ -1002,6 +1016,7 @@ mod tests {
             root: false,
             crash_every_resume: false,
             disk_full_at_swap: false,
+            disk_full_at_commit: false,
             expected: &INSTALL,
             serves: 2,
         };
@@ -1073,6 +1088,7 @@ mod tests {
                 ..base
             },
             Path { name: "full disk at the swap", disk_full_at_swap: true, ..base },
+            Path { name: "full disk at the commit", disk_full_at_commit: true, ..base },
             Path {
                 name: "resume after repeated crashes",
                 crash_every_resume: true,
@@ -1233,7 +1249,11 @@ mod tests {
             match effect {
                 Effect::Persist { changes, reports } => {
                     let swap = changes.iter().any(|c| matches!(c, Change::Slot { .. }));
-                    if self.path.disk_full_at_swap && swap && !d.filled {
+                    let commit = reports.iter().any(|r| r.phase == Committed);
+                    if !d.filled
+                        && ((self.path.disk_full_at_swap && swap)
+                            || (self.path.disk_full_at_commit && commit))
+                    {
                         (d.full, d.filled) = (true, true);
                     }
                     if d.full {
@@ -1399,6 +1419,9 @@ mod tests {
         /// One thing happens: a directive or root arrives, a chunk answers a request, or a
         /// second passes with two windows inferred.
         fn step(&mut self, delivered: &mut u64) -> Result<(), Crash> {
+            if self.path.disk_full_at_commit {
+                self.durable.full = false;
+            }
             if self.path.root && self.live.root < 2 {
                 self.live.next_root = Some(2);
                 return self.run(rotate_root(vec![2], 2));
@@ -1453,7 +1476,10 @@ mod tests {
                     started = false;
                     continue;
                 }
-                if self.durable.full && !self.live.machine.is_active() {
+                if self.path.disk_full_at_swap
+                    && self.durable.full
+                    && !self.live.machine.is_active()
+                {
                     // Space returns; the agent is restarted.
                     self.durable.full = false;
                     started = false;
@@ -1476,7 +1502,7 @@ mod tests {
         if !g.violations.is_empty() {
             return Err(g.violations.join("; "));
         }
-        if g.path.disk_full_at_swap && !g.durable.filled {
+        if (g.path.disk_full_at_swap || g.path.disk_full_at_commit) && !g.durable.filled {
             return Err("the disk never filled".into());
         }
         let phases: Vec<(u64, UpdatePhase)> =
