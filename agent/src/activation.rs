@@ -143,7 +143,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn directive(release: u64, action: Action) -> Directive {
+    /// A directive for model `m` (shared by the update machine's tests).
+    pub(crate) fn directive(release: u64, action: Action) -> Directive {
         Directive {
             v: 1,
             device: DeviceId::new("gw").unwrap(),

@@ -88,6 +88,7 @@ impl Asset {
 }
 
 /// Where a loaded model came from: the bundle file and its SHA-256.
+#[derive(Clone)]
 struct Loaded {
     path: PathBuf,
     sha256: String,

@@ -124,10 +124,7 @@ pub enum Effect {
     },
     /// Verifies the file again and loads it into a second plan (golden self-test): answers
     /// [`Input::Loaded`]; the shell keeps the candidate.
-    Load {
-        model: usize,
-        path: PathBuf,
-    },
+    Load(PathBuf),
     /// Puts the candidate in service for `model` (between two windows), keeping the replaced
     /// one in memory for a revert.
     Swap {
@@ -135,12 +132,9 @@ pub enum Effect {
         path: PathBuf,
         sha256: String,
     },
-    /// Makes the last known good release of `model` ready (in memory, or loaded and verified
-    /// from its slot): answers [`Input::PreviousLoaded`] with its path.
-    LoadPrevious {
-        model: usize,
-        name: String,
-    },
+    /// Makes the last known good release of the model named so ready (in memory, or loaded and
+    /// verified from its slot): answers [`Input::PreviousLoaded`] with its path.
+    LoadPrevious(String),
     /// Puts the release [`Effect::LoadPrevious`] readied back in service.
     Revert {
         model: usize,
@@ -630,7 +624,7 @@ impl Machine {
                 }
                 a.progress = Progress::Verified;
                 let path = bundle_path(&self.settings.models_dir, &a.job.directive.bundle.sha256);
-                effects.push(Effect::Load { model: a.job.model, path });
+                effects.push(Effect::Load(path));
                 effects
             }
             Input::Verified(Err(reason)) => self.reject(reason, None),
@@ -860,7 +854,7 @@ impl Machine {
     fn start_revert(&mut self, reason: String, health: Option<Health>) -> Vec<Effect> {
         let Some(a) = &mut self.active else { return vec![] };
         a.reverting = Some((reason, health));
-        vec![Effect::LoadPrevious { model: a.job.model, name: a.job.directive.model.to_string() }]
+        vec![Effect::LoadPrevious(a.job.directive.model.to_string())]
     }
 
     fn previous_loaded(&mut self, result: Result<PathBuf, String>) -> Vec<Effect> {
@@ -917,13 +911,11 @@ mod tests {
     //! resumes the recorded step.
 
     use super::*;
-    use crate::activation::tests::manifest;
+    use crate::activation::tests::{directive as activation_directive, manifest};
     use millwright_shared::bundle::sha256_hex;
     use millwright_shared::directive::{Activation as Plan, BundleRef};
     use millwright_shared::gates::Gates;
-    use millwright_shared::{DeviceId, ModelName, Release};
     use std::collections::{BTreeMap, BTreeSet};
-    use time::macros::datetime;
 
     const S1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const BUNDLE: &[u8] = b"abcdefghi";
@@ -949,21 +941,14 @@ mod tests {
             }
         };
         Directive {
-            v: 1,
-            device: DeviceId::new("gw").unwrap(),
             seq,
-            issued_at: datetime!(2026-06-01 0:00 UTC),
-            expires_at: datetime!(2026-06-01 1:00 UTC),
-            rollout: "r".into(),
-            action,
-            model: ModelName::new("m").unwrap(),
-            release: Release(release),
             bundle,
             activation: Plan {
                 shadow_secs,
                 probation_secs: 5,
                 gates: Gates { min_predictions: 4, ..Gates::default() },
             },
+            ..activation_directive(release, action)
         }
     }
 
@@ -1138,7 +1123,6 @@ mod tests {
         effects: usize,
         crash_after: Option<usize>,
         crashes: usize,
-        resumes: usize,
         /// Broken invariants seen on the way.
         violations: Vec<String>,
     }
@@ -1168,7 +1152,6 @@ mod tests {
                 effects: 0,
                 crash_after,
                 crashes: 0,
-                resumes: 0,
                 violations: vec![],
             }
         }
@@ -1201,7 +1184,6 @@ mod tests {
 
         fn restart(&mut self) -> Result<(), Crash> {
             self.live = Self::boot(&self.durable);
-            self.resumes += 1;
             let p = self.durable.activation.clone();
             let d = p.as_ref().map(|p| self.decode(&p.directive));
             let serving = Some((0, self.live.serving.clone()));
@@ -1306,7 +1288,7 @@ mod tests {
                         Err("bundle refused: manifest names another asset type".into())
                     }))
                 }
-                Effect::Load { path, .. } => {
+                Effect::Load(path) => {
                     let here = d.bundles.contains(&path);
                     l.candidate = here.then_some(path);
                     Some(Input::Loaded(if here { Ok(()) } else { Err("cannot read".into()) }))
@@ -1324,7 +1306,7 @@ mod tests {
                     l.previous = Some(std::mem::replace(&mut l.serving, path));
                     None
                 }
-                Effect::LoadPrevious { .. } => {
+                Effect::LoadPrevious(_) => {
                     if let Some(p) = &l.previous {
                         return Some(Input::PreviousLoaded(Ok(p.clone())));
                     }

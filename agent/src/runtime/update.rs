@@ -118,7 +118,8 @@ pub(super) struct Updates {
     pub(super) machine: Machine,
     staging: Option<Staging>,
     candidate: Option<Box<Model>>,
-    previous: Option<(PathBuf, Box<Model>)>,
+    /// The model a swap replaced (or a revert readied), with where it came from.
+    previous: Option<(Loaded, Box<Model>)>,
     next_root: Option<Box<Root>>,
 }
 
@@ -292,7 +293,7 @@ impl Agent {
             Effect::Verify { directive, model } => {
                 Some(Input::Verified(self.verify(&directive, model)))
             }
-            Effect::Load { path, .. } => {
+            Effect::Load(path) => {
                 let loaded = super::load_bundle(&path, &self.root).map_err(|e| format!("{e:#}"));
                 Some(Input::Loaded(loaded.map(|m| self.update.candidate = Some(Box::new(m)))))
             }
@@ -301,18 +302,15 @@ impl Agent {
                     tracing::error!("no candidate model to swap in");
                     return None;
                 };
-                let replaced = self.loaded[model].path.clone();
+                let replaced = self.loaded[model].clone();
                 let previous = self.serve(model, *candidate, path.clone(), sha256);
                 self.update.previous = Some((replaced, Box::new(previous)));
                 None
             }
-            Effect::LoadPrevious { name, .. } => {
-                Some(Input::PreviousLoaded(self.ready_previous(&name)))
-            }
+            Effect::LoadPrevious(name) => Some(Input::PreviousLoaded(self.ready_previous(&name))),
             Effect::Revert { model } => {
-                if let Some((path, previous)) = self.update.previous.take() {
-                    let sha = std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap_or_default();
-                    self.serve(model, *previous, path, sha);
+                if let Some((from, previous)) = self.update.previous.take() {
+                    self.serve(model, *previous, from.path, from.sha256);
                 }
                 None
             }
@@ -398,14 +396,16 @@ impl Agent {
     /// The last known good release of `model`: still in memory since the swap, or loaded (and
     /// verified) from its slot.
     fn ready_previous(&mut self, name: &str) -> Result<PathBuf, String> {
-        if let Some((path, _)) = &self.update.previous {
-            return Ok(path.clone());
+        if let Some((from, _)) = &self.update.previous {
+            return Ok(from.path.clone());
         }
         let Some(path) = self.slots.get(name).and_then(|s| s.previous.clone()) else {
             return Err("no last known good release is kept".into());
         };
         let previous = super::load_bundle(&path, &self.root).map_err(|e| format!("{e:#}"))?;
-        self.update.previous = Some((path.clone(), Box::new(previous)));
+        let sha256 = std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap_or_default();
+        let from = Loaded { path: path.clone(), sha256 };
+        self.update.previous = Some((from, Box::new(previous)));
         Ok(path)
     }
 
