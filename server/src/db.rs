@@ -180,6 +180,20 @@ pub struct Stored {
     pub base: u64,
 }
 
+/// One write of a group commit ([`Db::write_all`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Write<'a> {
+    Batch(&'a Accepted),
+    Status(&'a DeviceStatus),
+}
+
+/// What a [`Write`] did: the batch's ack, or whether the status was newer than the last one.
+#[derive(Debug)]
+pub enum Written {
+    Batch(Stored),
+    Status(bool),
+}
+
 /// The table each uplink stream is stored in.
 pub(crate) fn stream_table(stream: millwright_shared::wire::Stream) -> &'static str {
     use millwright_shared::wire::Stream;
@@ -276,10 +290,38 @@ impl Db {
     /// go to `base + seq` of their outbox epoch ([`crate::epochs`]).
     pub fn store(&mut self, batch: &Accepted, now_ms: i64) -> rusqlite::Result<Stored> {
         let tx = self.conn.transaction()?;
-        Self::touch(&tx, &batch.device, now_ms)?;
+        let stored = Self::store_in(&tx, batch, now_ms)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    /// Group commit: several writes in one transaction, so one fsync for all of them. All or
+    /// nothing: on an error none is stored (the caller may try them one by one), and what is
+    /// returned may be acknowledged once this returns.
+    pub fn write_all(
+        &mut self,
+        writes: &[Write<'_>],
+        now_ms: i64,
+    ) -> rusqlite::Result<Vec<Written>> {
+        let tx = self.conn.transaction()?;
+        let written = writes
+            .iter()
+            .map(|w| match w {
+                Write::Batch(batch) => Self::store_in(&tx, batch, now_ms).map(Written::Batch),
+                Write::Status(status) => {
+                    Self::set_status_in(&tx, status, now_ms).map(Written::Status)
+                }
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tx.commit()?;
+        Ok(written)
+    }
+
+    fn store_in(tx: &Connection, batch: &Accepted, now_ms: i64) -> rusqlite::Result<Stored> {
+        Self::touch(tx, &batch.device, now_ms)?;
         let stream = batch.stream.as_str();
         let d = batch.device.as_str();
-        let known = Self::epochs_in(&tx, d, stream)?;
+        let known = Self::epochs_in(tx, d, stream)?;
         let stored_max: Option<u64> = tx.query_row(
             &format!(
                 "SELECT max(coalesce((SELECT MAX(seq) FROM {} WHERE device = ?1), 0),
@@ -352,7 +394,7 @@ impl Db {
                         now_ms
                     ])?,
                     RecordBody::Drift(report) => {
-                        crate::drift_db::insert(&tx, d, seq, r.at_ms, report, now_ms)?;
+                        crate::drift_db::insert(tx, d, seq, r.at_ms, report, now_ms)?;
                         1
                     }
                     RecordBody::Gap(g) => tx
@@ -408,7 +450,6 @@ impl Db {
                 params![d, stream, &batch.epoch, last],
             )?;
         }
-        tx.commit()?;
         Ok(Stored {
             ack: Ack::from_seqs(
                 &batch.epoch,
@@ -447,6 +488,16 @@ impl Db {
     /// described it. Labels the registry holds (site, tags, class) win over the device's own.
     pub fn set_status(&mut self, status: &DeviceStatus, now_ms: i64) -> rusqlite::Result<bool> {
         let tx = self.conn.transaction()?;
+        let accepted = Self::set_status_in(&tx, status, now_ms)?;
+        tx.commit()?;
+        Ok(accepted)
+    }
+
+    fn set_status_in(
+        tx: &Connection,
+        status: &DeviceStatus,
+        now_ms: i64,
+    ) -> rusqlite::Result<bool> {
         let last: Option<(Option<i64>, Option<i64>)> = tx
             .query_row(
                 "SELECT status_at_ms, status_started_ms FROM devices WHERE device = ?1",
@@ -463,7 +514,7 @@ impl Db {
         if !crate::identity::status_in_order(last, status) {
             return Ok(false);
         }
-        Self::touch(&tx, &status.device, now_ms)?;
+        Self::touch(tx, &status.device, now_ms)?;
         let label = |t: &Option<String>| t.as_deref().map(|t| clean_text(t, MAX_LABEL_BYTES));
         tx.execute(
             "UPDATE devices SET online = ?2, agent_version = ?3,
@@ -505,7 +556,6 @@ impl Db {
                 ],
             )?;
         }
-        tx.commit()?;
         Ok(true)
     }
 
@@ -773,6 +823,70 @@ mod tests {
                 .collect(),
             refused: vec![],
         }
+    }
+
+    #[test]
+    fn a_group_commit_stores_all_its_writes_in_order_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let status = |at_ms| DeviceStatus {
+            v: millwright_shared::wire::WIRE_VERSION,
+            device: DeviceId::new("gw1").unwrap(),
+            at_ms,
+            started_ms: 1,
+            online: true,
+            agent_version: "0.1.0".into(),
+            site: None,
+            tags: vec![],
+            device_class: None,
+            models: vec![],
+            backlog: None,
+        };
+        let mut gw2 = accepted(&[1, 2]);
+        gw2.device = DeviceId::new("gw2").unwrap();
+        let (first, again) = (accepted(&[1, 2, 3]), accepted(&[3, 4]));
+        let (newer, replay) = (status(20), status(10));
+        let writes = [
+            Write::Batch(&first),
+            Write::Status(&newer),
+            Write::Batch(&gw2),
+            Write::Batch(&again),
+            Write::Status(&replay),
+        ];
+        let written = db.write_all(&writes, 7).unwrap();
+        let acks: Vec<Vec<(u64, u64)>> = written
+            .iter()
+            .filter_map(|w| match w {
+                Written::Batch(s) => Some(s.ack.ranges.clone()),
+                Written::Status(_) => None,
+            })
+            .collect();
+        // Each batch is acked for its own records; the later write sees the earlier one.
+        assert_eq!(acks, vec![vec![(1, 3)], vec![(1, 2)], vec![(3, 4)]]);
+        let statuses: Vec<bool> = written
+            .iter()
+            .filter_map(|w| match w {
+                Written::Status(accepted) => Some(*accepted),
+                Written::Batch(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![true, false],
+            "the replayed status is judged after the newer one"
+        );
+        assert_eq!(db.totals().unwrap(), (2, 6, 0));
+
+        // A write that cannot be stored (a value SQLite cannot hold: its cycle is above
+        // 2^63 - 1) takes the whole group back: nothing of it is stored, so nothing is acked.
+        let mut bad = accepted(&[i64::MAX as u64]);
+        bad.device = DeviceId::new("gw3").unwrap();
+        let mut gw4 = accepted(&[1]);
+        gw4.device = DeviceId::new("gw4").unwrap();
+        assert!(db.write_all(&[Write::Batch(&gw4), Write::Batch(&bad)], 9).is_err());
+        assert_eq!(db.totals().unwrap(), (2, 6, 0), "gw4's record went back with the group");
+        db.write_all(&[Write::Batch(&gw4)], 9).unwrap();
+        assert_eq!(db.totals().unwrap(), (3, 7, 0), "and is stored on its own");
     }
 
     #[test]

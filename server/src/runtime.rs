@@ -1,12 +1,13 @@
 //! Wiring and the ingest loop: embedded broker (optional), HTTP API, and one MQTT client whose
 //! messages pass the identity gate ([`crate::identity`]), are validated ([`crate::ingest`]),
-//! stored ([`crate::db`]) and acknowledged with a signed ack. Stored drift reports are judged
+//! stored ([`crate::db`]; many messages per transaction, see [`Group`]) and acknowledged with
+//! a signed ack once committed. Stored drift reports are judged
 //! against their profile ([`crate::drift::judge`]) and checked against the retraining policy.
 //! Retained messages on topics only the server may set (directives, the trust root) are put
 //! back when anyone else overwrites them.
 
 use crate::config::{Broker, Config};
-use crate::db::Db;
+use crate::db::{Db, Write, Written};
 use crate::drift::{self, Policy, Profiles, RetrainingEvent};
 use crate::drift_db::Filter;
 use crate::identity::{self, Admitted, Gate, SERVER_USER, SharedRegistry, Verdict};
@@ -253,6 +254,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut due = tokio::time::interval(Duration::from_millis(50));
     due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut group = Group::default();
     loop {
         let waiting = ingest.gate.queued() > 0;
         let event = tokio::select! {
@@ -263,6 +265,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Some(e) = rx.recv() => Event::Mqtt(e),
             Some(r) = request_rx.recv() => Event::Request(Box::new(r)),
         };
+        if !matches!(event, Event::Mqtt(MqttEvent::Message { .. })) {
+            // Whatever else is to be done sees every message before it stored and acted on.
+            flush(&mut db, &client, &ingest, rollouts.as_mut(), &mut group).await;
+        }
         match event {
             Event::Shutdown => break,
             Event::Tick => {
@@ -275,7 +281,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
             Event::Due => {
                 for admitted in ingest.gate.due(now_ms()) {
-                    on_admitted(&mut db, &client, &ingest, rollouts.as_mut(), admitted).await;
+                    on_admitted(&mut db, &client, &ingest, rollouts.as_mut(), &mut group, admitted)
+                        .await;
                 }
             }
             Event::Request(request) => match *request {
@@ -318,8 +325,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
             Event::Mqtt(MqttEvent::Flowing) => broker.stalled.store(false, Ordering::Relaxed),
             Event::Mqtt(MqttEvent::Message { topic, payload }) => {
-                on_message(&mut db, &client, &mut ingest, rollouts.as_mut(), &topic, &payload).await
+                let rollouts = rollouts.as_mut();
+                on_message(&mut db, &client, &mut ingest, rollouts, &mut group, &topic, &payload)
+                    .await
             }
+        }
+        if group.due(rx.is_empty()) {
+            flush(&mut db, &client, &ingest, rollouts.as_mut(), &mut group).await;
         }
         queued.store(ingest.gate.queued() as u64, Ordering::Relaxed);
     }
@@ -405,6 +417,7 @@ async fn on_message(
     client: &AsyncClient,
     ingest: &mut Ingest,
     rollouts: Option<&mut Rollouts>,
+    group: &mut Group,
     topic: &str,
     payload: &[u8],
 ) {
@@ -435,7 +448,7 @@ async fn on_message(
         }
     };
     match ingest.gate.admit(&device, purpose, payload, now_ms()) {
-        Verdict::Now(admitted) => on_admitted(db, client, ingest, rollouts, admitted).await,
+        Verdict::Now(admitted) => on_admitted(db, client, ingest, rollouts, group, admitted).await,
         Verdict::Queued => {}
         Verdict::Refused(r) => {
             let source = format!("{device} {}", purpose.as_str());
@@ -486,12 +499,116 @@ async fn watch_retained(
     let _ = client.try_publish(topic, QoS::AtLeastOnce, true, ours.to_vec());
 }
 
-/// A message that passed the gate: acted on by what its topic is for.
-async fn on_admitted(
+/// The most writes one group commit holds, and the longest the first of them waits for it.
+const GROUP_MAX: usize = 256;
+const GROUP_WAIT: Duration = Duration::from_millis(50);
+
+/// Admitted uplink batches and status messages not yet stored: written together in one
+/// transaction ([`Db::write_all`]) when the MQTT queue runs dry, the group is full, its first
+/// message has waited [`GROUP_WAIT`], or anything else is to be done; then each is acted on
+/// (acked, its reports handed to the rollouts) in the order it came.
+#[derive(Default)]
+struct Group {
+    held: Vec<Held>,
+    since: Option<std::time::Instant>,
+}
+
+enum Held {
+    Uplink { device: DeviceId, batch: ingest::Accepted },
+    Status { device: DeviceId, status: DeviceStatus },
+}
+
+impl Group {
+    fn push(&mut self, held: Held) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.held.push(held);
+    }
+
+    fn due(&self, queue_empty: bool) -> bool {
+        !self.held.is_empty()
+            && (queue_empty
+                || self.held.len() >= GROUP_MAX
+                || self.since.is_some_and(|t| t.elapsed() >= GROUP_WAIT))
+    }
+}
+
+/// Stores the group in one transaction, or, if that fails, each of its writes in its own (so
+/// one write that cannot be stored keeps no other from its ack), then acts on what was stored.
+async fn flush(
     db: &mut Db,
     client: &AsyncClient,
     ingest: &Ingest,
     mut rollouts: Option<&mut Rollouts>,
+    group: &mut Group,
+) {
+    let held = std::mem::take(&mut group.held);
+    group.since = None;
+    if held.is_empty() {
+        return;
+    }
+    let writes: Vec<Write<'_>> = held
+        .iter()
+        .map(|h| match h {
+            Held::Uplink { batch, .. } => Write::Batch(batch),
+            Held::Status { status, .. } => Write::Status(status),
+        })
+        .collect();
+    let now = now_ms();
+    let written: Vec<rusqlite::Result<Written>> =
+        tokio::task::block_in_place(|| match db.write_all(&writes, now) {
+            Ok(all) => all.into_iter().map(Ok).collect(),
+            Err(e) => {
+                if writes.len() > 1 {
+                    tracing::warn!(
+                        writes = writes.len(),
+                        "group commit failed ({e}); writing one by one"
+                    );
+                }
+                writes
+                    .iter()
+                    .map(|w| db.write_all(std::slice::from_ref(w), now).map(|mut v| v.remove(0)))
+                    .collect()
+            }
+        });
+    for (held, written) in held.into_iter().zip(written) {
+        match (held, written) {
+            (Held::Uplink { device, batch }, Ok(Written::Batch(stored))) => {
+                on_stored(db, client, ingest, rollouts.as_deref_mut(), &device, batch, stored).await
+            }
+            (Held::Uplink { device, .. }, Err(e)) => {
+                tracing::error!(%device, "cannot store batch (not acknowledged): {e}")
+            }
+            (Held::Status { device, status }, Ok(Written::Status(accepted))) => {
+                if !accepted {
+                    ingest.refuse(
+                        "stale_status",
+                        device.as_str(),
+                        "a status older than the last one accepted (a replay)",
+                    );
+                } else if status.online
+                    && let Some(r) = rollouts.as_deref_mut()
+                {
+                    tokio::task::block_in_place(|| {
+                        r.on_device_online(db, client, device.as_str(), now_ms())
+                    });
+                }
+            }
+            (Held::Status { device, .. }, Err(e)) => {
+                tracing::error!(%device, "cannot store device status: {e}")
+            }
+            (_, Ok(_)) => tracing::error!("a group commit answered out of order"),
+        }
+    }
+}
+
+/// A message that passed the gate: checked, then held for the group commit (uplink batches,
+/// status) or acted on at once (chunk requests, after the group before them is stored).
+async fn on_admitted(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &Ingest,
+    rollouts: Option<&mut Rollouts>,
+    group: &mut Group,
     admitted: Admitted,
 ) {
     let Admitted { device, purpose, body } = admitted;
@@ -523,71 +640,7 @@ async fn on_admitted(
                     ),
                 );
             }
-            let stored = tokio::task::block_in_place(|| db.store(&batch, now_ms()));
-            let mut stored = match stored {
-                Ok(stored) => stored,
-                Err(e) => {
-                    return tracing::error!(%device, "cannot store batch (not acknowledged): {e}");
-                }
-            };
-            if let Some(opened) = &stored.opened {
-                tracing::warn!(
-                    %device,
-                    stream = stream.as_str(),
-                    epoch = %batch.epoch,
-                    previous = opened.previous.as_deref().unwrap_or("none"),
-                    base = stored.base,
-                    "outbox epoch started: the device's records are stored from seq {}",
-                    stored.base + 1
-                );
-            }
-            if !stored.refused.is_empty() {
-                ingest.refuse(
-                    "closed_epoch",
-                    device.as_str(),
-                    format!(
-                        "{} record(s) of closed outbox epoch {} above what it had stored",
-                        stored.refused.len(),
-                        batch.epoch
-                    ),
-                );
-                batch.records.retain(|r| !stored.refused.contains(&r.seq));
-            }
-            if let Some(first) = batch.refused.first() {
-                stored.ack.refused = wire::ranges_of(batch.refused.iter().map(|p| p.seq).collect());
-                stored.ack.reason = Some(first.reason.clone());
-            }
-            if !stored.ack.ranges.is_empty() || !stored.ack.refused.is_empty() {
-                let frame = signed::seal(
-                    &ingest.server_key,
-                    Purpose::Ack,
-                    &device,
-                    &wire::encode(&stored.ack),
-                );
-                ingest.publish(client, topics::ack(&device), false, frame);
-            }
-            if stream == Stream::Drift {
-                let releases: BTreeSet<(ModelName, u64)> = batch
-                    .records
-                    .iter()
-                    .filter_map(|r| match &r.body {
-                        RecordBody::Drift(d) => Some((d.model.clone(), d.release.0)),
-                        _ => None,
-                    })
-                    .collect();
-                for (model, release) in releases {
-                    check_retraining(db, client, ingest, model.as_str(), release).await;
-                }
-            }
-            if let Some(r) = rollouts.as_deref_mut() {
-                for record in &batch.records {
-                    if let RecordBody::Update(report) = &record.body {
-                        tokio::task::block_in_place(|| {
-                            r.on_report(db, client, device.as_str(), report, now_ms())
-                        });
-                    }
-                }
-            }
+            group.push(Held::Uplink { device, batch });
         }
         Purpose::Status => {
             let status = match DeviceStatus::decode(&body) {
@@ -603,27 +656,11 @@ async fn on_admitted(
                     return ingest.refuse("malformed", device.as_str(), format!("status: {e}"));
                 }
             };
-            match tokio::task::block_in_place(|| db.set_status(&status, now_ms())) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return ingest.refuse(
-                        "stale_status",
-                        device.as_str(),
-                        "a status older than the last one accepted (a replay)",
-                    );
-                }
-                Err(e) => return tracing::error!(%device, "cannot store device status: {e}"),
-            }
-            if status.online
-                && let Some(r) = rollouts.as_deref_mut()
-            {
-                tokio::task::block_in_place(|| {
-                    r.on_device_online(db, client, device.as_str(), now_ms())
-                });
-            }
+            group.push(Held::Status { device, status });
         }
         Purpose::Fetch => match rollouts {
             Some(r) => {
+                flush(db, client, ingest, Some(&mut *r), group).await;
                 if let Err(reason) = r.on_fetch(db, client, &device, &body) {
                     ingest.refuse(reason.0, device.as_str(), reason.1);
                 }
@@ -635,6 +672,74 @@ async fn on_admitted(
             ),
         },
         Purpose::Ack | Purpose::Chunk | Purpose::Connect => {}
+    }
+}
+
+/// A committed batch: its epoch logged, its ack sent, its drift checked against the retraining
+/// policy and its update reports handed to the rollouts.
+async fn on_stored(
+    db: &mut Db,
+    client: &AsyncClient,
+    ingest: &Ingest,
+    rollouts: Option<&mut Rollouts>,
+    device: &DeviceId,
+    mut batch: ingest::Accepted,
+    mut stored: crate::db::Stored,
+) {
+    let stream = batch.stream;
+    if let Some(opened) = &stored.opened {
+        tracing::warn!(
+            %device,
+            stream = stream.as_str(),
+            epoch = %batch.epoch,
+            previous = opened.previous.as_deref().unwrap_or("none"),
+            base = stored.base,
+            "outbox epoch started: the device's records are stored from seq {}",
+            stored.base + 1
+        );
+    }
+    if !stored.refused.is_empty() {
+        ingest.refuse(
+            "closed_epoch",
+            device.as_str(),
+            format!(
+                "{} record(s) of closed outbox epoch {} above what it had stored",
+                stored.refused.len(),
+                batch.epoch
+            ),
+        );
+        batch.records.retain(|r| !stored.refused.contains(&r.seq));
+    }
+    if let Some(first) = batch.refused.first() {
+        stored.ack.refused = wire::ranges_of(batch.refused.iter().map(|p| p.seq).collect());
+        stored.ack.reason = Some(first.reason.clone());
+    }
+    if !stored.ack.ranges.is_empty() || !stored.ack.refused.is_empty() {
+        let frame =
+            signed::seal(&ingest.server_key, Purpose::Ack, device, &wire::encode(&stored.ack));
+        ingest.publish(client, topics::ack(device), false, frame);
+    }
+    if stream == Stream::Drift {
+        let releases: BTreeSet<(ModelName, u64)> = batch
+            .records
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::Drift(d) => Some((d.model.clone(), d.release.0)),
+                _ => None,
+            })
+            .collect();
+        for (model, release) in releases {
+            check_retraining(db, client, ingest, model.as_str(), release).await;
+        }
+    }
+    if let Some(r) = rollouts {
+        for record in &batch.records {
+            if let RecordBody::Update(report) = &record.body {
+                tokio::task::block_in_place(|| {
+                    r.on_report(db, client, device.as_str(), report, now_ms())
+                });
+            }
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! Benchmark: what signatures cost. Prints the time to sign and to verify one uplink batch
 //! (10 and 500 records), and the server's ingest rate (gate, decode, store in SQLite, ack
-//! built and signed) with signatures on versus off, measured in one run on real SQLite files.
+//! built and signed) with signatures on versus off, one transaction per message and in group
+//! commits, measured in one run on real SQLite files.
 //! Prints numbers and asserts nothing. `.ci/run` runs it from the test build (dependencies
 //! optimised, the workspace's own code not); `cargo run --release -p millwright-tests --bin
 //! bench-identity` gives release numbers.
 
 use ed25519_dalek::SigningKey;
-use millwright_server::db::Db;
+use millwright_server::db::{Db, Write, Written};
 use millwright_server::identity::{Entry, Gate, Limits, Registry, Verdict};
 use millwright_server::ingest;
 use millwright_shared::signed::{self, Purpose};
@@ -53,7 +54,12 @@ fn per_call<T>(n: usize, mut f: impl FnMut() -> T) -> f64 {
 /// Messages per second through the server's ingest path: the gate (signatures on) or a bare
 /// decode (off), the store (one committed transaction per message, as the server does), and
 /// the signed ack.
-fn ingest_rate(signatures: bool, server: &SigningKey, keys: &[SigningKey]) -> anyhow::Result<f64> {
+fn ingest_rate(
+    signatures: bool,
+    group: usize,
+    server: &SigningKey,
+    keys: &[SigningKey],
+) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let mut db = Db::open(&dir.path().join("server.sqlite"))?;
     let devices: Vec<DeviceId> =
@@ -75,21 +81,27 @@ fn ingest_rate(signatures: bool, server: &SigningKey, keys: &[SigningKey]) -> an
         })
         .collect();
     let started = Instant::now();
-    for (d, payload) in &messages {
-        let device = &devices[*d];
-        let body = if signatures {
-            match gate.admit(device, up, payload, 0) {
-                Verdict::Now(admitted) => admitted.body,
-                other => anyhow::bail!("refused: {other:?}"),
+    for chunk in messages.chunks(group) {
+        let mut accepted = Vec::with_capacity(chunk.len());
+        for (d, payload) in chunk {
+            let device = &devices[*d];
+            let body = if signatures {
+                match gate.admit(device, up, payload, 0) {
+                    Verdict::Now(admitted) => admitted.body,
+                    other => anyhow::bail!("refused: {other:?}"),
+                }
+            } else {
+                payload.clone()
+            };
+            accepted.push(ingest::accept(device, Stream::Predictions, &body)?);
+        }
+        let writes: Vec<Write<'_>> = accepted.iter().map(Write::Batch).collect();
+        for (a, written) in accepted.iter().zip(db.write_all(&writes, 0)?) {
+            let Written::Batch(stored) = written else { anyhow::bail!("not a batch") };
+            let ack = wire::encode(&stored.ack);
+            if signatures {
+                std::hint::black_box(signed::seal(server, Purpose::Ack, &a.device, &ack));
             }
-        } else {
-            payload.clone()
-        };
-        let accepted = ingest::accept(device, Stream::Predictions, &body)?;
-        let ack = db.store(&accepted, 0)?.ack;
-        let ack = wire::encode(&ack);
-        if signatures {
-            std::hint::black_box(signed::seal(server, Purpose::Ack, device, &ack));
         }
     }
     Ok(MESSAGES as f64 / started.elapsed().as_secs_f64())
@@ -118,9 +130,17 @@ fn main() -> anyhow::Result<()> {
     println!(
         "server ingest, {MESSAGES} batches of 10 records from {DEVICES} devices, SQLite WAL FULL:"
     );
-    let off = ingest_rate(false, &server, &keys)?;
-    let on = ingest_rate(true, &server, &keys)?;
-    println!("  signatures off: {off:>8.0} messages/s");
-    println!("  signatures on:  {on:>8.0} messages/s ({:+.1} %)", (on / off - 1.0) * 100.0);
+    for group in [1, 256] {
+        let off = ingest_rate(false, group, &server, &keys)?;
+        let on = ingest_rate(true, group, &server, &keys)?;
+        let per = if group == 1 {
+            "one transaction per message".into()
+        } else {
+            format!("group commit, {group} messages per transaction")
+        };
+        println!("  {per}:");
+        println!("    signatures off: {off:>8.0} messages/s");
+        println!("    signatures on:  {on:>8.0} messages/s ({:+.1} %)", (on / off - 1.0) * 100.0);
+    }
     Ok(())
 }
