@@ -513,9 +513,10 @@ struct Group {
     since: Option<std::time::Instant>,
 }
 
+/// A held write; its device is the one the gate admitted (the batch and status name it).
 enum Held {
-    Uplink { device: DeviceId, batch: ingest::Accepted },
-    Status { device: DeviceId, status: DeviceStatus },
+    Uplink(ingest::Accepted),
+    Status(DeviceStatus),
 }
 
 impl Group {
@@ -549,8 +550,8 @@ async fn flush(
     let writes: Vec<Write<'_>> = held
         .iter()
         .map(|h| match h {
-            Held::Uplink { batch, .. } => Write::Batch(batch),
-            Held::Status { status, .. } => Write::Status(status),
+            Held::Uplink(batch) => Write::Batch(batch),
+            Held::Status(status) => Write::Status(status),
         })
         .collect();
     let now = now_ms();
@@ -572,13 +573,14 @@ async fn flush(
         });
     for (held, written) in held.into_iter().zip(written) {
         match (held, written) {
-            (Held::Uplink { device, batch }, Ok(Written::Batch(stored))) => {
-                on_stored(db, client, ingest, rollouts.as_deref_mut(), &device, batch, stored).await
+            (Held::Uplink(batch), Ok(Written::Batch(stored))) => {
+                on_stored(db, client, ingest, rollouts.as_deref_mut(), batch, stored).await
             }
-            (Held::Uplink { device, .. }, Err(e)) => {
-                tracing::error!(%device, "cannot store batch (not acknowledged): {e}")
+            (Held::Uplink(batch), Err(e)) => {
+                tracing::error!(device = %batch.device, "cannot store batch (not acknowledged): {e}")
             }
-            (Held::Status { device, status }, Ok(Written::Status(accepted))) => {
+            (Held::Status(status), Ok(Written::Status(accepted))) => {
+                let device = &status.device;
                 if !accepted {
                     ingest.refuse(
                         "stale_status",
@@ -593,8 +595,8 @@ async fn flush(
                     });
                 }
             }
-            (Held::Status { device, .. }, Err(e)) => {
-                tracing::error!(%device, "cannot store device status: {e}")
+            (Held::Status(status), Err(e)) => {
+                tracing::error!(device = %status.device, "cannot store device status: {e}")
             }
             (_, Ok(_)) => tracing::error!("a group commit answered out of order"),
         }
@@ -640,7 +642,7 @@ async fn on_admitted(
                     ),
                 );
             }
-            group.push(Held::Uplink { device, batch });
+            group.push(Held::Uplink(batch));
         }
         Purpose::Status => {
             let status = match DeviceStatus::decode(&body) {
@@ -656,7 +658,7 @@ async fn on_admitted(
                     return ingest.refuse("malformed", device.as_str(), format!("status: {e}"));
                 }
             };
-            group.push(Held::Status { device, status });
+            group.push(Held::Status(status));
         }
         Purpose::Fetch => match rollouts {
             Some(r) => {
@@ -682,11 +684,10 @@ async fn on_stored(
     client: &AsyncClient,
     ingest: &Ingest,
     rollouts: Option<&mut Rollouts>,
-    device: &DeviceId,
     mut batch: ingest::Accepted,
     mut stored: crate::db::Stored,
 ) {
-    let stream = batch.stream;
+    let (device, stream) = (&batch.device.clone(), batch.stream);
     if let Some(opened) = &stored.opened {
         tracing::warn!(
             %device,
