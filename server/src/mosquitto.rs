@@ -68,7 +68,10 @@ pub fn config(l: &Listener<'_>) -> String {
          # The server's sessions hold every device's messages while it catches up: Mosquitto\n\
          # silently drops QoS 1 messages queued beyond max_queued_messages (default 1000).\n\
          max_queued_messages 100000\n\
-         max_packet_size 4194304\n",
+         max_packet_size 4194304\n\
+         # A batch and its ack are small messages that wait for each other: without this each\n\
+         # waits for the peer's delayed TCP ACK (~40 ms a hop).\n\
+         set_tcp_nodelay true\n",
         port = l.port,
         bind = l.bind,
         ca = l.ca.display(),

@@ -193,7 +193,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "user root\nper_listener_settings true\npersistence false\npid_file {}\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size 4194304\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size 4194304\nset_tcp_nodelay true\n\
                  log_type all\nlog_dest stderr\n\
                  listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
                  require_certificate true\nuse_identity_as_username true\n\

@@ -17,6 +17,7 @@ mod e2e {
     mod outbox_faults;
     mod reference_model;
     mod rollouts;
+    mod simulate;
     mod tidy;
     mod trust_state;
     mod update_crashes;

@@ -1,0 +1,691 @@
+//! `millwright simulate`: a fleet of simulated gateways against a real server. Each gateway
+//! is enrolled like a real one (an ed25519 message key, a client certificate of a fresh fleet
+//! CA) and speaks the real protocol over its own TLS MQTT connection: signed uplink batches of
+//! predictions, the signed acks it checks with the server's key, a signed status every few
+//! seconds, its last will. With no address given, it starts its own server (SQLite, embedded
+//! broker) in a temporary folder, so the benchmark is one command.
+//!
+//! The run: enroll and connect every gateway (a bounded number of TLS handshakes at a time),
+//! send for `--seconds` (each gateway keeps `--in-flight` batches unacknowledged, as fast as
+//! acks come back or at `--rate` batches a second), stop sending and wait for the last acks,
+//! then compare every gateway's books with what the server says it stored (its API). One line
+//! at the end, for scripts:
+//!
+//! `simulate: devices=<n> seconds=<s> msgs_per_s=<x> records_per_s=<y> ack_p50_ms=<a>
+//! ack_p99_ms=<b> lost=<l> duplicated=<d>` and what else was measured, as more `key=value`.
+//!
+//! It fails (exit 1) when a record the server acknowledged is not stored, a record is stored
+//! twice, or records are still unacknowledged after the drain.
+
+mod ledger;
+
+use super::Failure;
+use super::api::ApiArgs;
+use crate::config::{Config as ServerConfig, RawConfig, RawIdentity, RawMqtt, Role, User};
+use crate::db::Db;
+use crate::pki::{Leaf, Usage};
+use anyhow::Context as _;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use indicatif::{ProgressBar, ProgressStyle};
+use ledger::{Books, Ledger};
+use millwright_io::clock;
+use millwright_io::mqtt::{self, Connect, MqttEvent, Transport};
+use millwright_shared::enrollment::Enrollment;
+use millwright_shared::keys::SecretKeyFile;
+use millwright_shared::signed::{self, Purpose};
+use millwright_shared::wire::{
+    self, Ack, DeviceStatus, Prediction, Record, RecordBody, Stream, UplinkBatch, WIRE_VERSION,
+};
+use millwright_shared::{AssetId, DeviceId, ModelName, Release, topics};
+use rumqttc::QoS;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// Simulated gateways, each with its own MQTT connection.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// How long they send, after all are connected.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Records (predictions) per uplink batch.
+    #[arg(long, default_value_t = 10)]
+    records: u64,
+    /// Batches each gateway keeps sent and unacknowledged.
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Batches per second per gateway; 0 sends the next as soon as an ack makes room.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Seconds between one gateway's status messages (agents send theirs every 10 s).
+    #[arg(long, default_value_t = 10)]
+    status_secs: u64,
+    /// TLS handshakes in progress at once while the fleet connects.
+    #[arg(long, default_value_t = 100)]
+    connect_concurrency: usize,
+    /// The longest the fleet may take to connect.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout_secs: u64,
+    /// After the run, how long to wait for the acks of batches still in flight.
+    #[arg(long, default_value_t = 60)]
+    drain_secs: u64,
+    /// A batch unacknowledged this long is sent again (the server stores it once).
+    #[arg(long, default_value_t = 15)]
+    resend_secs: u64,
+    /// Keep the server's data here (wiped at start) instead of a temporary folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// What every gateway needs to know about the run.
+struct Plan {
+    mqtt: SocketAddr,
+    server_key: VerifyingKey,
+    records: u64,
+    in_flight: usize,
+    rate: f64,
+    status_every: Duration,
+    resend_after: Duration,
+    /// The run's zero for the ledgers' microseconds.
+    zero: Instant,
+}
+
+/// One simulated gateway's credentials.
+struct Gateway {
+    device: DeviceId,
+    key: SigningKey,
+    tls: Arc<rustls::ClientConfig>,
+    site: String,
+}
+
+/// Where the run is; every gateway watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Sending,
+    Draining,
+    Done,
+}
+
+/// Live counts for the progress bar and the rates.
+#[derive(Debug, Default)]
+struct Counters {
+    connected: AtomicU64,
+    acked_batches: AtomicU64,
+    acked_records: AtomicU64,
+    reconnects: AtomicU64,
+    statuses: AtomicU64,
+    bad_acks: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What a gateway hands back at the end.
+struct Outcome {
+    device: DeviceId,
+    ledger: Ledger,
+}
+
+pub fn run(args: SimulateArgs) -> Result<(), Failure> {
+    if args.devices == 0 || args.seconds == 0 || args.records == 0 {
+        return Err(anyhow::anyhow!("--devices, --seconds and --records must be at least 1").into());
+    }
+    if !args.rate.is_finite() || args.rate < 0.0 {
+        return Err(anyhow::anyhow!("--rate must be a number of batches per second, ≥ 0").into());
+    }
+    raise_file_limit(args.devices)?;
+    let temp;
+    let dir = match &args.data_dir {
+        Some(d) => {
+            if d.exists() {
+                std::fs::remove_dir_all(d)
+                    .with_context(|| format!("cannot clear {}", d.display()))?;
+            }
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("millwright-simulate-").tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(simulate(&args, &dir))
+}
+
+/// Every gateway holds one socket, and the embedded broker the other end: the soft limit is
+/// raised to what that needs, and the hard limit too where the process may (as root).
+fn raise_file_limit(devices: usize) -> anyhow::Result<()> {
+    let needed = devices as u64 * 2 + 512;
+    let (soft, hard) = rlimit::Resource::NOFILE.get().context("the open-file limit")?;
+    if soft >= needed {
+        return Ok(());
+    }
+    if rlimit::Resource::NOFILE.set(needed, hard.max(needed)).is_err()
+        && rlimit::Resource::NOFILE.set(hard.min(needed), hard).is_err()
+    {
+        anyhow::bail!("cannot raise the open-file limit from {soft}");
+    }
+    let (soft, _) = rlimit::Resource::NOFILE.get().context("the open-file limit")?;
+    if soft < needed {
+        anyhow::bail!(
+            "the open-file limit is {soft}; {devices} gateways and the embedded broker need about \
+             {needed} (raise the hard limit, e.g. `ulimit -Hn {needed}` as root, or simulate \
+             fewer devices)"
+        );
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The fleet CA, the server's certificate and key, every gateway's credentials enrolled in the
+/// server's registry, and the server's configuration with an admin token for the API.
+struct Fleet {
+    config: ServerConfig,
+    gateways: Vec<Gateway>,
+    server_key: VerifyingKey,
+    api: ApiArgs,
+}
+
+fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
+    let pki = dir.join("pki");
+    let devices = pki.join("devices");
+    std::fs::create_dir_all(&devices)?;
+    let now = clock::now();
+    let ca = crate::pki::create_ca("Millwright simulated fleet CA", now, 2)?;
+    let ca_cert = pki.join(super::ca::CA_CERT);
+    std::fs::write(&ca_cert, &ca.cert_pem)?;
+    let issuer = crate::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
+    let mut leaf = Leaf::new(crate::identity::SERVER_USER, Usage::Server, now, 2);
+    leaf.ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+    let server = issuer.issue(&leaf)?;
+    let (cert, key) = (pki.join("server.crt.pem"), pki.join("server.key.pem"));
+    super::bundle::write(&key, server.key_pem.as_bytes(), true)?;
+    std::fs::write(&cert, &server.cert_pem)?;
+    let server_key = super::device::random_key()?;
+    let server_key_file = pki.join("server.secret.json");
+    let secret = serde_json::to_vec(&SecretKeyFile::new(&server_key))?;
+    super::bundle::write(&server_key_file, &secret, true)?;
+
+    let data_dir = dir.join("server");
+    std::fs::create_dir_all(&data_dir)?;
+    let mut db = Db::open(&data_dir.join("server.sqlite"))?;
+    let mut gateways = Vec::with_capacity(count);
+    for i in 0..count {
+        let device = DeviceId::new(format!("sim-{i:05}"))?;
+        let key = super::device::random_key()?;
+        let client = issuer.issue(&Leaf::new(device.as_str(), Usage::Client, now, 2))?;
+        let identity = millwright_io::tls::ClientIdentity {
+            cert: devices.join(format!("{device}.crt.pem")),
+            key: devices.join(format!("{device}.key.pem")),
+        };
+        std::fs::write(&identity.cert, &client.cert_pem)?;
+        super::bundle::write(&identity.key, client.key_pem.as_bytes(), true)?;
+        let site = format!("site-{:02}", i % 20);
+        let enrollment = Enrollment {
+            device: device.clone(),
+            public_key: hex::encode(key.verifying_key().as_bytes()),
+            cert_sha256: client.sha256,
+            site: Some(site.clone()),
+            tags: Vec::new(),
+            device_class: None,
+        };
+        db.enroll(&enrollment, "simulate", clock::now_ms())?;
+        let tls = millwright_io::tls::client_config(&ca_cert, Some(&identity))?;
+        gateways.push(Gateway { device, key, tls, site });
+    }
+    drop(db);
+
+    let token = crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let (http, broker) = (free_port()?, free_port()?);
+    let config = ServerConfig::from_raw(RawConfig {
+        data_dir: Some(data_dir),
+        http_listen: Some(http.to_string()),
+        allow_plaintext: false,
+        identity: Some(RawIdentity {
+            server_key: server_key_file,
+            ca: Some(ca_cert.clone()),
+            cert: Some(cert),
+            key: Some(key),
+            ..Default::default()
+        }),
+        mqtt: RawMqtt { embedded_listen: Some(broker.to_string()), broker: None, client_id: None },
+        models: Default::default(),
+        drift: Default::default(),
+        rollouts: None,
+        users: vec![User {
+            name: "simulate".into(),
+            role: Role::Admin,
+            token_sha256: crate::auth::token_hash(&token),
+        }],
+    })?;
+    let api =
+        ApiArgs { server: format!("https://{http}"), token: Some(token), ca_cert: Some(ca_cert) };
+    Ok(Fleet { config, gateways, server_key: server_key.verifying_key(), api })
+}
+
+/// GET on the API from a blocking thread.
+async fn api_get(api: &ApiArgs, path: &'static str) -> anyhow::Result<serde_json::Value> {
+    let api = api.clone();
+    tokio::task::spawn_blocking(move || api.get(path)).await?
+}
+
+async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
+    let begun = Instant::now();
+    let fleet = {
+        let (dir, count) = (dir.to_owned(), args.devices);
+        tokio::task::spawn_blocking(move || make_fleet(count, &dir)).await??
+    };
+    let setup_s = begun.elapsed().as_secs_f64();
+    let crate::config::Broker::Embedded(mqtt) = fleet.config.broker else {
+        return Err(anyhow::anyhow!("the simulator's server has no embedded broker").into());
+    };
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = tokio::spawn(crate::run(fleet.config, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(h) = api_get(&fleet.api, "/api/v1/health").await
+                && h["broker_connected"] == true
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if ready.is_err() {
+        let _ = stop_tx.send(true);
+        let why = match server.await {
+            Ok(Err(e)) => format!("{e:#}"),
+            _ => "its health endpoint never said the broker is connected".into(),
+        };
+        return Err(anyhow::anyhow!("the simulator's server did not start in 60 s: {why}").into());
+    }
+
+    let plan = Arc::new(Plan {
+        mqtt,
+        server_key: fleet.server_key,
+        records: args.records,
+        in_flight: args.in_flight.max(1),
+        rate: args.rate,
+        status_every: Duration::from_secs(args.status_secs.max(1)),
+        resend_after: Duration::from_secs(args.resend_secs.max(1)),
+        zero: Instant::now(),
+    });
+    let counters = Arc::new(Counters::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
+    let connecting = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let n = fleet.gateways.len() as u64;
+    let mut tasks = Vec::with_capacity(fleet.gateways.len());
+    for g in fleet.gateways {
+        let (plan, counters, phase) = (plan.clone(), counters.clone(), phase_rx.clone());
+        tasks.push(tokio::spawn(gateway(g, plan, counters, phase, connecting.clone())));
+    }
+
+    let bar = ProgressBar::new(n);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("connected");
+    let connect_started = Instant::now();
+    let deadline = connect_started + Duration::from_secs(args.connect_timeout_secs);
+    while Counters::get(&counters.connected) < n {
+        if Instant::now() > deadline {
+            let connected = Counters::get(&counters.connected);
+            bar.abandon();
+            let _ = phase_tx.send(Phase::Done);
+            let _ = stop_tx.send(true);
+            return Err(anyhow::anyhow!(
+                "{connected} of {n} gateways connected in {} s (--connect-timeout-secs)",
+                args.connect_timeout_secs
+            )
+            .into());
+        }
+        bar.set_position(Counters::get(&counters.connected));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+
+    bar.set_length(args.seconds);
+    bar.set_position(0);
+    let sending_started = Instant::now();
+    let _ = phase_tx.send(Phase::Sending);
+    let (batches0, records0) =
+        (Counters::get(&counters.acked_batches), Counters::get(&counters.acked_records));
+    let mut last = (batches0, Instant::now());
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.tick().await;
+    for second in 1..=args.seconds {
+        every.tick().await;
+        let batches = Counters::get(&counters.acked_batches);
+        let rate = (batches - last.0) as f64 / last.1.elapsed().as_secs_f64();
+        last = (batches, Instant::now());
+        bar.set_position(second);
+        bar.set_message(format!(
+            "s · {rate:.0} msgs/s now · {} acked · {} reconnects",
+            batches - batches0,
+            Counters::get(&counters.reconnects)
+        ));
+    }
+    let window = sending_started.elapsed().as_secs_f64();
+    let (batches1, records1) =
+        (Counters::get(&counters.acked_batches), Counters::get(&counters.acked_records));
+    let _ = phase_tx.send(Phase::Draining);
+    bar.set_message("s · draining: waiting for the last acks");
+
+    let drain_started = Instant::now();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    let drain = tokio::time::sleep(Duration::from_secs(args.drain_secs));
+    tokio::pin!(drain);
+    let mut timed_out = false;
+    for mut t in tasks {
+        loop {
+            tokio::select! {
+                biased;
+                o = &mut t => {
+                    if let Ok(o) = o {
+                        outcomes.push(o);
+                    }
+                    break;
+                }
+                _ = &mut drain, if !timed_out => {
+                    // Gateways stop waiting and hand back their books as they are.
+                    timed_out = true;
+                    let _ = phase_tx.send(Phase::Done);
+                }
+            }
+        }
+    }
+    let drain_s = drain_started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let stored: HashMap<String, u64> = api_get(&fleet.api, "/api/v1/devices")
+        .await
+        .context("the server's device list")?
+        .as_array()
+        .context("the server's device list is not a list")?
+        .iter()
+        .filter_map(|d| Some((d["device"].as_str()?.to_owned(), d["predictions"].as_u64()?)))
+        .collect();
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+
+    let books = outcomes.iter().map(|o| Books {
+        sent: o.ledger.sent(),
+        acked: o.ledger.acked,
+        stored: stored.get(o.device.as_str()).copied().unwrap_or(0),
+    });
+    let (lost, duplicated) = ledger::reconcile(books.clone());
+    let sent: u64 = books.clone().map(|b| b.sent).sum();
+    let kept: u64 = books.map(|b| b.stored).sum();
+    let missing = n - outcomes.len() as u64;
+    let unacked: u64 = outcomes
+        .iter()
+        .map(|o| o.ledger.sent().saturating_sub(o.ledger.acked + o.ledger.refused))
+        .sum();
+    let refused: u64 = outcomes.iter().map(|o| o.ledger.refused).sum();
+    let repeated: u64 = outcomes.iter().map(|o| o.ledger.repeated).sum();
+    let mut latencies: Vec<u32> =
+        outcomes.iter().flat_map(|o| o.ledger.latencies_us.iter().copied()).collect();
+    latencies.sort_unstable();
+    let ms = |q: f64| f64::from(ledger::percentile(&latencies, q)) / 1000.0;
+    println!(
+        "simulate: devices={n} seconds={} msgs_per_s={:.0} records_per_s={:.0} ack_p50_ms={:.1} \
+         ack_p99_ms={:.1} lost={lost} duplicated={duplicated} sent={sent} stored={kept} unacked={unacked} refused={refused} \
+         repeated_acks={repeated} bad_acks={} reconnects={} statuses={} setup_s={setup_s:.1} \
+         connect_s={connect_s:.1} drain_s={drain_s:.1} rss_mib={:.0} hwm_mib={:.0}",
+        args.seconds,
+        (batches1 - batches0) as f64 / window,
+        (records1 - records0) as f64 / window,
+        ms(0.5),
+        ms(0.99),
+        Counters::get(&counters.bad_acks),
+        Counters::get(&counters.reconnects),
+        Counters::get(&counters.statuses),
+        memory_mib("VmRSS:"),
+        memory_mib("VmHWM:"),
+    );
+    let mut problems = Vec::new();
+    if lost > 0 {
+        problems.push(format!("{lost} acknowledged records are not stored"));
+    }
+    if duplicated > 0 {
+        problems.push(format!("{duplicated} records are stored more than once"));
+    }
+    if unacked > 0 || missing > 0 {
+        problems.push(format!(
+            "{unacked} records still unacknowledged after {} s of drain ({missing} gateways \
+             never finished)",
+            args.drain_secs
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(anyhow::anyhow!("{}", problems.join("; ")).into());
+    }
+    Ok(())
+}
+
+/// This process's resident memory (server and simulator together), from /proc.
+fn memory_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn micros(plan: &Plan) -> u64 {
+    u64::try_from(plan.zero.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn status_payload(
+    g: &Gateway,
+    (at_ms, started_ms): (i64, i64),
+    online: bool,
+    backlog: u64,
+) -> Vec<u8> {
+    let body = wire::encode(&DeviceStatus {
+        v: WIRE_VERSION,
+        device: g.device.clone(),
+        at_ms,
+        started_ms,
+        online,
+        agent_version: concat!("simulate-", env!("CARGO_PKG_VERSION")).into(),
+        site: Some(g.site.clone()),
+        tags: Vec::new(),
+        device_class: None,
+        models: Vec::new(),
+        backlog: online.then_some(wire::Backlog { records: backlog, oldest_at_ms: None }),
+    });
+    signed::seal(&g.key, Purpose::Status, &g.device, &body)
+}
+
+fn batch_payload(g: &Gateway, epoch: &str, (first, last): ledger::Batch) -> Vec<u8> {
+    let at_ms = clock::now_ms();
+    let asset = AssetId::new("unit-1").unwrap_or_else(|_| unreachable!("a valid asset id"));
+    let model = ModelName::new("simulated").unwrap_or_else(|_| unreachable!("a valid name"));
+    let body = wire::encode(&UplinkBatch {
+        v: WIRE_VERSION,
+        device: g.device.clone(),
+        epoch: epoch.to_owned(),
+        stream: Stream::Predictions,
+        records: (first..=last)
+            .map(|seq| Record {
+                seq,
+                at_ms,
+                body: RecordBody::Prediction(Prediction {
+                    asset: asset.clone(),
+                    cycle: seq,
+                    model: model.clone(),
+                    release: Release(1),
+                    value: 100.0 - (seq % 100) as f32,
+                }),
+            })
+            .collect(),
+    });
+    signed::seal(&g.key, Purpose::Uplink(Stream::Predictions), &g.device, &body)
+}
+
+/// One gateway: connect, send while the run is on, keep the books, wait for the last acks.
+async fn gateway(
+    g: Gateway,
+    plan: Arc<Plan>,
+    counters: Arc<Counters>,
+    mut phase: watch::Receiver<Phase>,
+    connecting: Arc<Semaphore>,
+) -> Outcome {
+    let client_id = g.device.to_string();
+    let password = signed::connect_password(&g.key, &g.device, &client_id);
+    let (ack_topic, status_topic) = (topics::ack(&g.device), topics::status(&g.device));
+    let uplink_topic = topics::uplink(&g.device, Stream::Predictions);
+    let epoch = format!("sim{:013x}", clock::now_ms());
+    let started_ms = clock::now_ms();
+    let mut ledger = Ledger::new(plan.records, plan.in_flight);
+    let (tx, mut rx) = mpsc::channel(64);
+    let permit = connecting.acquire_owned().await;
+    let client = mqtt::start(
+        Connect {
+            client_id: client_id.clone(),
+            host: plan.mqtt.ip().to_string(),
+            port: plan.mqtt.port(),
+            transport: Transport::Tls(g.tls.clone()),
+            credentials: Some((g.device.to_string(), password)),
+            keep_alive: Duration::from_secs(30),
+            reconnect_max: Duration::from_secs(10),
+            last_will: Some((
+                status_topic.clone(),
+                status_payload(&g, (started_ms, started_ms), false, 0),
+            )),
+            stall_after: mqtt::DEFAULT_STALL_AFTER,
+            subscriptions: vec![ack_topic.clone()],
+        },
+        tx,
+    );
+    loop {
+        match rx.recv().await {
+            Some(MqttEvent::Connected) => break,
+            Some(_) => {}
+            None => return Outcome { device: g.device, ledger },
+        }
+        if *phase.borrow() == Phase::Done {
+            return Outcome { device: g.device, ledger };
+        }
+    }
+    drop(permit);
+    Counters::add(&counters.connected, 1);
+
+    let publish = |topic: String, payload: Vec<u8>, retain: bool| {
+        let client = client.clone();
+        async move {
+            // A full request queue or a closed driver: the batch stays in flight, and the
+            // resend (or the reconnect) sends it again.
+            let _ = client.publish(topic, QoS::AtLeastOnce, retain, payload).await;
+        }
+    };
+    let mut status_at_ms = started_ms;
+    let status_offset = Duration::from_millis(random_below(plan.status_every.as_millis() as u64));
+    let mut status =
+        tokio::time::interval_at(tokio::time::Instant::now() + status_offset, plan.status_every);
+    let period = (plan.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / plan.rate));
+    let mut pace = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut current = *phase.borrow();
+    loop {
+        let sending = current == Phase::Sending;
+        // The closed loop fills the window whenever it has room; the paced one sends on ticks.
+        if sending && period.is_none() {
+            while let Some(b) = ledger.next_batch(micros(&plan), true) {
+                publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+            }
+        }
+        if (current == Phase::Draining && ledger.in_flight() == 0) || current == Phase::Done {
+            break;
+        }
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(MqttEvent::Message { topic, payload }) if topic == ack_topic => {
+                    let Ok(body) = signed::verify(&payload, &plan.server_key, Purpose::Ack, &g.device) else {
+                        Counters::add(&counters.bad_acks, 1);
+                        continue;
+                    };
+                    let Ok(ack) = Ack::decode(body) else {
+                        Counters::add(&counters.bad_acks, 1);
+                        continue;
+                    };
+                    if ack.epoch != epoch {
+                        Counters::add(&counters.bad_acks, 1);
+                        continue;
+                    }
+                    let before = ledger.acked;
+                    let done = ledger.on_ack(micros(&plan), &ack.ranges, &ack.refused);
+                    Counters::add(&counters.acked_batches, done);
+                    Counters::add(&counters.acked_records, ledger.acked - before);
+                }
+                Some(MqttEvent::Connected) => {
+                    Counters::add(&counters.reconnects, 1);
+                    for b in ledger.resend(micros(&plan), 0) {
+                        publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = pace.tick(), if sending && period.is_some() => {
+                if let Some(b) = ledger.next_batch(micros(&plan), true) {
+                    publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                }
+            }
+            _ = status.tick() => {
+                status_at_ms = clock::now_ms().max(status_at_ms + 1);
+                let backlog = ledger.in_flight() as u64 * plan.records;
+                let payload = status_payload(&g, (status_at_ms, started_ms), true, backlog);
+                publish(status_topic.clone(), payload, true).await;
+                Counters::add(&counters.statuses, 1);
+            }
+            _ = housekeeping.tick() => {
+                let again = ledger.resend(micros(&plan), plan.resend_after.as_micros() as u64);
+                for b in again {
+                    publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                }
+            }
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                current = *phase.borrow();
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Outcome { device: g.device, ledger }
+}
+
+/// A number below `n` (0 for 0), to spread the gateways' timers.
+fn random_below(n: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    if n == 0 || getrandom::getrandom(&mut bytes).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(bytes) % n
+}
