@@ -2,7 +2,11 @@
 //! production fleets point the server at an external broker instead.
 //!
 //! With the server's TLS files it listens with TLS and requires a client certificate chained
-//! to the fleet CA. Every connection must also log in: the user name is the device id (or the
+//! to the fleet CA. The TLS is ours, not rumqttd's: rumqttd's accept loop waits for each
+//! connection's handshake before it accepts the next, with no time limit, so one silent TCP
+//! connection kept every gateway out. Here each handshake runs in its own task, bounded by
+//! [`HANDSHAKE_TIMEOUT`], and a connection that completes it is relayed to rumqttd listening in
+//! plain on a loopback port of its own. Every connection must also log in: the user name is the device id (or the
 //! server's), the client id must be `millwright-<device>` (or the device id), and the password
 //! is that party's signature over the client id ([`millwright_shared::signed::connect_password`]),
 //! checked against the device registry. So unknown and revoked devices are refused at connect,
@@ -11,11 +15,12 @@
 
 use crate::config::TlsFiles;
 use crate::identity::{SERVER_USER, SharedRegistry};
+use anyhow::Context as _;
 use ed25519_dalek::VerifyingKey;
 use millwright_shared::DeviceId;
 use millwright_shared::refusals::Refusals;
 use millwright_shared::signed;
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -82,8 +87,71 @@ impl Logins {
     }
 }
 
-/// Starts the broker on `listen` and waits until it accepts connections.
+/// The longest a client may take over its TLS handshake (rumqttd's own limit for the MQTT
+/// CONNECT is as long).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the broker on `listen` and waits until it accepts connections: with `tls`, our TLS
+/// listener there in front of rumqttd on a loopback port. Called within the tokio runtime.
 pub fn start(listen: SocketAddr, tls: Option<&TlsFiles>, logins: Logins) -> anyhow::Result<()> {
+    let Some(files) = tls else { return start_rumqttd(listen, logins) };
+    let acceptor = {
+        let config = millwright_io::tls::server_config(&files.cert, &files.key, Some(&files.ca))?;
+        let mut config = (*config).clone();
+        config.alpn_protocols.clear();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    };
+    let front = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen} for the embedded broker"))?;
+    front.set_nonblocking(true)?;
+    let front = tokio::net::TcpListener::from_std(front)?;
+    let inner = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    start_rumqttd(inner, logins)?;
+    tokio::spawn(relay(front, acceptor, inner));
+    Ok(())
+}
+
+/// Accepts at once, shakes hands in a task per connection, relays each that succeeds.
+async fn relay(
+    front: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    inner: SocketAddr,
+) {
+    loop {
+        let (tcp, peer) = match front.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                tracing::warn!("embedded broker: cannot accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    return tracing::debug!(%peer, "embedded broker: TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    return tracing::debug!(%peer, "embedded broker: no TLS handshake in time");
+                }
+            };
+            let mut broker = match tokio::net::TcpStream::connect(inner).await {
+                Ok(b) => b,
+                Err(e) => return tracing::error!("embedded broker unreachable on {inner}: {e}"),
+            };
+            let _ = broker.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+        });
+    }
+}
+
+/// rumqttd in plain TCP on `listen`, on its own threads; returns once it accepts connections.
+fn start_rumqttd(listen: SocketAddr, logins: Logins) -> anyhow::Result<()> {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: millwright_io::mqtt::MAX_PACKET_BYTES,
@@ -96,15 +164,10 @@ pub fn start(listen: SocketAddr, tls: Option<&TlsFiles>, logins: Logins) -> anyh
         let verdict = logins.check(&client_id, &user, &password);
         async move { verdict.is_ok() }
     });
-    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let server = ServerSettings {
         name: "v4-1".into(),
         listen,
-        tls: tls.map(|t| TlsConfig::Rustls {
-            capath: Some(path(&t.ca)),
-            certpath: path(&t.cert),
-            keypath: path(&t.key),
-        }),
+        tls: None,
         next_connection_delay_ms: 1,
         connections,
     };

@@ -603,6 +603,22 @@ fn connection_attacks(ctx: &Ctx<'_>) {
         let Err(e) = Party::connect(options) else { panic!("{name}: let in") };
         ctx.record(name, format!("refused at connect: {e}"));
     }
+    {
+        // Connections that never start a TLS handshake must not hold up anyone else's: the
+        // embedded broker's accept loop once waited on each handshake in turn, with no limit.
+        let name = "silent TCP connections to the TLS listener";
+        let silent: Vec<std::net::TcpStream> =
+            (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let quiet = ctx.server.enroll("gw-quiet").unwrap();
+        let started = Instant::now();
+        let party = Party::connect(mqtt_as(port, &quiet, None).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: a gateway could not connect beside them: {e}"));
+        let took = started.elapsed();
+        drop(party);
+        drop(silent);
+        ctx.record(name, format!("a gateway connected beside three in {} ms", took.as_millis()));
+    }
     let (cert, key_pem) = pki.client_cert("expired", INTRUDER, -10, -1).unwrap();
     ctx.expect_no_connection(
         "expired client certificate",
