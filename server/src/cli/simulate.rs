@@ -166,10 +166,11 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
     runtime.block_on(simulate(&args, &dir))
 }
 
-/// Every gateway holds one socket, and the embedded broker the other end: the soft limit is
-/// raised to what that needs, and the hard limit too where the process may (as root).
+/// Every gateway holds one socket, and the embedded broker three: the other end, and both
+/// ends of its relay to rumqttd. The soft limit is raised to what that needs, and the hard
+/// limit too where the process may (as root).
 fn raise_file_limit(devices: usize) -> anyhow::Result<()> {
-    let needed = devices as u64 * 2 + 512;
+    let needed = devices as u64 * 4 + 512;
     let (soft, hard) = rlimit::Resource::NOFILE.get().context("the open-file limit")?;
     if soft >= needed {
         return Ok(());
