@@ -33,7 +33,9 @@ fn simulated_gateways_get_every_record_acked_and_the_server_stores_each_once() {
     for zero in ["lost", "duplicated", "unacked", "refused", "bad_acks"] {
         assert_eq!(f[zero], "0", "{zero} in {line}");
     }
-    assert!(num("msgs_per_s") > 0.0 && num("records_per_s") == num("msgs_per_s") * 10.0, "{line}");
+    // Ten records a batch; the two rates are rounded apiece as printed.
+    let per_batch = num("records_per_s") / num("msgs_per_s");
+    assert!(num("msgs_per_s") > 0.0 && (per_batch - 10.0).abs() < 0.01, "{line}");
     assert!(num("ack_p50_ms") > 0.0 && num("ack_p99_ms") >= num("ack_p50_ms"), "{line}");
     // A status a second from each of the 40 for at least the 4 seconds of sending.
     assert!(num("statuses") >= 40.0 * 3.0, "{line}");
