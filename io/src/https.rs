@@ -13,7 +13,41 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The next connection on `listener`. An accept that fails (out of file descriptors and the
+/// like) is logged and tried again 100 ms later instead of spinning.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!("cannot accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The TLS side of `tcp`, if its handshake completes within [`HANDSHAKE_TIMEOUT`]; why not is
+/// logged (debug) with the peer's address.
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "TLS handshake timed out");
+            None
+        }
+    }
+}
 
 /// Serves `router` on `listener` until the process ends: HTTPS with `tls`, plain HTTP without.
 pub async fn serve(
@@ -27,25 +61,13 @@ pub async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
-        let (tcp, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!("cannot accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, addr) = accept(&listener).await;
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
             if speaks_plain_http(&tcp).await {
                 return refuse_plaintext(tcp).await;
             }
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%addr, "TLS handshake failed: {e}"),
-                Err(_) => return tracing::debug!(%addr, "TLS handshake timed out"),
-            };
+            let Some(tls) = handshake(&acceptor, tcp, addr).await else { return };
             let service = hyper::service::service_fn(move |mut request| {
                 request.extensions_mut().insert(ConnectInfo(addr));
                 tower::ServiceExt::oneshot(router.clone(), request)

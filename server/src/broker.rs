@@ -5,7 +5,7 @@
 //! to the fleet CA. The TLS is ours, not rumqttd's: rumqttd's accept loop waits for each
 //! connection's handshake before it accepts the next, with no time limit, so one silent TCP
 //! connection kept every gateway out. Here each handshake runs in its own task, bounded by
-//! [`HANDSHAKE_TIMEOUT`], and a connection that completes it is relayed to rumqttd listening in
+//! [`millwright_io::https::HANDSHAKE_TIMEOUT`], and a connection that completes it is relayed to rumqttd listening in
 //! plain on a loopback port of its own. Every connection must also log in: the user name is the device id (or the
 //! server's), the client id must be `millwright-<device>` (or the device id), and the password
 //! is that party's signature over the client id ([`millwright_shared::signed::connect_password`]),
@@ -87,10 +87,6 @@ impl Logins {
     }
 }
 
-/// The longest a client may take over its TLS handshake (rumqttd's own limit for the MQTT
-/// CONNECT is as long).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Starts the broker on `listen` and waits until it accepts connections: with `tls`, our TLS
 /// listener there in front of rumqttd on a loopback port. Called within the tokio runtime.
 pub fn start(listen: SocketAddr, tls: Option<&TlsFiles>, logins: Logins) -> anyhow::Result<()> {
@@ -118,27 +114,12 @@ async fn relay(
     inner: SocketAddr,
 ) {
     loop {
-        let (tcp, peer) = match front.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, most likely: wait rather than spin.
-                tracing::warn!("embedded broker: cannot accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = millwright_io::https::accept(&front).await;
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    return tracing::debug!(%peer, "embedded broker: TLS handshake failed: {e}");
-                }
-                Err(_) => {
-                    return tracing::debug!(%peer, "embedded broker: no TLS handshake in time");
-                }
+            let Some(mut tls) = millwright_io::https::handshake(&acceptor, tcp, peer).await else {
+                return;
             };
             let mut broker = match tokio::net::TcpStream::connect(inner).await {
                 Ok(b) => b,

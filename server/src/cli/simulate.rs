@@ -92,6 +92,9 @@ struct Plan {
     rate: f64,
     status_every: Duration,
     resend_after: Duration,
+    /// What every simulated prediction is of.
+    asset: AssetId,
+    model: ModelName,
     /// The run's zero for the ledgers' microseconds.
     zero: Instant,
 }
@@ -329,6 +332,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         rate: args.rate,
         status_every: Duration::from_secs(args.status_secs.max(1)),
         resend_after: Duration::from_secs(args.resend_secs.max(1)),
+        asset: AssetId::new("unit-1")?,
+        model: ModelName::new("simulated")?,
         zero: Instant::now(),
     });
     let counters = Arc::new(Counters::default());
@@ -521,10 +526,8 @@ fn status_payload(
     signed::seal(&g.key, Purpose::Status, &g.device, &body)
 }
 
-fn batch_payload(g: &Gateway, epoch: &str, (first, last): ledger::Batch) -> Vec<u8> {
+fn batch_payload(g: &Gateway, plan: &Plan, epoch: &str, (first, last): ledger::Batch) -> Vec<u8> {
     let at_ms = clock::now_ms();
-    let asset = AssetId::new("unit-1").unwrap_or_else(|_| unreachable!("a valid asset id"));
-    let model = ModelName::new("simulated").unwrap_or_else(|_| unreachable!("a valid name"));
     let body = wire::encode(&UplinkBatch {
         v: WIRE_VERSION,
         device: g.device.clone(),
@@ -535,9 +538,9 @@ fn batch_payload(g: &Gateway, epoch: &str, (first, last): ledger::Batch) -> Vec<
                 seq,
                 at_ms,
                 body: RecordBody::Prediction(Prediction {
-                    asset: asset.clone(),
+                    asset: plan.asset.clone(),
                     cycle: seq,
-                    model: model.clone(),
+                    model: plan.model.clone(),
                     release: Release(1),
                     value: 100.0 - (seq % 100) as f32,
                 }),
@@ -617,7 +620,7 @@ async fn gateway(
         // The closed loop fills the window whenever it has room; the paced one sends on ticks.
         if sending && period.is_none() {
             while let Some(b) = ledger.next_batch(micros(&plan), true) {
-                publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
             }
         }
         if (current == Phase::Draining && ledger.in_flight() == 0) || current == Phase::Done {
@@ -646,7 +649,7 @@ async fn gateway(
                 Some(MqttEvent::Connected) => {
                     Counters::add(&counters.reconnects, 1);
                     for b in ledger.resend(micros(&plan), 0) {
-                        publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                        publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
                     }
                 }
                 Some(_) => {}
@@ -654,7 +657,7 @@ async fn gateway(
             },
             _ = pace.tick(), if sending && period.is_some() => {
                 if let Some(b) = ledger.next_batch(micros(&plan), true) {
-                    publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
                 }
             }
             _ = status.tick() => {
@@ -667,7 +670,7 @@ async fn gateway(
             _ = housekeeping.tick() => {
                 let again = ledger.resend(micros(&plan), plan.resend_after.as_micros() as u64);
                 for b in again {
-                    publish(uplink_topic.clone(), batch_payload(&g, &epoch, b), false).await;
+                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
                 }
             }
             changed = phase.changed() => {
