@@ -605,33 +605,41 @@ impl Db {
         rows.collect()
     }
 
-    /// Predictions of a device in sequence order, after `after_seq`, optionally of one asset.
+    /// Predictions of a device in sequence order, after `after_seq`, optionally of one asset:
+    /// the first `limit` of them, or the newest `limit` with `newest`.
     pub fn predictions(
         &self,
         device: &str,
         asset: Option<&str>,
         after_seq: u64,
         limit: u64,
+        newest: bool,
     ) -> rusqlite::Result<Vec<PredictionRow>> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(&page_sql(
             "SELECT seq, asset, cycle, model, release, value, at_ms FROM predictions
-             WHERE device = ?1 AND seq > ?2 AND (?3 IS NULL OR asset = ?3)
-             ORDER BY seq LIMIT ?4",
-        )?;
+             WHERE device = ?1 AND seq > ?2 AND (?3 IS NULL OR asset = ?3)",
+            "?4",
+            newest,
+        ))?;
         let rows = stmt.query_map(params![device, after_seq, asset, limit], prediction_row)?;
         rows.collect()
     }
 
+    /// Alerts of a device in sequence order, after `after_seq`: the first `limit`, or the
+    /// newest `limit` with `newest`.
     pub fn alerts(
         &self,
         device: &str,
         after_seq: u64,
         limit: u64,
+        newest: bool,
     ) -> rusqlite::Result<Vec<AlertRow>> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(&page_sql(
             "SELECT seq, asset, cycle, model, release, from_level, to_level, value, at_ms
-             FROM alerts WHERE device = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
+             FROM alerts WHERE device = ?1 AND seq > ?2",
+            "?3",
+            newest,
+        ))?;
         let rows = stmt.query_map(params![device, after_seq, limit], alert_row)?;
         rows.collect()
     }
@@ -769,6 +777,15 @@ impl Db {
     }
 }
 
+/// A page of `select` in sequence order, `limit` (a parameter) rows long: its first rows, or
+/// its newest (the primary key read backwards, then turned round).
+fn page_sql(select: &str, limit: &str, newest: bool) -> String {
+    match newest {
+        false => format!("{select} ORDER BY seq LIMIT {limit}"),
+        true => format!("SELECT * FROM ({select} ORDER BY seq DESC LIMIT {limit}) ORDER BY seq"),
+    }
+}
+
 fn prediction_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PredictionRow> {
     Ok(PredictionRow {
         seq: r.get(0)?,
@@ -897,9 +914,13 @@ mod tests {
         assert_eq!(ack.ranges, vec![(1, 3)]);
         let again = db.store(&accepted(&[2, 3, 4]), 20).unwrap().ack;
         assert_eq!(again.ranges, vec![(2, 4)]);
-        let rows = db.predictions("gw1", None, 0, 100).unwrap();
+        let rows = db.predictions("gw1", None, 0, 100, false).unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(rows[1].value, 3.0);
+        let seqs = |rows: Vec<PredictionRow>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(db.predictions("gw1", None, 0, 2, false).unwrap()), vec![1, 2]);
+        assert_eq!(seqs(db.predictions("gw1", None, 0, 2, true).unwrap()), vec![3, 4], "newest");
+        assert_eq!(seqs(db.predictions("gw1", None, 3, 2, true).unwrap()), vec![4]);
         let devices = db.devices().unwrap();
         assert_eq!(
             (devices[0].first_seen_ms, devices[0].last_seen_ms, devices[0].predictions),
@@ -930,7 +951,7 @@ mod tests {
         // The old outbox's resend of what it stored is acked; anything newer from it is refused.
         let old = db.store(&accepted(&[3, 4]), 30).unwrap();
         assert_eq!((old.ack.ranges, old.refused), (vec![(3, 3)], vec![4]));
-        let rows = db.predictions("gw1", None, 0, 100).unwrap();
+        let rows = db.predictions("gw1", None, 0, 100, false).unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!(rows[3].cycle, 30, "stored seq 4 is the new outbox's record 1");
         let streams = db.streams("gw1").unwrap();

@@ -6,8 +6,8 @@
 //! | `GET /api/v1/devices` | every device with first/last seen, online, counts |
 //! | `GET /api/v1/devices/{device}` | one device |
 //! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
-//! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=` | predictions in sequence order |
-//! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=` | alerts in sequence order |
+//! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=&newest=` | predictions in sequence order: the first `limit` (1,000; at most 10,000), or the newest with `newest=true` |
+//! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=&newest=` | alerts in sequence order, the first or the newest |
 //! | `GET /api/v1/devices/{device}/gaps` | what the device dropped by policy: ranges, reason, time, per-asset summaries of dropped predictions |
 //! | `GET /api/v1/devices/{device}/updates` | update reports: phase, reason, health, rollout, directive, release |
 //! | `GET /api/v1/drift?by=feature\|site\|device\|bucket&bucket_s=&model=&release=&site=&device=&feature=&from_ms=&to_ms=` | fleet drift: merged histograms and their scores per group |
@@ -155,6 +155,9 @@ pub struct Page {
     #[serde(default)]
     pub after_seq: u64,
     pub limit: Option<u64>,
+    /// The newest `limit` records (still in sequence order) instead of the first.
+    #[serde(default)]
+    pub newest: bool,
 }
 
 /// The body a request may carry, except a bundle being registered.
@@ -363,7 +366,10 @@ async fn predictions(
         Ok(a) => a,
         Err(e) => return *e,
     };
-    query(&state, move |db| db.predictions(&device, page.asset.as_deref(), after, limit)).await
+    query(&state, move |db| {
+        db.predictions(&device, page.asset.as_deref(), after, limit, page.newest)
+    })
+    .await
 }
 
 async fn alerts(
@@ -376,7 +382,7 @@ async fn alerts(
         Ok(a) => a,
         Err(e) => return *e,
     };
-    query(&state, move |db| db.alerts(&device, after, limit)).await
+    query(&state, move |db| db.alerts(&device, after, limit, page.newest)).await
 }
 
 /// Prometheus text format, made at most once a second.

@@ -6,7 +6,10 @@
 //! A wave starts only when the previous one is complete: every device committed the release
 //! (and passed the server's own judgement of its health) or failed within the tolerance, and
 //! the last commit is `soak_secs` old. Devices of later waves get no directive, so they
-//! download nothing until then.
+//! download nothing until then. Within a wave, an optional [`Rate`] spreads the directives
+//! over time. A device fails when it makes no progress for `device_timeout_secs` beyond the
+//! time its phase is meant to take (the shadow and probation periods); a paused rollout
+//! with a deadline reverts when nobody resumes it in time.
 
 use crate::db::DeviceRow;
 use millwright_shared::directive::Activation;
@@ -69,10 +72,55 @@ pub struct Spec {
     pub device_timeout_secs: u64,
     #[serde(default)]
     pub max_failures_per_wave: usize,
+    /// Failures tolerated per wave as a share of the wave (the larger of this and the count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures_percent: Option<f64>,
     #[serde(default = "Spec::default_on_failure")]
     pub on_failure: OnFailure,
     #[serde(default = "default_activation")]
     pub activation: Activation,
+    /// How fast a wave's directives go out; all at once without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// A rollout paused this long (by its policy or by hand) reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_deadline_secs: Option<u64>,
+}
+
+/// Devices notified per minute within a wave: `per_minute` in the wave's first minute, times
+/// `ramp` in each following minute, up to `max_per_minute` (AWS IoT Jobs' exponential rollout,
+/// with minutes as its increase criterion).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u64,
+    #[serde(default = "Rate::no_ramp")]
+    pub ramp: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_minute: Option<u64>,
+}
+
+impl Rate {
+    fn no_ramp() -> f64 {
+        1.0
+    }
+
+    /// Devices that may have been notified `elapsed_ms` after the wave started: at least one,
+    /// so a wave always starts.
+    pub fn allowed(&self, elapsed_ms: i64) -> usize {
+        let cap = self.max_per_minute.map_or(f64::INFINITY, |m| m as f64);
+        let (mut rate, mut total, mut left) =
+            ((self.per_minute as f64).min(cap), 0.0, elapsed_ms.max(0) as f64 / 60_000.0);
+        // Whole minutes one by one while the rate still grows; the rest in closed form.
+        while left > 0.0 {
+            let growing = self.ramp > 1.0 && rate < cap;
+            let span = if growing { left.min(1.0) } else { left };
+            total += rate * span;
+            left -= span;
+            rate = (rate * self.ramp.max(1.0)).min(cap);
+        }
+        (total.floor() as usize).max(1)
+    }
 }
 
 impl Spec {
@@ -138,7 +186,26 @@ pub struct DeviceRun {
     pub directive: Option<u64>,
     pub notified_ms: Option<i64>,
     pub updated_ms: Option<i64>,
+    /// When the device last moved to a new phase (or got its directive): its timeout counts
+    /// from here.
+    #[serde(default)]
+    pub progress_ms: Option<i64>,
     pub health: Option<Health>,
+}
+
+impl DeviceRun {
+    /// How long the device may stay in its phase: the timeout, plus the shadow or probation
+    /// period that follows the phase it reported last.
+    fn allowance_secs(&self, spec: &Spec) -> u64 {
+        let period = match (self.state, self.phase) {
+            (DeviceState::Notified, Some(UpdatePhase::SelfTested)) => spec.activation.shadow_secs,
+            (DeviceState::Notified, Some(UpdatePhase::ShadowPassed | UpdatePhase::Activated)) => {
+                spec.activation.probation_secs
+            }
+            _ => 0,
+        };
+        spec.device_timeout_secs.saturating_add(period)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +227,9 @@ pub struct Rollout {
     pub devices: Vec<DeviceRun>,
     pub all_notified_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// When it was paused, for the pause deadline.
+    #[serde(default)]
+    pub paused_ms: Option<i64>,
 }
 
 /// What the shell must do.
@@ -181,6 +251,26 @@ pub enum PlanError {
     Empty(String),
     #[error("the canary and waves must be at least 1 (canary {canary:?}, waves {waves:?})")]
     Shape { canary: Canary, waves: Waves },
+    #[error("{0}")]
+    Policy(String),
+}
+
+/// What a spec's rate and failure share must be.
+fn check_policy(spec: &Spec) -> Result<(), PlanError> {
+    if let Some(p) = spec.max_failures_percent
+        && !(0.0..=100.0).contains(&p)
+    {
+        return Err(PlanError::Policy(format!("max_failures_percent {p} is not 0-100")));
+    }
+    if let Some(rate) = spec.rate {
+        if rate.per_minute == 0 || rate.max_per_minute == Some(0) {
+            return Err(PlanError::Policy("a rate of 0 devices per minute never finishes".into()));
+        }
+        if !(rate.ramp.is_finite() && rate.ramp >= 1.0) {
+            return Err(PlanError::Policy(format!("ramp {} must be 1 or more", rate.ramp)));
+        }
+    }
+    Ok(())
 }
 
 fn targeted(target: &Target, d: &DeviceRow) -> bool {
@@ -247,6 +337,7 @@ pub fn plan(
     {
         return Err(PlanError::Shape { canary: spec.canary, waves: spec.waves });
     }
+    check_policy(&spec)?;
     if let Target::Devices { devices } = &spec.target
         && let Some(unknown) = devices.iter().find(|d| !inventory.iter().any(|i| &i.device == *d))
     {
@@ -276,6 +367,7 @@ pub fn plan(
             directive: None,
             notified_ms: None,
             updated_ms: None,
+            progress_ms: None,
             health: None,
         });
     }
@@ -290,6 +382,7 @@ pub fn plan(
             directive: None,
             notified_ms: None,
             updated_ms: Some(now_ms),
+            progress_ms: None,
             health: None,
         });
     }
@@ -307,6 +400,7 @@ pub fn plan(
         devices,
         all_notified_ms: None,
         finished_ms: None,
+        paused_ms: None,
     })
 }
 
@@ -341,6 +435,7 @@ impl Rollout {
                 Some(release) => {
                     d.state = DeviceState::Reverting;
                     d.notified_ms = Some(now_ms);
+                    d.progress_ms = Some(now_ms);
                     actions.push(Action::Revert { device: d.device.clone(), release });
                 }
                 None => {
@@ -360,11 +455,13 @@ impl Rollout {
 /// Advances the rollout at `now_ms`: timeouts, the next wave, the failure policy, completion.
 pub fn step(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
     let mut actions = Vec::new();
-    let timeout_ms = 1000 * r.spec.device_timeout_secs as i64;
     for d in &mut r.devices {
         let waiting = matches!(d.state, DeviceState::Notified | DeviceState::Reverting);
-        if waiting && d.notified_ms.is_some_and(|t| now_ms - t > timeout_ms) {
-            let reason = format!("no answer within {} s", r.spec.device_timeout_secs);
+        let since = d.progress_ms.or(d.notified_ms);
+        let allowance = d.allowance_secs(&r.spec);
+        if waiting && since.is_some_and(|t| now_ms - t > 1000 * allowance as i64) {
+            let after = d.phase.map_or("its directive", UpdatePhase::as_str);
+            let reason = format!("no progress within {allowance} s of {after}");
             actions.push(audit("device_failed", format!("{}: {reason}", d.device)));
             d.state = DeviceState::Failed;
             d.reason = Some(reason);
@@ -386,42 +483,73 @@ pub fn step(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
                 ));
             }
         }
-        State::Paused | State::Completed | State::Aborted | State::Reverted => {}
+        State::Paused => {
+            if let (Some(deadline), Some(since)) = (r.spec.pause_deadline_secs, r.paused_ms)
+                && now_ms - since >= 1000 * deadline as i64
+            {
+                let reason = format!(
+                    "paused for {deadline} s without a resume ({})",
+                    r.reason.clone().unwrap_or_default()
+                );
+                actions.extend(r.start_revert(reason, now_ms));
+            }
+        }
+        State::Completed | State::Aborted | State::Reverted => {}
     }
     actions
 }
 
+/// The failures a wave of `size` devices may have.
+fn tolerance(spec: &Spec, size: usize) -> usize {
+    let share = spec.max_failures_percent.map_or(0, |p| (size as f64 * p / 100.0).floor() as usize);
+    spec.max_failures_per_wave.max(share)
+}
+
 fn step_running(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
     let mut actions = Vec::new();
-    if r.wave_started_ms.is_none() {
-        r.wave_started_ms = Some(now_ms);
-        let wave = r.wave;
-        let mut started = 0;
-        for d in r.devices.iter_mut().filter(|d| d.wave == wave && d.state == DeviceState::Pending)
-        {
-            d.state = DeviceState::Notified;
-            d.notified_ms = Some(now_ms);
-            actions.push(Action::Install { device: d.device.clone() });
-            started += 1;
-        }
+    let wave = r.wave;
+    let started_ms = *r.wave_started_ms.get_or_insert(now_ms);
+    let allowed = r.spec.rate.map_or(usize::MAX, |rate| rate.allowed(now_ms - started_ms));
+    let notified = r.in_wave(wave).filter(|d| d.notified_ms.is_some()).count();
+    let mut started = 0;
+    for d in r
+        .devices
+        .iter_mut()
+        .filter(|d| d.wave == wave && d.state == DeviceState::Pending)
+        .take(allowed.saturating_sub(notified))
+    {
+        d.state = DeviceState::Notified;
+        d.notified_ms = Some(now_ms);
+        d.progress_ms = Some(now_ms);
+        actions.push(Action::Install { device: d.device.clone() });
+        started += 1;
+    }
+    if started_ms == now_ms && notified == 0 {
         let name = if wave == 0 { "canary".to_owned() } else { format!("wave {wave}") };
-        actions.push(audit("wave_started", format!("{name}: {started} device(s)")));
-        if r.devices.iter().all(|d| d.state != DeviceState::Pending) && r.all_notified_ms.is_none()
-        {
-            r.all_notified_ms = Some(now_ms);
-        }
+        let size = r.in_wave(wave).filter(|d| d.state != DeviceState::Committed).count();
+        let paced =
+            if started < size { format!(", {started} notified now") } else { String::new() };
+        actions.push(audit("wave_started", format!("{name}: {size} device(s){paced}")));
+    }
+    if started > 0
+        && r.devices.iter().all(|d| d.state != DeviceState::Pending)
+        && r.all_notified_ms.is_none()
+    {
+        r.all_notified_ms = Some(now_ms);
     }
     let wave: Vec<&DeviceRun> = r.in_wave(r.wave).collect();
     let failed = wave.iter().filter(|d| d.state == DeviceState::Failed).count();
-    if failed > r.spec.max_failures_per_wave + r.tolerated {
+    let tolerated = tolerance(&r.spec, wave.len()) + r.tolerated;
+    if failed > tolerated {
         let reason = format!(
-            "{failed} device(s) failed in {} (at most {} tolerated)",
+            "{failed} of {} device(s) failed in {} (at most {tolerated} tolerated)",
+            wave.len(),
             if r.wave == 0 { "the canary".to_owned() } else { format!("wave {}", r.wave) },
-            r.spec.max_failures_per_wave + r.tolerated
         );
         return match r.spec.on_failure {
             OnFailure::Pause => {
                 r.state = State::Paused;
+                r.paused_ms = Some(now_ms);
                 r.reason = Some(reason.clone());
                 actions.push(audit("paused", reason));
                 actions
@@ -459,6 +587,9 @@ pub fn on_report(r: &mut Rollout, device: &str, report: &UpdateReport, now_ms: i
     let Some(d) = r.device_mut(device) else { return Vec::new() };
     if report.directive.is_none() || report.directive != d.directive {
         return Vec::new();
+    }
+    if d.phase != Some(report.phase) {
+        d.progress_ms = Some(now_ms);
     }
     d.phase = Some(report.phase);
     d.updated_ms = Some(now_ms);
@@ -533,12 +664,14 @@ pub fn act(
     match (command, r.state) {
         (Command::Pause, State::Running) => {
             r.state = State::Paused;
+            r.paused_ms = Some(now_ms);
             r.reason = Some(reason.to_owned());
             Ok(Vec::new())
         }
         (Command::Resume, State::Paused) => {
             r.state = State::Running;
             r.reason = None;
+            r.paused_ms = None;
             r.tolerated = r.in_wave(r.wave).filter(|d| d.state == DeviceState::Failed).count();
             Ok(step(r, now_ms))
         }
@@ -597,8 +730,11 @@ mod tests {
             soak_secs: 10,
             device_timeout_secs: 100,
             max_failures_per_wave: 0,
+            max_failures_percent: None,
             on_failure,
             activation: default_activation(),
+            rate: None,
+            pause_deadline_secs: None,
         }
     }
 
@@ -700,7 +836,13 @@ mod tests {
         apply(&mut r, &first, &mut seq);
         step(&mut r, 101_000);
         assert_eq!(r.state, State::Paused, "a canary that never answers fails after the timeout");
-        assert!(r.devices[0].reason.as_deref().unwrap().contains("no answer within 100 s"));
+        assert!(
+            r.devices[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("no progress within 100 s of its directive")
+        );
         assert!(act(&mut r, Command::Pause, "x", 1).is_err());
         let resumed = act(&mut r, Command::Resume, "accepted", 102_000).unwrap();
         assert_eq!(r.state, State::Running);
@@ -724,5 +866,191 @@ mod tests {
             plan("r".into(), s, &inv, "ops".into(), 0),
             Err(PlanError::UnknownDevice("gw-99".into()))
         );
+    }
+
+    fn report_of(r: &Rollout, device: &str, phase: UpdatePhase) -> UpdateReport {
+        report(r.devices.iter().find(|d| d.device == device).unwrap(), phase)
+    }
+
+    #[test]
+    fn the_timeout_counts_from_the_last_progress_and_waits_out_shadow_and_probation() {
+        // `--shadow 30m --probation 30m` with the default 15 min timeout: each device takes an
+        // hour, and only one that stops making progress fails.
+        let mut s = spec(OnFailure::Pause);
+        s.device_timeout_secs = 900;
+        s.activation.shadow_secs = 1800;
+        s.activation.probation_secs = 1800;
+        s.canary = Canary::Count(3);
+        let mut r = plan("r1".into(), s, &inventory(6), "ops".into(), 0).unwrap();
+        let mut seq = 0;
+        let first = step(&mut r, 0);
+        apply(&mut r, &first, &mut seq);
+        let min = 60_000;
+        let [ok, stuck, silent] = ["gw-00", "gw-01", "gw-02"];
+        for (device, phase, at) in [
+            (ok, UpdatePhase::Received, 1),
+            (stuck, UpdatePhase::Received, 1),
+            (ok, UpdatePhase::Downloaded, 10),
+            (stuck, UpdatePhase::Downloaded, 10),
+            (ok, UpdatePhase::Verified, 10),
+            (ok, UpdatePhase::SelfTested, 11),
+        ] {
+            let rep = report_of(&r, device, phase);
+            on_report(&mut r, device, &rep, at * min);
+        }
+        // 14 min after its directive the silent canary is still within its time.
+        step(&mut r, 14 * min);
+        assert_eq!(r.count(DeviceState::Failed), 0);
+        step(&mut r, 15 * min + 1);
+        let failed = |r: &Rollout, d: &str| r.devices.iter().find(|x| x.device == d).cloned();
+        assert_eq!(
+            failed(&r, silent).unwrap().reason.as_deref(),
+            Some("no progress within 900 s of its directive")
+        );
+        // The stuck download counts from its last new phase, at 10 min.
+        step(&mut r, 25 * min);
+        assert_eq!(failed(&r, stuck).unwrap().state, DeviceState::Notified);
+        step(&mut r, 25 * min + 1);
+        assert_eq!(
+            failed(&r, stuck).unwrap().reason.as_deref(),
+            Some("no progress within 900 s of downloaded")
+        );
+        // In shadow since 11 min: 30 min of shadow and 15 of timeout, then probation likewise.
+        step(&mut r, 56 * min);
+        assert_eq!(failed(&r, ok).unwrap().state, DeviceState::Notified, "shadow + timeout");
+        for phase in [UpdatePhase::ShadowPassed, UpdatePhase::Activated] {
+            let rep = report_of(&r, ok, phase);
+            on_report(&mut r, ok, &rep, 56 * min);
+        }
+        step(&mut r, 101 * min);
+        assert_eq!(failed(&r, ok).unwrap().state, DeviceState::Notified, "probation + timeout");
+        let rep = report_of(&r, ok, UpdatePhase::Committed);
+        on_report(&mut r, ok, &rep, 101 * min);
+        assert_eq!(failed(&r, ok).unwrap().state, DeviceState::Committed);
+        // A repeated report of the same phase is no progress.
+        let mut late =
+            plan("r2".into(), spec(OnFailure::Pause), &inventory(1), "ops".into(), 0).unwrap();
+        let first = step(&mut late, 0);
+        apply(&mut late, &first, &mut seq);
+        for at in [0, 50_000, 99_000] {
+            let rep = report_of(&late, "gw-00", UpdatePhase::Received);
+            on_report(&mut late, "gw-00", &rep, at);
+        }
+        step(&mut late, 100_001);
+        assert_eq!(late.state, State::Paused, "{:?}", late.devices[0].reason);
+    }
+
+    #[test]
+    fn a_rate_spreads_a_wave_over_minutes_and_ramps_up() {
+        let rate = Rate { per_minute: 10, ramp: 2.0, max_per_minute: Some(40) };
+        let minutes = [0, 30, 60, 90, 120, 180, 240].map(|s| rate.allowed(s * 1000));
+        assert_eq!(minutes, [1, 5, 10, 20, 30, 70, 110]);
+        let flat = Rate { per_minute: 1000, ramp: 1.0, max_per_minute: None };
+        assert_eq!(flat.allowed(600_000), 10_000);
+        let mut s = spec(OnFailure::Pause);
+        s.canary = Canary::Count(100);
+        s.rate = Some(rate);
+        s.device_timeout_secs = 3600;
+        let mut r = plan("r1".into(), s, &inventory(200), "ops".into(), 0).unwrap();
+        let mut seq = 0;
+        let mut notified = Vec::new();
+        for t in (0..=300).step_by(30) {
+            let actions = step(&mut r, t * 1000);
+            notified.push(apply(&mut r, &actions, &mut seq).0);
+        }
+        assert_eq!(notified, [1, 4, 5, 10, 10, 20, 20, 20, 10, 0, 0]);
+        assert_eq!(r.count(DeviceState::Notified), 100);
+        assert!(r.devices.iter().filter(|d| d.wave == 1).all(|d| d.state == DeviceState::Pending));
+        assert_eq!(r.all_notified_ms, None, "the next wave is not notified yet");
+        let unpaced = plan("r2".into(), spec(OnFailure::Pause), &inventory(200), "ops".into(), 0);
+        let mut unpaced = unpaced.unwrap();
+        let all = step(&mut unpaced, 0);
+        assert_eq!(apply(&mut unpaced, &all, &mut seq).0, 20, "no rate: the canary at once");
+        let mut bad = spec(OnFailure::Pause);
+        bad.rate = Some(Rate { per_minute: 0, ramp: 1.0, max_per_minute: None });
+        assert!(matches!(
+            plan("r3".into(), bad, &inventory(2), "ops".into(), 0),
+            Err(PlanError::Policy(_))
+        ));
+    }
+
+    /// 10,000 devices, every 50th fails (2 %): a 1 % tolerance stops the rollout at its canary,
+    /// a 5 % one lets it complete with exactly those devices failed.
+    #[test]
+    fn a_failure_share_stops_ten_thousand_devices_at_the_right_wave() {
+        let run = |percent: f64| {
+            let mut s = spec(OnFailure::Pause);
+            s.canary = Canary::Percent(1.0);
+            s.waves = Waves::Exponential;
+            s.soak_secs = 0;
+            s.max_failures_percent = Some(percent);
+            let mut r = plan("r".into(), s, &inventory(10_000), "ops".into(), 0).unwrap();
+            let mut seq = 0;
+            let mut now = 0;
+            let mut waves = 0;
+            while r.state == State::Running {
+                let actions = step(&mut r, now);
+                apply(&mut r, &actions, &mut seq);
+                let notified: Vec<(usize, String)> = r
+                    .devices
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.state == DeviceState::Notified)
+                    .map(|(i, d)| (i, d.device.clone()))
+                    .collect();
+                if notified.is_empty() {
+                    break;
+                }
+                waves += 1;
+                for (i, device) in notified {
+                    let phase =
+                        if i % 50 == 0 { UpdatePhase::Rejected } else { UpdatePhase::Committed };
+                    let rep = report(&r.devices[i], phase);
+                    let actions = on_report(&mut r, &device, &rep, now);
+                    apply(&mut r, &actions, &mut seq);
+                }
+                now += 1000;
+            }
+            (r, waves)
+        };
+        let (strict, waves) = run(1.0);
+        assert_eq!((strict.state, strict.wave, waves), (State::Paused, 0, 1));
+        assert_eq!(
+            strict.reason.as_deref(),
+            Some("2 of 100 device(s) failed in the canary (at most 1 tolerated)")
+        );
+        assert!(strict.devices.iter().filter(|d| d.wave > 0).all(|d| d.directive.is_none()));
+        let (lenient, waves) = run(5.0);
+        assert_eq!(lenient.state, State::Completed);
+        assert_eq!(waves, lenient.waves.len());
+        assert_eq!(lenient.count(DeviceState::Failed), 200);
+        assert_eq!(lenient.count(DeviceState::Committed), 9_800);
+    }
+
+    #[test]
+    fn a_paused_rollout_reverts_at_its_deadline_unless_resumed() {
+        let mut s = spec(OnFailure::Pause);
+        s.pause_deadline_secs = Some(3600);
+        s.device_timeout_secs = 7200;
+        let mut r = plan("r1".into(), s, &inventory(20), "ops".into(), 0).unwrap();
+        let mut seq = 0;
+        let first = step(&mut r, 0);
+        apply(&mut r, &first, &mut seq);
+        let canary: Vec<DeviceRun> = r.devices.iter().filter(|d| d.wave == 0).cloned().collect();
+        let rep = report(&canary[0], UpdatePhase::Rejected);
+        on_report(&mut r, &canary[0].device, &rep, 1000);
+        assert_eq!(r.state, State::Paused);
+        // Resumed in time, then paused by hand: the deadline counts from the new pause.
+        act(&mut r, Command::Resume, "looked at it", 10_000).unwrap();
+        act(&mut r, Command::Pause, "a second look", 20_000).unwrap();
+        assert!(step(&mut r, 3_619_999).is_empty());
+        let actions = step(&mut r, 3_620_000);
+        assert_eq!(r.state, State::Reverting);
+        assert!(
+            r.reason.as_deref().unwrap().starts_with("paused for 3600 s without a resume"),
+            "{:?}",
+            r.reason
+        );
+        assert_eq!(actions.iter().filter(|a| matches!(a, Action::Revert { .. })).count(), 2);
     }
 }

@@ -19,7 +19,7 @@ use millwright_shared::trust::Envelope;
 use millwright_shared::wire::{self, Chunk, FetchRequest, UpdateReport, WIRE_VERSION};
 use millwright_shared::{DeviceId, ModelName, Release, topics};
 use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub struct Rollouts {
     /// When each device's link is free again under `delivery_bytes_per_sec`.
     pacing: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
     plans: HashMap<String, (BundleRef, Arc<Vec<u8>>)>,
+    /// Devices whose latest directive the MQTT client's queue could not take: published again
+    /// on every tick until it does.
+    unpublished: BTreeSet<String>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -70,6 +73,7 @@ impl Rollouts {
             served: Arc::new(Mutex::new(HashMap::new())),
             pacing: Arc::new(Mutex::new(HashMap::new())),
             plans: HashMap::new(),
+            unpublished: BTreeSet::new(),
         }
     }
 
@@ -300,8 +304,10 @@ impl Rollouts {
         }
     }
 
-    /// Advances every active rollout.
+    /// Advances every active rollout, after publishing again the directives that did not go
+    /// out.
     pub fn on_tick(&mut self, db: &mut Db, client: &AsyncClient, now_ms: i64) {
+        self.republish(db, client);
         let Ok(rollouts) = db.rollouts() else { return };
         for mut r in rollouts.into_iter().filter(|r| r.state.is_active()) {
             let before = r.clone();
@@ -436,14 +442,45 @@ impl Rollouts {
             expires_ms: (expires_at.unix_timestamp_nanos() / 1_000_000) as i64,
         };
         db.save_directive(&stored).map_err(db_error)?;
-        let _ = client.try_publish(topics::desired(&d.device), QoS::AtLeastOnce, true, envelope);
+        self.unpublished.remove(device);
+        self.publish_directive(client, &d.device, envelope);
         tracing::info!(device, seq, release, ?action, "directive issued");
         Ok(seq)
     }
 
+    /// Publishes a device's directive (retained) without waiting; what the client's queue
+    /// cannot take now is kept for the next tick.
+    fn publish_directive(&mut self, client: &AsyncClient, device: &DeviceId, envelope: Vec<u8>) {
+        let topic = topics::desired(device);
+        if client.try_publish(topic, QoS::AtLeastOnce, true, envelope).is_err()
+            && self.unpublished.insert(device.to_string())
+            && self.unpublished.len().is_power_of_two()
+        {
+            tracing::warn!(
+                waiting = self.unpublished.len(),
+                "the MQTT client's queue is full: directives are published again on the next tick"
+            );
+        }
+    }
+
+    /// The directives that did not fit the client's queue, from the database (the latest of
+    /// each device, whatever happened since).
+    fn republish(&mut self, db: &Db, client: &AsyncClient) {
+        for device in std::mem::take(&mut self.unpublished) {
+            match (DeviceId::new(&device), db.directive_of(&device)) {
+                (Ok(id), Ok(Some(d))) => self.publish_directive(client, &id, d.envelope),
+                (Ok(_), Ok(None)) | (Err(_), _) => {}
+                (Ok(_), Err(e)) => {
+                    tracing::error!(device, "cannot read the directive to publish: {e}");
+                    self.unpublished.insert(device);
+                }
+            }
+        }
+    }
+
     /// After (re)connecting to the broker: the root and every device's latest directive, retained
     /// (an embedded broker forgets retained messages when the server restarts).
-    pub fn on_connected(&self, db: &Db, client: &AsyncClient) {
+    pub fn on_connected(&mut self, db: &Db, client: &AsyncClient) {
         let _ = client.try_publish(
             topics::TRUST_ROOT,
             QoS::AtLeastOnce,
@@ -453,12 +490,7 @@ impl Rollouts {
         let Ok(directives) = db.directives() else { return };
         for d in directives {
             if let Ok(device) = DeviceId::new(&d.device) {
-                let _ = client.try_publish(
-                    topics::desired(&device),
-                    QoS::AtLeastOnce,
-                    true,
-                    d.envelope,
-                );
+                self.publish_directive(client, &device, d.envelope);
             }
         }
     }

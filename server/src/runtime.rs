@@ -312,7 +312,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Event::Mqtt(MqttEvent::Connected) => {
                 broker.connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to broker");
-                if let Some(r) = &rollouts {
+                if let Some(r) = &mut rollouts {
                     tokio::task::block_in_place(|| r.on_connected(&db, &client));
                 }
             }

@@ -188,8 +188,8 @@ async function viewDevice(id) {
   const enc = encodeURIComponent(id);
   const [device, latest, predictions, alerts, updates] = await Promise.all([
     api('/api/v1/devices/' + enc), api('/api/v1/devices/' + enc + '/latest'),
-    api('/api/v1/devices/' + enc + '/predictions?limit=10000'),
-    api('/api/v1/devices/' + enc + '/alerts?limit=10000'), api('/api/v1/devices/' + enc + '/updates')]);
+    api('/api/v1/devices/' + enc + '/predictions?limit=10000&newest=true'),
+    api('/api/v1/devices/' + enc + '/alerts?limit=10000&newest=true'), api('/api/v1/devices/' + enc + '/updates')]);
   const out = [h('h1', {}, h('span', { id: 'device' }, device.device), ' ',
       device.online ? badge('online') : badge('offline')),
     h('div', { class: 'card' }, h('div', { class: 'row' },

@@ -65,13 +65,27 @@ pub struct StartArgs {
     /// Minimum healthy time of a wave before the next starts ("30s", "10m", seconds).
     #[arg(long, default_value = "60s", value_parser = seconds)]
     soak: u64,
-    /// A device without an outcome this long after its directive counts as failed.
+    /// A device that reports no new phase for this long counts as failed; the shadow and
+    /// probation periods are added while they run.
     #[arg(long, default_value = "15m", value_parser = seconds)]
     timeout: u64,
     #[arg(long, default_value = "revert", value_parser = ["pause", "revert"])]
     on_failure: String,
-    #[arg(long, default_value_t = 0)]
-    max_failures: usize,
+    /// Failures tolerated per wave: a count ("2") or a share of the wave ("2%").
+    #[arg(long, default_value = "0")]
+    max_failures: String,
+    /// Directives sent per minute within a wave (all at once without it).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// The rate is multiplied by this each minute of a wave.
+    #[arg(long, requires = "rate", default_value_t = 1.0)]
+    ramp: f64,
+    /// The ramp stops at this many directives per minute.
+    #[arg(long, requires = "rate")]
+    max_rate: Option<u64>,
+    /// A rollout paused this long reverts ("1h"; never without it).
+    #[arg(long, value_parser = seconds)]
+    pause_deadline: Option<u64>,
     /// Both models run side by side this long before the swap.
     #[arg(long, default_value = "60s", value_parser = seconds)]
     shadow: u64,
@@ -131,6 +145,24 @@ fn spec(a: &StartArgs) -> Result<Value, String> {
         (_, _, false) => json!({ "kind": "devices", "devices": a.devices }),
         _ => json!({ "kind": "all" }),
     };
+    let (max_failures, max_failures_percent) = match a.max_failures.strip_suffix('%') {
+        Some(p) => (
+            0,
+            Some(p.parse::<f64>().map_err(|_| format!("bad --max-failures {:?}", a.max_failures))?),
+        ),
+        None => (
+            a.max_failures
+                .parse::<usize>()
+                .map_err(|_| format!("bad --max-failures {:?}", a.max_failures))?,
+            None,
+        ),
+    };
+    if !(a.ramp.is_finite() && a.ramp >= 1.0) {
+        return Err(format!("--ramp {} must be 1 or more", a.ramp));
+    }
+    let rate = a.rate.map(|per_minute| {
+        json!({ "per_minute": per_minute, "ramp": a.ramp, "max_per_minute": a.max_rate })
+    });
     let waves = match (a.exponential, a.wave_size) {
         (true, _) => json!("exponential"),
         (false, Some(n)) => json!({ "size": n }),
@@ -144,8 +176,11 @@ fn spec(a: &StartArgs) -> Result<Value, String> {
         "waves": waves,
         "soak_secs": a.soak,
         "device_timeout_secs": a.timeout,
-        "max_failures_per_wave": a.max_failures,
+        "max_failures_per_wave": max_failures,
+        "max_failures_percent": max_failures_percent,
         "on_failure": a.on_failure,
+        "rate": rate,
+        "pause_deadline_secs": a.pause_deadline,
         "activation": {
             "shadow_secs": a.shadow,
             "probation_secs": a.probation,

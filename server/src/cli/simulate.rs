@@ -16,8 +16,20 @@
 //!
 //! It fails (exit 1) when a record the server acknowledged is not stored, a record is stored
 //! twice, or records are still unacknowledged after the drain.
+//!
+//! With `--rollout <bundle>` the server also gets a trust root of its own and registers the
+//! bundle, re-signed, as releases 1 and 2; every gateway serves release 1, and once all are
+//! sending, release 2 is rolled out to them (a canary, then doubling waves, no soak, the
+//! failure policy as a share of each wave). Each gateway verifies its signed directive,
+//! downloads the chunks and checks each against the directive's digests, reports every phase
+//! in its update stream, and waits out shadow and probation ([`update`]); `--fail-share` of
+//! them (spread evenly) fail after verification. A second line then says how it went:
+//!
+//! `rollout: devices=<n> state=<completed|paused|...> wave=<w>/<waves> committed=<c>
+//! failed=<f> notified_s=<x> finished_s=<y>` and more `key=value`.
 
 mod ledger;
+mod update;
 
 use super::Failure;
 use super::api::ApiArgs;
@@ -81,6 +93,30 @@ pub struct SimulateArgs {
     /// Keep the server's data here (wiped at start) instead of a temporary folder.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Roll a second release of this signed bundle out to the fleet while it sends.
+    #[arg(long)]
+    rollout: Option<PathBuf>,
+    /// Share of the gateways (0-1, spread evenly) whose update fails after verification.
+    #[arg(long, default_value_t = 0.0, requires = "rollout")]
+    fail_share: f64,
+    /// The rollout's canary, in percent of the fleet.
+    #[arg(long, default_value_t = 1.0, requires = "rollout")]
+    canary_percent: f64,
+    /// Failures the rollout tolerates per wave, in percent of the wave; more pause it.
+    #[arg(long, default_value_t = 1.0, requires = "rollout")]
+    max_failures_percent: f64,
+    /// Seconds of shadow and of probation on each gateway.
+    #[arg(long, default_value_t = 2, requires = "rollout")]
+    phase_secs: u64,
+    /// The longest the rollout may take; the run fails past it.
+    #[arg(long, default_value_t = 600, requires = "rollout")]
+    rollout_timeout_secs: u64,
+}
+
+/// What a rollout run needs to know: the root gateways verify directives with, and the
+/// model they serve.
+struct RolloutPlan {
+    root: millwright_shared::trust::Root,
 }
 
 /// What every gateway needs to know about the run.
@@ -97,6 +133,7 @@ struct Plan {
     model: ModelName,
     /// The run's zero for the ledgers' microseconds.
     zero: Instant,
+    rollout: Option<RolloutPlan>,
 }
 
 /// One simulated gateway's credentials.
@@ -105,6 +142,8 @@ struct Gateway {
     key: SigningKey,
     tls: Arc<rustls::ClientConfig>,
     site: String,
+    /// Its update is to fail (`--fail-share`).
+    fail: bool,
 }
 
 /// Where the run is; every gateway watches it.
@@ -125,6 +164,12 @@ struct Counters {
     reconnects: AtomicU64,
     statuses: AtomicU64,
     bad_acks: AtomicU64,
+    /// Update reports acknowledged; chunks that passed their checks; directives and chunks
+    /// that did not.
+    reports: AtomicU64,
+    chunks: AtomicU64,
+    bad_directives: AtomicU64,
+    bad_chunks: AtomicU64,
 }
 
 impl Counters {
@@ -149,6 +194,9 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
     }
     if !args.rate.is_finite() || args.rate < 0.0 {
         return Err(anyhow::anyhow!("--rate must be a number of batches per second, ≥ 0").into());
+    }
+    if !(0.0..=1.0).contains(&args.fail_share) {
+        return Err(anyhow::anyhow!("--fail-share must be a share from 0 to 1").into());
     }
     raise_file_limit(args.devices)?;
     let temp;
@@ -205,9 +253,56 @@ struct Fleet {
     gateways: Vec<Gateway>,
     server_key: VerifyingKey,
     api: ApiArgs,
+    releases: Option<Releases>,
 }
 
-fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
+/// A rollout run's trust root and the two releases the server registers.
+struct Releases {
+    root: millwright_shared::trust::Root,
+    model: ModelName,
+    bundles: [Vec<u8>; 2],
+}
+
+/// A root of fresh root and release keys with the server's key, and `bundle` re-signed with
+/// that release key as releases 1 and 2.
+fn make_releases(bundle: &Path, server: &SigningKey, root_path: &Path) -> anyhow::Result<Releases> {
+    use millwright_shared::bundle::RawBundle;
+    use millwright_shared::trust::{KeySet, ROOT_KIND, Root, RootMetadata};
+    let (root_key, release_key) = (super::device::random_key()?, super::device::random_key()?);
+    let now = clock::now();
+    let metadata = RootMetadata {
+        kind: ROOT_KIND.into(),
+        version: 1,
+        expires_at: now.replace_nanosecond(0)? + time::Duration::days(2),
+        root: KeySet::of(&[root_key.verifying_key()], 1),
+        release: KeySet::of(&[release_key.verifying_key()], 1),
+        server: KeySet::of(&[server.verifying_key()], 1),
+        revoked: Vec::new(),
+    };
+    let root_bytes = Root::sign(&metadata, &[&root_key]).to_bytes();
+    std::fs::write(root_path, &root_bytes)?;
+    let bytes = std::fs::read(bundle).with_context(|| format!("--rollout {}", bundle.display()))?;
+    let reference = RawBundle::parse(&bytes)
+        .map_err(|e| anyhow::anyhow!("--rollout {}: {e}", bundle.display()))?;
+    let manifest = reference
+        .manifest_unverified()
+        .map_err(|e| anyhow::anyhow!("--rollout {}: {e}", bundle.display()))?;
+    let release = |n: u64| {
+        let mut m = manifest.clone();
+        m.release = Release(n);
+        m.version = format!("{}-simulate-r{n}", manifest.version);
+        let mut b = RawBundle::unsigned(m, reference.model.clone());
+        b.sign(&release_key);
+        b.to_bytes()
+    };
+    Ok(Releases {
+        root: Root::provision(&root_bytes, now)?,
+        model: manifest.model.clone(),
+        bundles: [release(1), release(2)],
+    })
+}
+
+fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<Fleet> {
     let pki = dir.join("pki");
     let devices = pki.join("devices");
     std::fs::create_dir_all(&devices)?;
@@ -226,6 +321,9 @@ fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
     let server_key_file = pki.join("server.secret.json");
     let secret = serde_json::to_vec(&SecretKeyFile::new(&server_key))?;
     super::bundle::write(&server_key_file, &secret, true)?;
+    let root_path = pki.join("root.json");
+    let releases =
+        args.rollout.as_deref().map(|b| make_releases(b, &server_key, &root_path)).transpose()?;
 
     let data_dir = dir.join("server");
     std::fs::create_dir_all(&data_dir)?;
@@ -252,7 +350,10 @@ fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
         };
         db.enroll(&enrollment, "simulate", clock::now_ms())?;
         let tls = millwright_io::tls::client_config(&ca_cert, Some(&identity))?;
-        gateways.push(Gateway { device, key, tls, site });
+        // Spread evenly: gateway i fails when the running count of failures steps up at it.
+        let fail =
+            ((i + 1) as f64 * args.fail_share).floor() > (i as f64 * args.fail_share).floor();
+        gateways.push(Gateway { device, key, tls, site, fail });
     }
     drop(db);
 
@@ -272,7 +373,13 @@ fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
         mqtt: RawMqtt { embedded_listen: Some(broker.to_string()), broker: None, client_id: None },
         models: Default::default(),
         drift: Default::default(),
-        rollouts: None,
+        rollouts: releases.as_ref().map(|_| crate::config::RawRollouts {
+            root: root_path.clone(),
+            directive_ttl_secs: None,
+            chunk_size: None,
+            delivery_bytes_per_sec: None,
+            tick_ms: Some(250),
+        }),
         users: vec![User {
             name: "simulate".into(),
             role: Role::Admin,
@@ -281,21 +388,26 @@ fn make_fleet(count: usize, dir: &Path) -> anyhow::Result<Fleet> {
     })?;
     let api =
         ApiArgs { server: format!("https://{http}"), token: Some(token), ca_cert: Some(ca_cert) };
-    Ok(Fleet { config, gateways, server_key: server_key.verifying_key(), api })
+    Ok(Fleet { config, gateways, server_key: server_key.verifying_key(), api, releases })
+}
+
+/// A call of the (blocking) API client, on a blocking thread.
+async fn api_call<F>(api: &ApiArgs, call: F) -> anyhow::Result<serde_json::Value>
+where
+    F: FnOnce(&ApiArgs) -> anyhow::Result<serde_json::Value> + Send + 'static,
+{
+    let api = api.clone();
+    tokio::task::spawn_blocking(move || call(&api)).await?
 }
 
 /// GET on the API from a blocking thread.
 async fn api_get(api: &ApiArgs, path: &'static str) -> anyhow::Result<serde_json::Value> {
-    let api = api.clone();
-    tokio::task::spawn_blocking(move || api.get(path)).await?
+    api_call(api, move |a| a.get(path)).await
 }
 
 async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
     let begun = Instant::now();
-    let fleet = {
-        let (dir, count) = (dir.to_owned(), args.devices);
-        tokio::task::spawn_blocking(move || make_fleet(count, &dir)).await??
-    };
+    let fleet = tokio::task::block_in_place(|| make_fleet(args.devices, dir, args))?;
     let setup_s = begun.elapsed().as_secs_f64();
     let crate::config::Broker::Embedded(mqtt) = fleet.config.broker else {
         return Err(anyhow::anyhow!("the simulator's server has no embedded broker").into());
@@ -333,8 +445,12 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         status_every: Duration::from_secs(args.status_secs.max(1)),
         resend_after: Duration::from_secs(args.resend_secs.max(1)),
         asset: AssetId::new("unit-1")?,
-        model: ModelName::new("simulated")?,
+        model: match &fleet.releases {
+            Some(r) => r.model.clone(),
+            None => ModelName::new("simulated")?,
+        },
         zero: Instant::now(),
+        rollout: fleet.releases.as_ref().map(|r| RolloutPlan { root: r.root.clone() }),
     });
     let counters = Arc::new(Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
@@ -378,20 +494,34 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
     let (batches0, records0) =
         (Counters::get(&counters.acked_batches), Counters::get(&counters.acked_records));
     let mut last = (batches0, Instant::now());
+    let (progress_tx, progress) = watch::channel(String::new());
+    let rollout = fleet.releases.map(|releases| {
+        let (api, n) = (fleet.api.clone(), args.devices);
+        let spec = rollout_spec(args, &releases.model);
+        let timeout = Duration::from_secs(args.rollout_timeout_secs);
+        tokio::spawn(drive_rollout(api, releases, spec, n, timeout, progress_tx))
+    });
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.tick().await;
-    for second in 1..=args.seconds {
+    let mut second = 0;
+    while second < args.seconds || rollout.as_ref().is_some_and(|r| !r.is_finished()) {
         every.tick().await;
+        second += 1;
         let batches = Counters::get(&counters.acked_batches);
         let rate = (batches - last.0) as f64 / last.1.elapsed().as_secs_f64();
         last = (batches, Instant::now());
-        bar.set_position(second);
+        bar.set_position(second.min(args.seconds));
         bar.set_message(format!(
-            "s · {rate:.0} msgs/s now · {} acked · {} reconnects",
+            "s · {rate:.0} msgs/s now · {} acked · {} reconnects{}",
             batches - batches0,
-            Counters::get(&counters.reconnects)
+            Counters::get(&counters.reconnects),
+            progress.borrow().as_str(),
         ));
     }
+    let rollout = match rollout {
+        Some(handle) => Some(handle.await.map_err(anyhow::Error::from)??),
+        None => None,
+    };
     let window = sending_started.elapsed().as_secs_f64();
     let (batches1, records1) =
         (Counters::get(&counters.acked_batches), Counters::get(&counters.acked_records));
@@ -471,6 +601,31 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         memory_mib("VmHWM:"),
     );
     let mut problems = Vec::new();
+    if let Some(r) = &rollout {
+        println!(
+            "rollout: devices={n} state={} wave={}/{} committed={} failed={} notified_s={:.1} \
+             finished_s={:.1} reports={} chunks={} bad_chunks={} bad_directives={}",
+            r.state,
+            r.wave + 1,
+            r.waves,
+            r.committed,
+            r.failed,
+            r.notified_s,
+            r.finished_s,
+            Counters::get(&counters.reports),
+            Counters::get(&counters.chunks),
+            Counters::get(&counters.bad_chunks),
+            Counters::get(&counters.bad_directives),
+        );
+        if let Some(reason) = &r.reason {
+            println!("rollout reason: {reason}");
+        }
+        let bad = Counters::get(&counters.bad_chunks) + Counters::get(&counters.bad_directives);
+        if bad > 0 {
+            problems
+                .push(format!("{bad} directives or chunks from the server failed their checks"));
+        }
+    }
     if lost > 0 {
         problems.push(format!("{lost} acknowledged records are not stored"));
     }
@@ -488,6 +643,108 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         return Err(anyhow::anyhow!("{}", problems.join("; ")).into());
     }
     Ok(())
+}
+
+/// The rollout a run starts: release 2 to every gateway, a canary, then doubling waves with
+/// no soak, paused when a wave's failures pass their share.
+fn rollout_spec(args: &SimulateArgs, model: &ModelName) -> serde_json::Value {
+    serde_json::json!({
+        "model": model, "release": 2, "target": {"kind": "all"},
+        "canary": {"percent": args.canary_percent}, "waves": "exponential", "soak_secs": 0,
+        "device_timeout_secs": 120, "max_failures_per_wave": 0,
+        "max_failures_percent": args.max_failures_percent, "on_failure": "pause",
+        "activation": {"shadow_secs": args.phase_secs, "probation_secs": args.phase_secs,
+            "gates": {"min_predictions": 0}},
+        "reason": "millwright simulate",
+    })
+}
+
+/// How a run's rollout ended, from the server's own record of it.
+struct RolloutResult {
+    state: String,
+    wave: u64,
+    waves: usize,
+    committed: usize,
+    failed: usize,
+    /// From its start until every device had its directive (or until it stopped).
+    notified_s: f64,
+    /// From its start until it completed, paused or was reverted.
+    finished_s: f64,
+    reason: Option<String>,
+}
+
+/// Registers both releases, waits until every gateway's status says it serves release 1,
+/// starts the rollout and follows it until it is no longer running; `progress` gets a line
+/// for the progress bar.
+async fn drive_rollout(
+    api: ApiArgs,
+    releases: Releases,
+    spec: serde_json::Value,
+    devices: usize,
+    timeout: Duration,
+    progress: watch::Sender<String>,
+) -> anyhow::Result<RolloutResult> {
+    for bytes in releases.bundles {
+        api_call(&api, move |a| a.post_bytes("/api/v1/models", &bytes))
+            .await
+            .context("registering a release")?;
+    }
+    let started = Instant::now();
+    loop {
+        let list = api_get(&api, "/api/v1/devices").await?;
+        let serving = list.as_array().map_or(0, |l| {
+            l.iter().filter(|d| d["models"].as_array().is_some_and(|m| !m.is_empty())).count()
+        });
+        let _ = progress.send(format!(" · {serving}/{devices} serving release 1"));
+        if serving >= devices {
+            break;
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("only {serving} of {devices} gateways said they serve release 1");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = api_call(&api, move |a| a.post_json("/api/v1/rollouts", &spec))
+        .await
+        .context("starting the rollout")?;
+    let id = r["id"].as_str().context("the rollout has no id")?.to_owned();
+    let started = Instant::now();
+    let count = |r: &serde_json::Value, state: &str| {
+        r["devices"].as_array().map_or(0, |d| d.iter().filter(|d| d["state"] == state).count())
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let path = format!("/api/v1/rollouts/{id}");
+        let r = api_call(&api, move |a| a.get(&path)).await?;
+        let state = r["state"].as_str().unwrap_or("?").to_owned();
+        let waves = r["waves"].as_array().map_or(0, Vec::len);
+        let _ = progress.send(format!(
+            " · rollout {state}, wave {}/{waves}, {} committed, {} failed",
+            r["wave"].as_u64().unwrap_or(0) + 1,
+            count(&r, "committed"),
+            count(&r, "failed")
+        ));
+        if state != "running" && state != "reverting" {
+            let created = r["created_ms"].as_i64().unwrap_or(0);
+            let since = |key: &str| r[key].as_i64().map(|t| (t - created) as f64 / 1000.0);
+            let finished_s = since("finished_ms")
+                .or_else(|| since("paused_ms"))
+                .unwrap_or(started.elapsed().as_secs_f64());
+            return Ok(RolloutResult {
+                wave: r["wave"].as_u64().unwrap_or(0),
+                waves,
+                committed: count(&r, "committed"),
+                failed: count(&r, "failed"),
+                notified_s: since("all_notified_ms").unwrap_or(finished_s),
+                finished_s,
+                reason: r["reason"].as_str().map(str::to_owned),
+                state,
+            });
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("rollout {id} still {state} after {} s", timeout.as_secs());
+        }
+    }
 }
 
 /// This process's resident memory (server and simulator together), from /proc.
@@ -509,6 +766,7 @@ fn status_payload(
     (at_ms, started_ms): (i64, i64),
     online: bool,
     backlog: u64,
+    models: Vec<wire::RunningModel>,
 ) -> Vec<u8> {
     let body = wire::encode(&DeviceStatus {
         v: WIRE_VERSION,
@@ -520,13 +778,19 @@ fn status_payload(
         site: Some(g.site.clone()),
         tags: Vec::new(),
         device_class: None,
-        models: Vec::new(),
+        models,
         backlog: online.then_some(wire::Backlog { records: backlog, oldest_at_ms: None }),
     });
     signed::seal(&g.key, Purpose::Status, &g.device, &body)
 }
 
-fn batch_payload(g: &Gateway, plan: &Plan, epoch: &str, (first, last): ledger::Batch) -> Vec<u8> {
+fn batch_payload(
+    g: &Gateway,
+    plan: &Plan,
+    epoch: &str,
+    serving: u64,
+    (first, last): ledger::Batch,
+) -> Vec<u8> {
     let at_ms = clock::now_ms();
     let body = wire::encode(&UplinkBatch {
         v: WIRE_VERSION,
@@ -541,7 +805,7 @@ fn batch_payload(g: &Gateway, plan: &Plan, epoch: &str, (first, last): ledger::B
                     asset: plan.asset.clone(),
                     cycle: seq,
                     model: plan.model.clone(),
-                    release: Release(1),
+                    release: Release(serving),
                     value: 100.0 - (seq % 100) as f32,
                 }),
             })
@@ -550,7 +814,166 @@ fn batch_payload(g: &Gateway, plan: &Plan, epoch: &str, (first, last): ledger::B
     signed::seal(&g.key, Purpose::Uplink(Stream::Predictions), &g.device, &body)
 }
 
-/// One gateway: connect, send while the run is on, keep the books, wait for the last acks.
+/// A gateway's side of a rollout: the directive it applied last, the update in progress,
+/// its update reports until acknowledged, the release it serves. Its methods return what to
+/// publish.
+struct UpdateSide {
+    last: Option<(u64, Vec<u8>)>,
+    current: Option<update::Update>,
+    /// Update reports sent and not acknowledged: seq → (when sent, payload).
+    reports: std::collections::BTreeMap<u64, (u64, Vec<u8>)>,
+    next_seq: u64,
+    serving: u64,
+}
+
+type Publish = (String, Vec<u8>);
+
+impl UpdateSide {
+    fn new() -> UpdateSide {
+        UpdateSide {
+            last: None,
+            current: None,
+            reports: Default::default(),
+            next_seq: 1,
+            serving: 1,
+        }
+    }
+
+    /// The retained directive on the gateway's topic: verified with the root, as an agent does.
+    fn on_directive(
+        &mut self,
+        g: &Gateway,
+        rollout: &RolloutPlan,
+        counters: &Counters,
+        (epoch, now_us): (&str, u64),
+        payload: &[u8],
+    ) -> Vec<Publish> {
+        use millwright_shared::directive::{self, Verdict};
+        if payload.is_empty() {
+            return Vec::new();
+        }
+        let last = self.last.as_ref().map(|(seq, bytes)| (*seq, bytes.as_slice()));
+        match directive::verify(payload, &rollout.root, &g.device, last, 64 << 20, clock::now()) {
+            Ok(Verdict::New(d)) => {
+                self.last = Some((d.seq, payload.to_vec()));
+                let (update, out) = update::Update::start(*d, g.fail, now_us);
+                self.current = Some(update);
+                self.carry_out(g, epoch, now_us, out)
+            }
+            Ok(Verdict::Applied) => Vec::new(),
+            Err(_) => {
+                Counters::add(&counters.bad_directives, 1);
+                Vec::new()
+            }
+        }
+    }
+
+    /// A chunk: the server's signature for this gateway, then the update's digests.
+    fn on_chunk(
+        &mut self,
+        g: &Gateway,
+        plan: &Plan,
+        counters: &Counters,
+        (epoch, now_us): (&str, u64),
+        payload: &[u8],
+    ) -> Vec<Publish> {
+        use base64::Engine as _;
+        let checked = signed::verify(payload, &plan.server_key, Purpose::Chunk, &g.device)
+            .ok()
+            .and_then(|body| wire::Chunk::decode(body).ok())
+            .and_then(|c| {
+                let data = base64::engine::general_purpose::STANDARD.decode(&c.data).ok()?;
+                Some((c, data))
+            });
+        let Some((chunk, data)) = checked else {
+            Counters::add(&counters.bad_chunks, 1);
+            return Vec::new();
+        };
+        let Some(update) = &mut self.current else { return Vec::new() };
+        match update.on_chunk(&chunk, &data, now_us) {
+            Ok(out) => {
+                Counters::add(&counters.chunks, 1);
+                self.carry_out(g, epoch, now_us, out)
+            }
+            Err(_) => {
+                Counters::add(&counters.bad_chunks, 1);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Once a second: the update's timers, and reports unacknowledged for `resend_after`.
+    fn on_time(&mut self, g: &Gateway, plan: &Plan, epoch: &str, now_us: u64) -> Vec<Publish> {
+        let out = self.current.as_mut().map(|u| u.on_time(now_us)).unwrap_or_default();
+        let mut publishes = self.carry_out(g, epoch, now_us, out);
+        let after = plan.resend_after.as_micros() as u64;
+        let topic = topics::uplink(&g.device, Stream::Updates);
+        for (sent, payload) in self.reports.values_mut() {
+            if now_us.saturating_sub(*sent) >= after {
+                *sent = now_us;
+                publishes.push((topic.clone(), payload.clone()));
+            }
+        }
+        publishes
+    }
+
+    /// An ack of the update stream; returns how many reports it acknowledged.
+    fn on_ack(&mut self, ack: &Ack) -> u64 {
+        let before = self.reports.len();
+        for &(first, last) in ack.ranges.iter().chain(&ack.refused) {
+            self.reports.retain(|&seq, _| seq < first || seq > last);
+        }
+        (before - self.reports.len()) as u64
+    }
+
+    /// What the update asked for, as publishes: chunk requests, reports (kept until acked),
+    /// and a fresh status when the served release changes.
+    fn carry_out(
+        &mut self,
+        g: &Gateway,
+        epoch: &str,
+        now_us: u64,
+        out: Vec<update::Out>,
+    ) -> Vec<Publish> {
+        let mut publishes = Vec::new();
+        for o in out {
+            match o {
+                update::Out::Fetch { first, count } => {
+                    let Some(u) = &self.current else { continue };
+                    let sha256 = u.bundle_sha256().to_owned();
+                    let request = wire::FetchRequest { v: WIRE_VERSION, sha256, first, count };
+                    let body = wire::encode(&request);
+                    let sealed = signed::seal(&g.key, Purpose::Fetch, &g.device, &body);
+                    publishes.push((topics::fetch(&g.device), sealed));
+                }
+                update::Out::Report(report) => {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let body = wire::encode(&UplinkBatch {
+                        v: WIRE_VERSION,
+                        device: g.device.clone(),
+                        epoch: epoch.to_owned(),
+                        stream: Stream::Updates,
+                        records: vec![Record {
+                            seq,
+                            at_ms: clock::now_ms(),
+                            body: RecordBody::Update(report),
+                        }],
+                    });
+                    let sealed =
+                        signed::seal(&g.key, Purpose::Uplink(Stream::Updates), &g.device, &body);
+                    self.reports.insert(seq, (now_us, sealed.clone()));
+                    publishes.push((topics::uplink(&g.device, Stream::Updates), sealed));
+                }
+                update::Out::Serving(release) => self.serving = release,
+            }
+        }
+        publishes
+    }
+}
+
+/// One gateway: connect, send while the run is on, keep the books, wait for the last acks
+/// (and in a rollout run, take the rollout).
 async fn gateway(
     g: Gateway,
     plan: Arc<Plan>,
@@ -562,9 +985,23 @@ async fn gateway(
     let password = signed::connect_password(&g.key, &g.device, &client_id);
     let (ack_topic, status_topic) = (topics::ack(&g.device), topics::status(&g.device));
     let uplink_topic = topics::uplink(&g.device, Stream::Predictions);
+    let (desired_topic, chunk_topic) = (topics::desired(&g.device), topics::chunk(&g.device));
     let epoch = format!("sim{:013x}", clock::now_ms());
     let started_ms = clock::now_ms();
     let mut ledger = Ledger::new(plan.records, plan.in_flight);
+    let mut updates = UpdateSide::new();
+    let models = |serving: u64| match plan.rollout {
+        Some(_) => vec![wire::RunningModel {
+            model: plan.model.clone(),
+            release: Release(serving),
+            sha256: String::new(),
+        }],
+        None => Vec::new(),
+    };
+    let mut subscriptions = vec![ack_topic.clone()];
+    if plan.rollout.is_some() {
+        subscriptions.extend([desired_topic.clone(), chunk_topic.clone()]);
+    }
     let (tx, mut rx) = mpsc::channel(64);
     let permit = connecting.acquire_owned().await;
     let client = mqtt::start(
@@ -578,10 +1015,10 @@ async fn gateway(
             reconnect_max: Duration::from_secs(10),
             last_will: Some((
                 status_topic.clone(),
-                status_payload(&g, (started_ms, started_ms), false, 0),
+                status_payload(&g, (started_ms, started_ms), false, 0, models(1)),
             )),
             stall_after: mqtt::DEFAULT_STALL_AFTER,
-            subscriptions: vec![ack_topic.clone()],
+            subscriptions,
         },
         tx,
     );
@@ -615,16 +1052,37 @@ async fn gateway(
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut current = *phase.borrow();
+    // A status is due (its timer, or a new release served); in a rollout run at once, so the
+    // server knows what each gateway serves before the rollout is planned.
+    let mut force_status = plan.rollout.is_some();
     loop {
         let sending = current == Phase::Sending;
         // The closed loop fills the window whenever it has room; the paced one sends on ticks.
         if sending && period.is_none() {
             while let Some(b) = ledger.next_batch(micros(&plan), true) {
-                publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
+                publish(
+                    uplink_topic.clone(),
+                    batch_payload(&g, &plan, &epoch, updates.serving, b),
+                    false,
+                )
+                .await;
             }
         }
         if (current == Phase::Draining && ledger.in_flight() == 0) || current == Phase::Done {
             break;
+        }
+        if std::mem::take(&mut force_status) {
+            status_at_ms = clock::now_ms().max(status_at_ms + 1);
+            let backlog = ledger.in_flight() as u64 * plan.records;
+            let payload = status_payload(
+                &g,
+                (status_at_ms, started_ms),
+                true,
+                backlog,
+                models(updates.serving),
+            );
+            publish(status_topic.clone(), payload, true).await;
+            Counters::add(&counters.statuses, 1);
         }
         tokio::select! {
             event = rx.recv() => match event {
@@ -641,15 +1099,36 @@ async fn gateway(
                         Counters::add(&counters.bad_acks, 1);
                         continue;
                     }
+                    if ack.stream == Stream::Updates {
+                        Counters::add(&counters.reports, updates.on_ack(&ack));
+                        continue;
+                    }
                     let before = ledger.acked;
                     let done = ledger.on_ack(micros(&plan), &ack.ranges, &ack.refused);
                     Counters::add(&counters.acked_batches, done);
                     Counters::add(&counters.acked_records, ledger.acked - before);
                 }
+                Some(MqttEvent::Message { topic, payload }) if topic == desired_topic => {
+                    let Some(rollout) = &plan.rollout else { continue };
+                    let serving = updates.serving;
+                    let now = (epoch.as_str(), micros(&plan));
+                    for (topic, payload) in updates.on_directive(&g, rollout, &counters, now, &payload) {
+                        publish(topic, payload, false).await;
+                    }
+                    if updates.serving != serving {
+                        force_status = true;
+                    }
+                }
+                Some(MqttEvent::Message { topic, payload }) if topic == chunk_topic => {
+                    let now = (epoch.as_str(), micros(&plan));
+                    for (topic, payload) in updates.on_chunk(&g, &plan, &counters, now, &payload) {
+                        publish(topic, payload, false).await;
+                    }
+                }
                 Some(MqttEvent::Connected) => {
                     Counters::add(&counters.reconnects, 1);
                     for b in ledger.resend(micros(&plan), 0) {
-                        publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
+                        publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, updates.serving, b), false).await;
                     }
                 }
                 Some(_) => {}
@@ -657,21 +1136,20 @@ async fn gateway(
             },
             _ = pace.tick(), if sending && period.is_some() => {
                 if let Some(b) = ledger.next_batch(micros(&plan), true) {
-                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
+                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, updates.serving, b), false).await;
                 }
             }
-            _ = status.tick() => {
-                status_at_ms = clock::now_ms().max(status_at_ms + 1);
-                let backlog = ledger.in_flight() as u64 * plan.records;
-                let payload = status_payload(&g, (status_at_ms, started_ms), true, backlog);
-                publish(status_topic.clone(), payload, true).await;
-                Counters::add(&counters.statuses, 1);
-            }
+            _ = status.tick() => force_status = true,
             _ = housekeeping.tick() => {
                 let again = ledger.resend(micros(&plan), plan.resend_after.as_micros() as u64);
                 for b in again {
-                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, b), false).await;
+                    publish(uplink_topic.clone(), batch_payload(&g, &plan, &epoch, updates.serving, b), false).await;
                 }
+                let serving = updates.serving;
+                for (topic, payload) in updates.on_time(&g, &plan, &epoch, micros(&plan)) {
+                    publish(topic, payload, false).await;
+                }
+                force_status |= updates.serving != serving;
             }
             changed = phase.changed() => {
                 if changed.is_err() {

@@ -110,6 +110,13 @@ fn the_local_page_shows_the_agent_acknowledges_with_the_pin_and_survives_the_bro
     let stored = server.predictions(DEVICE).unwrap();
     let last = stored.iter().max_by_key(|p| p.cycle).unwrap();
     assert_eq!(last.cycle, 192);
+    // What the dashboard's device page draws: the newest page of the stream, in order.
+    let newest =
+        server.get(&format!("/api/v1/devices/{DEVICE}/predictions?limit=5&newest=true")).unwrap();
+    let newest: Vec<u64> =
+        newest.as_array().unwrap().iter().map(|p| p["seq"].as_u64().unwrap()).collect();
+    let tail: Vec<u64> = stored[stored.len() - 5..].iter().map(|p| p.seq).collect();
+    assert_eq!(newest, tail);
 
     // The page, as a browser renders it, shows this agent's values.
     let page = load(&format!("{base}/"));
