@@ -16,6 +16,7 @@ use millwright_shared::directive::Activation;
 use millwright_shared::gates::{self, Gates, Health};
 use millwright_shared::wire::{UpdatePhase, UpdateReport};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -230,6 +231,10 @@ pub struct Rollout {
     /// When it was paused, for the pause deadline.
     #[serde(default)]
     pub paused_ms: Option<i64>,
+    /// Positions in `devices` of the devices changed since the shell last saved them (it
+    /// writes only those); not part of the stored rollout.
+    #[serde(skip)]
+    pub changed: BTreeSet<usize>,
 }
 
 /// What the shell must do.
@@ -386,6 +391,7 @@ pub fn plan(
             health: None,
         });
     }
+    let devices_len = devices.len();
     Ok(Rollout {
         id,
         spec,
@@ -401,6 +407,7 @@ pub fn plan(
         all_notified_ms: None,
         finished_ms: None,
         paused_ms: None,
+        changed: (0..devices_len).collect(),
     })
 }
 
@@ -409,8 +416,11 @@ fn audit(action: &str, detail: String) -> Action {
 }
 
 impl Rollout {
+    /// A device by id, marked changed.
     pub fn device_mut(&mut self, device: &str) -> Option<&mut DeviceRun> {
-        self.devices.iter_mut().find(|d| d.device == device)
+        let i = self.devices.iter().position(|d| d.device == device)?;
+        self.changed.insert(i);
+        self.devices.get_mut(i)
     }
 
     /// Counts per device state.
@@ -427,10 +437,11 @@ impl Rollout {
         let mut actions = vec![audit("revert", reason.clone())];
         self.state = State::Reverting;
         self.reason = Some(reason);
-        for d in &mut self.devices {
+        for (i, d) in self.devices.iter_mut().enumerate() {
             if d.notified_ms.is_none() {
                 continue;
             }
+            self.changed.insert(i);
             match d.previous {
                 Some(release) => {
                     d.state = DeviceState::Reverting;
@@ -455,7 +466,7 @@ impl Rollout {
 /// Advances the rollout at `now_ms`: timeouts, the next wave, the failure policy, completion.
 pub fn step(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
     let mut actions = Vec::new();
-    for d in &mut r.devices {
+    for (i, d) in r.devices.iter_mut().enumerate() {
         let waiting = matches!(d.state, DeviceState::Notified | DeviceState::Reverting);
         let since = d.progress_ms.or(d.notified_ms);
         let allowance = d.allowance_secs(&r.spec);
@@ -466,6 +477,7 @@ pub fn step(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
             d.state = DeviceState::Failed;
             d.reason = Some(reason);
             d.updated_ms = Some(now_ms);
+            r.changed.insert(i);
         }
     }
     match r.state {
@@ -512,12 +524,14 @@ fn step_running(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
     let allowed = r.spec.rate.map_or(usize::MAX, |rate| rate.allowed(now_ms - started_ms));
     let notified = r.in_wave(wave).filter(|d| d.notified_ms.is_some()).count();
     let mut started = 0;
-    for d in r
+    for (i, d) in r
         .devices
         .iter_mut()
-        .filter(|d| d.wave == wave && d.state == DeviceState::Pending)
+        .enumerate()
+        .filter(|(_, d)| d.wave == wave && d.state == DeviceState::Pending)
         .take(allowed.saturating_sub(notified))
     {
+        r.changed.insert(i);
         d.state = DeviceState::Notified;
         d.notified_ms = Some(now_ms);
         d.progress_ms = Some(now_ms);
@@ -689,12 +703,12 @@ pub fn act(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use millwright_shared::wire::RunningModel;
     use millwright_shared::{ModelName, Release};
 
-    fn inventory(n: usize) -> Vec<DeviceRow> {
+    pub(crate) fn inventory(n: usize) -> Vec<DeviceRow> {
         (0..n)
             .map(|i| DeviceRow {
                 device: format!("gw-{i:02}"),
@@ -720,7 +734,7 @@ mod tests {
             .collect()
     }
 
-    fn spec(on_failure: OnFailure) -> Spec {
+    pub(crate) fn spec(on_failure: OnFailure) -> Spec {
         Spec {
             model: "m".into(),
             release: 2,
@@ -738,7 +752,7 @@ mod tests {
         }
     }
 
-    fn report(d: &DeviceRun, phase: UpdatePhase) -> UpdateReport {
+    pub(crate) fn report(d: &DeviceRun, phase: UpdatePhase) -> UpdateReport {
         UpdateReport {
             rollout: None,
             directive: d.directive,

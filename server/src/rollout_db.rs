@@ -1,11 +1,23 @@
-//! SQLite adapter for rollouts: the registry's releases, each rollout as one JSON document
-//! (the engine's state, saved after every decision), the directive numbering and the latest
-//! directive per device (republished after a restart), and the audit log.
+//! SQLite adapter for rollouts: the registry's releases, each rollout (the engine's state,
+//! saved after every decision) as a JSON document of its own fields and one row per device
+//! (only the devices a decision changed are written), the directive numbering and the latest
+//! directive per device (republished after a restart), and the audit log. A rollout stored
+//! as one document with its devices inside (before the rows) is read as it is and written
+//! as rows the next time it changes.
 
 use crate::db::Db;
 use crate::rollout::Rollout;
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
+use std::collections::BTreeSet;
+
+/// The rollout's own fields as JSON: everything but its devices.
+pub fn header_json(r: &mut Rollout) -> serde_json::Result<String> {
+    let devices = std::mem::take(&mut r.devices);
+    let doc = serde_json::to_string(r);
+    r.devices = devices;
+    doc
+}
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS releases (
@@ -29,6 +41,13 @@ CREATE TABLE IF NOT EXISTS rollouts (
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout TEXT NOT NULL,
+    pos     INTEGER NOT NULL,
+    device  TEXT NOT NULL,
+    run     TEXT NOT NULL,
+    PRIMARY KEY (rollout, pos)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS directive_seq (
     id   INTEGER PRIMARY KEY CHECK (id = 1),
     last INTEGER NOT NULL
@@ -154,38 +173,103 @@ impl Db {
             .optional()
     }
 
-    pub fn save_rollout(&mut self, r: &Rollout, now_ms: i64) -> rusqlite::Result<()> {
-        let doc = serde_json::to_string(r)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    /// Saves the rollout's own fields and the devices it marked changed, in one transaction;
+    /// `changed` is emptied once they are stored.
+    pub fn save_rollout(&mut self, r: &mut Rollout, now_ms: i64) -> rusqlite::Result<()> {
+        let json = |e: serde_json::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+        let doc = header_json(r).map_err(json)?;
         let state = serde_json::to_value(r.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        self.conn.execute(
+        let tx = self.conn.transaction()?;
+        let legacy: bool = tx.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM rollout_devices WHERE rollout = ?1)
+                 AND EXISTS (SELECT 1 FROM rollouts WHERE id = ?1)",
+            [&r.id],
+            |row| row.get(0),
+        )?;
+        tx.execute(
             "INSERT INTO rollouts (id, model, state, doc, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc, updated_ms = excluded.updated_ms",
             params![r.id, r.spec.model, state, doc, r.created_ms, now_ms],
         )?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO rollout_devices (rollout, pos, device, run) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            // A rollout stored whole before the rows: every device, once.
+            let all: BTreeSet<usize> = (0..r.devices.len()).collect();
+            for &i in if legacy { &all } else { &r.changed } {
+                let Some(d) = r.devices.get(i) else { continue };
+                put.execute(params![
+                    r.id,
+                    i as i64,
+                    d.device,
+                    serde_json::to_string(d).map_err(json)?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        r.changed.clear();
         Ok(())
     }
 
+    /// Every rollout, oldest first.
     pub fn rollouts(&self) -> rusqlite::Result<Vec<Rollout>> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT doc FROM rollouts ORDER BY created_ms, id")?;
-        let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for doc in docs {
-            let doc = doc?;
-            match serde_json::from_str(&doc) {
-                Ok(r) => out.push(r),
-                Err(e) => tracing::error!("a stored rollout does not decode: {e}"),
-            }
-        }
-        Ok(out)
+        self.load_rollouts(None)
     }
 
     pub fn rollout(&self, id: &str) -> rusqlite::Result<Option<Rollout>> {
-        Ok(self.rollouts()?.into_iter().find(|r| r.id == id))
+        Ok(self.load_rollouts(Some(id))?.pop())
+    }
+
+    fn load_rollouts(&self, id: Option<&str>) -> rusqlite::Result<Vec<Rollout>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, doc FROM rollouts WHERE ?1 IS NULL OR id = ?1 ORDER BY created_ms, id",
+        )?;
+        let docs: Vec<(String, String)> =
+            stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let mut rows = self.conn.prepare_cached(
+            "SELECT pos, run FROM rollout_devices WHERE rollout = ?1 ORDER BY pos",
+        )?;
+        let mut out = Vec::new();
+        for (id, doc) in docs {
+            let mut r: Rollout = match serde_json::from_str(&doc) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(id, "a stored rollout does not decode: {e}");
+                    continue;
+                }
+            };
+            let runs: Vec<(i64, String)> =
+                rows.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            if runs.is_empty() {
+                // Stored whole, devices inside, before the rows.
+                out.push(r);
+                continue;
+            }
+            let count = runs.len();
+            let devices: Vec<_> = runs
+                .into_iter()
+                .enumerate()
+                .filter(|(i, (pos, _))| *pos == *i as i64)
+                .filter_map(|(_, (pos, run))| match serde_json::from_str(&run) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::error!(id, pos, "a rollout's device row does not decode: {e}");
+                        None
+                    }
+                })
+                .collect();
+            if devices.len() != count {
+                tracing::error!(id, "a rollout's device rows are damaged: the rollout is left out");
+                continue;
+            }
+            r.devices = devices;
+            out.push(r);
+        }
+        Ok(out)
     }
 
     pub fn rollout_count(&self) -> rusqlite::Result<u64> {
@@ -278,5 +362,83 @@ impl Db {
             })
         })?;
         rows.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::tests::{inventory, report, spec};
+    use crate::rollout::{self, OnFailure, State};
+    use millwright_shared::wire::UpdatePhase;
+
+    fn reload(db: &Db, r: &Rollout) -> Rollout {
+        db.rollout(&r.id).unwrap().expect("stored")
+    }
+
+    #[test]
+    fn a_rollout_is_its_fields_and_one_row_per_device_and_a_report_writes_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let mut r =
+            rollout::plan("r1".into(), spec(OnFailure::Pause), &inventory(50), "ops".into(), 0)
+                .unwrap();
+        let first = rollout::step(&mut r, 0);
+        assert!(!first.is_empty());
+        for (seq, d) in r.devices.iter_mut().filter(|d| d.notified_ms.is_some()).enumerate() {
+            d.directive = Some(seq as u64 + 1);
+        }
+        db.save_rollout(&mut r, 0).unwrap();
+        assert!(r.changed.is_empty());
+        assert_eq!(reload(&db, &r), r);
+        let doc: String = db
+            .conn
+            .query_row("SELECT doc FROM rollouts WHERE id = 'r1'", [], |row| row.get(0))
+            .unwrap();
+        assert!(doc.contains("\"devices\":[]"), "the devices are rows: {doc}");
+
+        // One device's report: its row and the rollout's own, nothing else.
+        let canary = r.devices[0].clone();
+        rollout::on_report(&mut r, &canary.device, &report(&canary, UpdatePhase::Received), 5);
+        assert_eq!(r.changed.len(), 1);
+        let before = db.conn.total_changes();
+        db.save_rollout(&mut r, 5).unwrap();
+        assert_eq!(db.conn.total_changes() - before, 2);
+        assert_eq!(reload(&db, &r), r);
+
+        // A failure pauses it; the timeouts mark what they change too.
+        let actions = rollout::step(&mut r, 1_000_000);
+        assert!(!actions.is_empty());
+        assert_eq!(r.state, State::Paused);
+        db.save_rollout(&mut r, 1_000_000).unwrap();
+        assert_eq!(reload(&db, &r), r);
+    }
+
+    #[test]
+    fn a_rollout_stored_whole_is_read_and_then_written_as_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("s.sqlite")).unwrap();
+        let mut r =
+            rollout::plan("r1".into(), spec(OnFailure::Pause), &inventory(20), "ops".into(), 0)
+                .unwrap();
+        rollout::step(&mut r, 0);
+        r.changed.clear();
+        // As the server stored it before the rows.
+        db.conn
+            .execute(
+                "INSERT INTO rollouts (id, model, state, doc, created_ms, updated_ms)
+                 VALUES ('r1', 'm', 'running', ?1, 0, 0)",
+                [serde_json::to_string(&r).unwrap()],
+            )
+            .unwrap();
+        assert_eq!(reload(&db, &r), r);
+        r.device_mut("gw-00").unwrap().directive = Some(9);
+        db.save_rollout(&mut r, 1).unwrap();
+        let rows: i64 = db
+            .conn
+            .query_row("SELECT COUNT(*) FROM rollout_devices", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 20, "every device, not only the changed one");
+        assert_eq!(reload(&db, &r), r);
     }
 }

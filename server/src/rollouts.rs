@@ -40,6 +40,9 @@ pub struct Rollouts {
     /// Devices whose latest directive the MQTT client's queue could not take: published again
     /// on every tick until it does.
     unpublished: BTreeSet<String>,
+    /// The active rollouts as last saved (loaded once): the engine works on these, so a
+    /// report neither reads nor rewrites a whole rollout, only the devices it changed.
+    active: Option<Vec<Rollout>>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -74,7 +77,29 @@ impl Rollouts {
             pacing: Arc::new(Mutex::new(HashMap::new())),
             plans: HashMap::new(),
             unpublished: BTreeSet::new(),
+            active: None,
         }
+    }
+
+    /// The active rollouts, from the database the first time (`None` if it cannot be read;
+    /// they are read again next time). Hand them back with [`Rollouts::put_active`].
+    fn take_active(&mut self, db: &Db) -> Option<Vec<Rollout>> {
+        if let Some(active) = self.active.take() {
+            return Some(active);
+        }
+        match db.rollouts() {
+            Ok(all) => Some(all.into_iter().filter(|r| r.state.is_active()).collect()),
+            Err(e) => {
+                tracing::error!("cannot read the rollouts: {e}");
+                None
+            }
+        }
+    }
+
+    /// Keeps the rollouts that are still active.
+    fn put_active(&mut self, mut active: Vec<Rollout>) {
+        active.retain(|r| r.state.is_active());
+        self.active = Some(active);
     }
 
     pub fn tick(&self) -> Duration {
@@ -118,15 +143,12 @@ impl Rollouts {
                 let _ = reply.send(result);
             }
             Request::Start { spec, actor, reason, reply } => {
-                let result =
-                    self.start(db, client, spec, &actor, &reason, now_ms).map(|r| to_json(&r));
-                let _ = reply.send(result);
+                let result = self.start(db, client, spec, &actor, &reason, now_ms);
+                let _ = reply.send(self.after_refusal(result).map(|r| to_json(&r)));
             }
             Request::Act { id, command, actor, reason, reply } => {
-                let result = self
-                    .act(db, client, &id, command, &actor, &reason, now_ms)
-                    .map(|r| to_json(&r));
-                let _ = reply.send(result);
+                let result = self.act(db, client, &id, command, &actor, &reason, now_ms);
+                let _ = reply.send(self.after_refusal(result).map(|r| to_json(&r)));
             }
             Request::AckAlert { reply, .. }
             | Request::Enroll { reply, .. }
@@ -230,15 +252,39 @@ impl Rollouts {
                 format!("release {} of {} is not registered", spec.release, spec.model),
             ));
         }
-        let active = db.rollouts().map_err(db_error)?;
-        if let Some(busy) =
-            active.iter().find(|r| r.spec.model == spec.model && r.state.is_active())
-        {
-            return Err(refuse(
-                409,
-                format!("rollout {} of {} is still {:?}", busy.id, spec.model, busy.state),
-            ));
+        let mut active =
+            self.take_active(db).ok_or_else(|| refuse(500, "cannot read the rollouts"))?;
+        if let Some(busy) = active.iter().find(|r| r.spec.model == spec.model) {
+            let busy = format!("rollout {} of {} is still {:?}", busy.id, spec.model, busy.state);
+            self.put_active(active);
+            return Err(refuse(409, busy));
         }
+        let started = self.plan_and_start(db, client, spec, actor, reason, now_ms);
+        if let Ok(r) = &started {
+            active.push(r.clone());
+        }
+        self.put_active(active);
+        started
+    }
+
+    /// After a refused hand action or start: what is in memory is read again from the
+    /// database, so nothing the caller was told failed takes effect.
+    fn after_refusal<T>(&mut self, result: Result<T, Refusal>) -> Result<T, Refusal> {
+        if result.is_err() {
+            self.active = None;
+        }
+        result
+    }
+
+    fn plan_and_start(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        spec: Spec,
+        actor: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Rollout, Refusal> {
         let inventory = db.devices().map_err(db_error)?;
         let id = format!("r{}", db.rollout_count().map_err(db_error)? + 1);
         let mut r = rollout::plan(id, spec, &inventory, actor.to_owned(), now_ms)
@@ -248,7 +294,7 @@ impl Rollouts {
         tracing::info!(id = %r.id, %detail, "rollout started");
         let actions = rollout::step(&mut r, now_ms);
         self.execute(db, client, &mut r, actions, now_ms);
-        db.save_rollout(&r, now_ms).map_err(db_error)?;
+        db.save_rollout(&mut r, now_ms).map_err(db_error)?;
         Ok(r)
     }
 
@@ -263,20 +309,48 @@ impl Rollouts {
         reason: &str,
         now_ms: i64,
     ) -> Result<Rollout, Refusal> {
-        let mut r = db
-            .rollout(id)
-            .map_err(db_error)?
-            .ok_or_else(|| refuse(404, format!("no rollout {id}")))?;
-        let actions = rollout::act(&mut r, command, reason, now_ms).map_err(|e| refuse(409, e))?;
+        let mut active =
+            self.take_active(db).ok_or_else(|| refuse(500, "cannot read the rollouts"))?;
+        let result = match active.iter().position(|r| r.id == id) {
+            Some(i) => self.act_on(db, client, &mut active[i], command, actor, reason, now_ms),
+            None => match db.rollout(id) {
+                Ok(Some(mut r)) => {
+                    let acted = self.act_on(db, client, &mut r, command, actor, reason, now_ms);
+                    if acted.is_ok() {
+                        active.push(r);
+                    }
+                    acted
+                }
+                Ok(None) => Err(refuse(404, format!("no rollout {id}"))),
+                Err(e) => Err(db_error(e)),
+            },
+        };
+        self.put_active(active);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn act_on(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        r: &mut Rollout,
+        command: Command,
+        actor: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Rollout, Refusal> {
+        let id = r.id.clone();
+        let actions = rollout::act(r, command, reason, now_ms).map_err(|e| refuse(409, e))?;
         let action = serde_json::to_value(command)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        let _ = db.audit(now_ms, actor, &action, id, reason, "");
+        let _ = db.audit(now_ms, actor, &action, &id, reason, "");
         tracing::info!(id, action, actor, reason, "rollout action");
-        self.execute(db, client, &mut r, actions, now_ms);
-        db.save_rollout(&r, now_ms).map_err(db_error)?;
-        Ok(r)
+        self.execute(db, client, r, actions, now_ms);
+        db.save_rollout(r, now_ms).map_err(db_error)?;
+        Ok(r.clone())
     }
 
     /// A stored update report: the rollout that sent its directive takes it into account.
@@ -288,37 +362,38 @@ impl Rollouts {
         report: &UpdateReport,
         now_ms: i64,
     ) {
-        let Ok(rollouts) = db.rollouts() else { return };
-        for mut r in rollouts.into_iter().filter(|r| r.state.is_active()) {
+        let Some(mut active) = self.take_active(db) else { return };
+        for r in &mut active {
             let ours = r.devices.iter().any(|d| {
                 d.device == device && d.directive.is_some() && d.directive == report.directive
             });
             if !ours {
                 continue;
             }
-            let actions = rollout::on_report(&mut r, device, report, now_ms);
-            self.execute(db, client, &mut r, actions, now_ms);
-            if let Err(e) = db.save_rollout(&r, now_ms) {
+            let actions = rollout::on_report(r, device, report, now_ms);
+            self.execute(db, client, r, actions, now_ms);
+            if let Err(e) = db.save_rollout(r, now_ms) {
                 tracing::error!(id = %r.id, "cannot save the rollout: {e}");
             }
         }
+        self.put_active(active);
     }
 
     /// Advances every active rollout, after publishing again the directives that did not go
     /// out.
     pub fn on_tick(&mut self, db: &mut Db, client: &AsyncClient, now_ms: i64) {
         self.republish(db, client);
-        let Ok(rollouts) = db.rollouts() else { return };
-        for mut r in rollouts.into_iter().filter(|r| r.state.is_active()) {
-            let before = r.clone();
-            let actions = rollout::step(&mut r, now_ms);
-            self.execute(db, client, &mut r, actions, now_ms);
-            if r != before
-                && let Err(e) = db.save_rollout(&r, now_ms)
-            {
+        let Some(mut active) = self.take_active(db) else { return };
+        for r in &mut active {
+            let before = crate::rollout_db::header_json(r).ok();
+            let actions = rollout::step(r, now_ms);
+            self.execute(db, client, r, actions, now_ms);
+            let moved = !r.changed.is_empty() || crate::rollout_db::header_json(r).ok() != before;
+            if moved && let Err(e) = db.save_rollout(r, now_ms) {
                 tracing::error!(id = %r.id, "cannot save the rollout: {e}");
             }
         }
+        self.put_active(active);
     }
 
     fn execute(
@@ -510,12 +585,25 @@ impl Rollouts {
         if current.expires_ms - now_ms > half {
             return;
         }
-        let Ok(Some(mut r)) = db.rollout(&current.rollout) else { return };
-        let Some(run) = r
-            .devices
-            .iter()
-            .find(|d| d.device == device && d.directive == Some(current.seq))
-            .cloned()
+        let Some(mut active) = self.take_active(db) else { return };
+        if let Some(r) = active.iter_mut().find(|r| r.id == current.rollout) {
+            self.refresh(db, client, r, device, current.seq, now_ms);
+        }
+        self.put_active(active);
+    }
+
+    /// Issues `device` its directive of rollout `r` again, fresh, if it still waits on it.
+    fn refresh(
+        &mut self,
+        db: &mut Db,
+        client: &AsyncClient,
+        r: &mut Rollout,
+        device: &str,
+        seq: u64,
+        now_ms: i64,
+    ) {
+        let Some(run) =
+            r.devices.iter().find(|d| d.device == device && d.directive == Some(seq)).cloned()
         else {
             return;
         };
@@ -535,7 +623,9 @@ impl Rollouts {
                 if let Some(d) = r.device_mut(device) {
                     d.directive = Some(seq);
                 }
-                let _ = db.save_rollout(&r, now_ms);
+                if let Err(e) = db.save_rollout(r, now_ms) {
+                    tracing::error!(id = %r.id, "cannot save the rollout: {e}");
+                }
             }
             Err(e) => tracing::error!(device, "cannot refresh the directive: {}", e.message),
         }
