@@ -334,6 +334,7 @@ fn connect_options(
         .into_iter()
         .chain(inputs)
         .collect(),
+        queue: mqtt::DEFAULT_QUEUE,
     })
 }
 

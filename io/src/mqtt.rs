@@ -79,7 +79,13 @@ pub struct Connect {
     /// anything its owner queued: a subscription never waits behind publishes the broker has
     /// not acknowledged, and a full request queue cannot lose it.
     pub subscriptions: Vec<String>,
+    /// Publishes the client holds for the connection before `try_publish` refuses more
+    /// ([`DEFAULT_QUEUE`] for a gateway).
+    pub queue: usize,
 }
+
+/// A gateway's request queue: a few batches, statuses and chunk requests at a time.
+pub const DEFAULT_QUEUE: usize = 256;
 
 /// Starts the connection task; events arrive on `events` until the client is dropped.
 pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
@@ -97,7 +103,7 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
     if let Some((topic, payload)) = connect.last_will {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = AsyncClient::new(options, connect.queue.max(1));
     // Small messages that wait for an answer (a batch for its ack, an ack for the next batch)
     // go out at once: with Nagle's algorithm each waited for the peer's delayed ACK, ~40 ms a
     // hop, ~88 ms per batch and its ack through a broker (`millwright simulate` measured it).

@@ -313,6 +313,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     let connected = state.broker.connected.load(Ordering::Relaxed);
     let degraded = state.broker.degraded();
     let sign_in_required = !state.users.is_empty();
+    let dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
     query(&state, move |db| {
         let (devices, predictions, alerts) = db.totals()?;
         Ok(json!({
@@ -320,6 +321,7 @@ async fn health(State(state): State<ApiState>) -> Response {
             "degraded_reason": degraded,
             "version": crate::VERSION,
             "broker_connected": connected,
+            "publishes_dropped": dropped,
             "devices": devices,
             "predictions": predictions,
             "alerts": alerts,

@@ -220,20 +220,50 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         (false, _) => mqtt::Transport::Tcp,
     };
     let server_id = DeviceId::new(SERVER_USER)?;
-    let password = signed::connect_password(&server_key, &server_id, &config.client_id);
+    let connect = |client_id: String, subscriptions: Vec<String>| mqtt::Connect {
+        credentials: Some((
+            SERVER_USER.to_owned(),
+            signed::connect_password(&server_key, &server_id, &client_id),
+        )),
+        client_id,
+        host: host.clone(),
+        port,
+        transport: transport.clone(),
+        keep_alive: Duration::from_secs(10),
+        reconnect_max: Duration::from_secs(5),
+        last_will: None,
+        stall_after: mqtt::DEFAULT_STALL_AFTER,
+        subscriptions,
+        queue: SERVER_QUEUE,
+    };
+    if let Some(r) = &mut rollouts {
+        // Bundle chunks (megabytes a wave) on a connection of their own: on the main one they
+        // filled the MQTT client's queue, and the acks behind them were given up (1,000
+        // simulated gateways taking a rollout: ack p99 32 s).
+        let (chunk_tx, mut chunk_rx) = mpsc::channel(64);
+        let chunks =
+            mqtt::start(connect(identity::chunk_client_id(&config.client_id), vec![]), chunk_tx);
+        tokio::spawn(async move {
+            // Logged when it drops, and once while it cannot connect.
+            let mut warned = false;
+            while let Some(event) = chunk_rx.recv().await {
+                match event {
+                    MqttEvent::Connected => warned = false,
+                    MqttEvent::Disconnected(why) if !warned => {
+                        warned = true;
+                        tracing::warn!("the chunk connection to the broker is down: {why}");
+                    }
+                    _ => {}
+                }
+            }
+        });
+        r.set_chunk_client(chunks);
+    }
     let (tx, mut rx) = mpsc::channel(4096);
     let client = mqtt::start(
-        mqtt::Connect {
-            client_id: config.client_id.clone(),
-            host: host.clone(),
-            port,
-            transport,
-            credentials: Some((SERVER_USER.to_owned(), password)),
-            keep_alive: Duration::from_secs(10),
-            reconnect_max: Duration::from_secs(5),
-            last_will: None,
-            stall_after: mqtt::DEFAULT_STALL_AFTER,
-            subscriptions: [
+        connect(
+            config.client_id.clone(),
+            [
                 topics::UPLINK_FILTER,
                 topics::STATUS_FILTER,
                 topics::DESIRED_FILTER,
@@ -243,7 +273,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .chain(rollouts.is_some().then_some(topics::FETCH_FILTER))
             .map(str::to_owned)
             .collect(),
-        },
+        ),
         tx,
     );
     tracing::info!(broker = %format!("{host}:{port}"), tls, "server started");
@@ -498,6 +528,11 @@ async fn watch_retained(
     );
     let _ = client.try_publish(topic, QoS::AtLeastOnce, true, ours.to_vec());
 }
+
+/// The server's MQTT request queue: acks of several group commits and a wave's directives
+/// at once (with a gateway's 256, 1,000 simulated gateways taking a rollout had 1,753 acks
+/// given up, each resent by its gateway 15 s later).
+const SERVER_QUEUE: usize = 8192;
 
 /// The most writes one group commit holds, and the longest the first of them waits for it.
 const GROUP_MAX: usize = 256;

@@ -562,6 +562,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         .iter()
         .filter_map(|d| Some((d["device"].as_str()?.to_owned(), d["predictions"].as_u64()?)))
         .collect();
+    let health = api_get(&fleet.api, "/api/v1/health").await.unwrap_or_default();
+    let publishes_dropped = health["publishes_dropped"].as_u64().unwrap_or(0);
     let _ = stop_tx.send(true);
     let _ = server.await;
 
@@ -588,7 +590,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         "simulate: devices={n} seconds={} msgs_per_s={:.0} records_per_s={:.0} ack_p50_ms={:.1} \
          ack_p99_ms={:.1} lost={lost} duplicated={duplicated} sent={sent} stored={kept} unacked={unacked} refused={refused} \
          repeated_acks={repeated} bad_acks={} reconnects={} statuses={} setup_s={setup_s:.1} \
-         connect_s={connect_s:.1} drain_s={drain_s:.1} rss_mib={:.0} hwm_mib={:.0}",
+         connect_s={connect_s:.1} drain_s={drain_s:.1} rss_mib={:.0} hwm_mib={:.0} \
+         publishes_dropped={publishes_dropped}",
         args.seconds,
         (batches1 - batches0) as f64 / window,
         (records1 - records0) as f64 / window,
@@ -1019,6 +1022,7 @@ async fn gateway(
             )),
             stall_after: mqtt::DEFAULT_STALL_AFTER,
             subscriptions,
+            queue: mqtt::DEFAULT_QUEUE,
         },
         tx,
     );
