@@ -30,7 +30,7 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct Logins {
     pub registry: SharedRegistry,
-    /// The server's own message key and client id (and its chunk connection's).
+    /// The server's own message key and client id.
     pub server_key: VerifyingKey,
     pub server_client_id: String,
     pub refusals: Arc<Mutex<Refusals>>,
@@ -41,9 +41,7 @@ impl Logins {
     pub fn check(&self, client_id: &str, user: &str, password: &str) -> Result<(), &'static str> {
         let server = || DeviceId::new(SERVER_USER).map_err(|_| "bad_login");
         let verdict = if user == SERVER_USER {
-            let ours = client_id == self.server_client_id
-                || client_id == crate::identity::chunk_client_id(&self.server_client_id);
-            match ours {
+            match client_id == self.server_client_id {
                 true => signed::check_connect_password(
                     &self.server_key,
                     &server()?,

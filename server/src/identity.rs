@@ -21,11 +21,6 @@ use std::sync::{Arc, RwLock};
 /// The user name the server itself presents to the embedded broker.
 pub const SERVER_USER: &str = "millwright-server";
 
-/// The client id of the server's second MQTT connection, the one bundle chunks go out on.
-pub fn chunk_client_id(server_client_id: &str) -> String {
-    format!("{server_client_id}-chunks")
-}
-
 /// An enrolled device as the gate sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {

@@ -43,8 +43,6 @@ pub struct Rollouts {
     /// The active rollouts as last saved (loaded once): the engine works on these, so a
     /// report neither reads nor rewrites a whole rollout, only the devices it changed.
     active: Option<Vec<Rollout>>,
-    /// The MQTT connection chunks go out on, apart from the acks and directives.
-    chunks: Option<AsyncClient>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -80,7 +78,6 @@ impl Rollouts {
             plans: HashMap::new(),
             unpublished: BTreeSet::new(),
             active: None,
-            chunks: None,
         }
     }
 
@@ -103,11 +100,6 @@ impl Rollouts {
     fn put_active(&mut self, mut active: Vec<Rollout>) {
         active.retain(|r| r.state.is_active());
         self.active = Some(active);
-    }
-
-    /// Chunks go out on this connection from now on.
-    pub fn set_chunk_client(&mut self, client: AsyncClient) {
-        self.chunks = Some(client);
     }
 
     pub fn tick(&self) -> Duration {
@@ -681,8 +673,7 @@ impl Rollouts {
                 Some((index, bytes[start..start + len].to_vec()))
             })
             .collect();
-        let client = self.chunks.as_ref().unwrap_or(client).clone();
-        let (device, served) = (device.clone(), self.served.clone());
+        let (client, device, served) = (client.clone(), device.clone(), self.served.clone());
         let (rate, pacing) = (self.config.delivery_bytes_per_sec, self.pacing.clone());
         let key = self.config.server_key.clone();
         let sha256 = request.sha256;

@@ -236,29 +236,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         subscriptions,
         queue: SERVER_QUEUE,
     };
-    if let Some(r) = &mut rollouts {
-        // Bundle chunks (megabytes a wave) on a connection of their own: on the main one they
-        // filled the MQTT client's queue, and the acks behind them were given up (1,000
-        // simulated gateways taking a rollout: ack p99 32 s).
-        let (chunk_tx, mut chunk_rx) = mpsc::channel(64);
-        let chunks =
-            mqtt::start(connect(identity::chunk_client_id(&config.client_id), vec![]), chunk_tx);
-        tokio::spawn(async move {
-            // Logged when it drops, and once while it cannot connect.
-            let mut warned = false;
-            while let Some(event) = chunk_rx.recv().await {
-                match event {
-                    MqttEvent::Connected => warned = false,
-                    MqttEvent::Disconnected(why) if !warned => {
-                        warned = true;
-                        tracing::warn!("the chunk connection to the broker is down: {why}");
-                    }
-                    _ => {}
-                }
-            }
-        });
-        r.set_chunk_client(chunks);
-    }
     let (tx, mut rx) = mpsc::channel(4096);
     let client = mqtt::start(
         connect(
