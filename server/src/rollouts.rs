@@ -255,8 +255,8 @@ impl Rollouts {
         let mut active =
             self.take_active(db).ok_or_else(|| refuse(500, "cannot read the rollouts"))?;
         if let Some(busy) = active.iter().find(|r| r.spec.model == spec.model) {
+            // Refused: `after_refusal` has the active rollouts read again.
             let busy = format!("rollout {} of {} is still {:?}", busy.id, spec.model, busy.state);
-            self.put_active(active);
             return Err(refuse(409, busy));
         }
         let started = self.plan_and_start(db, client, spec, actor, reason, now_ms);

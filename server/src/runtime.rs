@@ -220,27 +220,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         (false, _) => mqtt::Transport::Tcp,
     };
     let server_id = DeviceId::new(SERVER_USER)?;
-    let connect = |client_id: String, subscriptions: Vec<String>| mqtt::Connect {
-        credentials: Some((
-            SERVER_USER.to_owned(),
-            signed::connect_password(&server_key, &server_id, &client_id),
-        )),
-        client_id,
-        host: host.clone(),
-        port,
-        transport: transport.clone(),
-        keep_alive: Duration::from_secs(10),
-        reconnect_max: Duration::from_secs(5),
-        last_will: None,
-        stall_after: mqtt::DEFAULT_STALL_AFTER,
-        subscriptions,
-        queue: SERVER_QUEUE,
-    };
+    let password = signed::connect_password(&server_key, &server_id, &config.client_id);
     let (tx, mut rx) = mpsc::channel(4096);
     let client = mqtt::start(
-        connect(
-            config.client_id.clone(),
-            [
+        mqtt::Connect {
+            client_id: config.client_id.clone(),
+            host: host.clone(),
+            port,
+            transport,
+            credentials: Some((SERVER_USER.to_owned(), password)),
+            keep_alive: Duration::from_secs(10),
+            reconnect_max: Duration::from_secs(5),
+            last_will: None,
+            stall_after: mqtt::DEFAULT_STALL_AFTER,
+            subscriptions: [
                 topics::UPLINK_FILTER,
                 topics::STATUS_FILTER,
                 topics::DESIRED_FILTER,
@@ -250,7 +243,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .chain(rollouts.is_some().then_some(topics::FETCH_FILTER))
             .map(str::to_owned)
             .collect(),
-        ),
+            queue: SERVER_QUEUE,
+        },
         tx,
     );
     tracing::info!(broker = %format!("{host}:{port}"), tls, "server started");

@@ -25,12 +25,6 @@ pub struct DemoTrust {
     pub release_2: PathBuf,
 }
 
-fn random_key() -> anyhow::Result<SigningKey> {
-    let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    Ok(SigningKey::from_bytes(&seed))
-}
-
 /// Writes `root.json`, the server key and release 2 of the reference bundle into `dir`.
 pub fn prepare(
     repo: &Path,
@@ -39,34 +33,58 @@ pub fn prepare(
     release_secret: &str,
 ) -> anyhow::Result<DemoTrust> {
     std::fs::create_dir_all(dir)?;
-    let (root_key, server_key) = (random_key()?, random_key()?);
+    let (root_key, server_key) = (super::device::random_key()?, super::device::random_key()?);
     let (_, release_key) =
         SecretKeyFile::parse(&std::fs::read_to_string(repo.join(release_secret))?)?;
-    let now = millwright_io::clock::now();
-    let metadata = RootMetadata {
-        kind: ROOT_KIND.into(),
-        version: 1,
-        expires_at: now.replace_nanosecond(0)? + time::Duration::days(30),
-        root: KeySet::of(&[root_key.verifying_key()], 1),
-        release: KeySet::of(&[release_key.verifying_key()], 1),
-        server: KeySet::of(&[server_key.verifying_key()], 1),
-        revoked: Vec::<KeyId>::new(),
-    };
     let trust = DemoTrust {
         root: dir.join("root.json"),
         server_key: dir.join("server.secret.json"),
         release_2: dir.join("rul-cnn-fd001-r2.mwb"),
     };
-    std::fs::write(&trust.root, Root::sign(&metadata, &[&root_key]).to_bytes())?;
+    let root = one_key_root(&root_key, &release_key, &server_key, 30)?;
+    std::fs::write(&trust.root, root)?;
     std::fs::write(&trust.server_key, serde_json::to_vec(&SecretKeyFile::new(&server_key))?)?;
     let reference = RawBundle::parse(&std::fs::read(repo.join(bundle))?)?;
-    let mut manifest = reference.manifest_unverified()?;
-    manifest.release = millwright_shared::Release(manifest.release.0 + 1);
-    manifest.version = format!("{}-demo-r{}", manifest.version, manifest.release.0);
-    let mut next = RawBundle::unsigned(manifest, reference.model);
-    next.sign(&release_key);
-    std::fs::write(&trust.release_2, next.to_bytes())?;
+    let next = reference.manifest_unverified()?.release.0 + 1;
+    std::fs::write(&trust.release_2, resigned(&reference, next, "demo", &release_key)?)?;
     Ok(trust)
+}
+
+/// A version-1 trust root of one root, one release and one server key, signed by the root
+/// key and valid for `days` (the demo's and the simulator's own fleets).
+pub fn one_key_root(
+    root: &SigningKey,
+    release: &SigningKey,
+    server: &SigningKey,
+    days: i64,
+) -> anyhow::Result<Vec<u8>> {
+    let now = millwright_io::clock::now();
+    let metadata = RootMetadata {
+        kind: ROOT_KIND.into(),
+        version: 1,
+        expires_at: now.replace_nanosecond(0)? + time::Duration::days(days),
+        root: KeySet::of(&[root.verifying_key()], 1),
+        release: KeySet::of(&[release.verifying_key()], 1),
+        server: KeySet::of(&[server.verifying_key()], 1),
+        revoked: Vec::<KeyId>::new(),
+    };
+    Ok(Root::sign(&metadata, &[root]).to_bytes())
+}
+
+/// `reference` as release `release`, its version marked `<version>-<tag>-r<release>`, signed
+/// with `key`.
+pub fn resigned(
+    reference: &RawBundle,
+    release: u64,
+    tag: &str,
+    key: &SigningKey,
+) -> anyhow::Result<Vec<u8>> {
+    let mut manifest = reference.manifest_unverified()?;
+    manifest.release = millwright_shared::Release(release);
+    manifest.version = format!("{}-{tag}-r{release}", manifest.version);
+    let mut bundle = RawBundle::unsigned(manifest, reference.model.clone());
+    bundle.sign(key);
+    Ok(bundle.to_bytes())
 }
 
 fn answer(

@@ -113,12 +113,6 @@ pub struct SimulateArgs {
     rollout_timeout_secs: u64,
 }
 
-/// What a rollout run needs to know: the root gateways verify directives with, and the
-/// model they serve.
-struct RolloutPlan {
-    root: millwright_shared::trust::Root,
-}
-
 /// What every gateway needs to know about the run.
 struct Plan {
     mqtt: SocketAddr,
@@ -133,7 +127,8 @@ struct Plan {
     model: ModelName,
     /// The run's zero for the ledgers' microseconds.
     zero: Instant,
-    rollout: Option<RolloutPlan>,
+    /// In a rollout run, the root gateways verify their directives with.
+    root: Option<millwright_shared::trust::Root>,
 }
 
 /// One simulated gateway's credentials.
@@ -267,19 +262,8 @@ struct Releases {
 /// that release key as releases 1 and 2.
 fn make_releases(bundle: &Path, server: &SigningKey, root_path: &Path) -> anyhow::Result<Releases> {
     use millwright_shared::bundle::RawBundle;
-    use millwright_shared::trust::{KeySet, ROOT_KIND, Root, RootMetadata};
     let (root_key, release_key) = (super::device::random_key()?, super::device::random_key()?);
-    let now = clock::now();
-    let metadata = RootMetadata {
-        kind: ROOT_KIND.into(),
-        version: 1,
-        expires_at: now.replace_nanosecond(0)? + time::Duration::days(2),
-        root: KeySet::of(&[root_key.verifying_key()], 1),
-        release: KeySet::of(&[release_key.verifying_key()], 1),
-        server: KeySet::of(&[server.verifying_key()], 1),
-        revoked: Vec::new(),
-    };
-    let root_bytes = Root::sign(&metadata, &[&root_key]).to_bytes();
+    let root_bytes = super::demo_rollout::one_key_root(&root_key, &release_key, server, 2)?;
     std::fs::write(root_path, &root_bytes)?;
     let bytes = std::fs::read(bundle).with_context(|| format!("--rollout {}", bundle.display()))?;
     let reference = RawBundle::parse(&bytes)
@@ -287,18 +271,11 @@ fn make_releases(bundle: &Path, server: &SigningKey, root_path: &Path) -> anyhow
     let manifest = reference
         .manifest_unverified()
         .map_err(|e| anyhow::anyhow!("--rollout {}: {e}", bundle.display()))?;
-    let release = |n: u64| {
-        let mut m = manifest.clone();
-        m.release = Release(n);
-        m.version = format!("{}-simulate-r{n}", manifest.version);
-        let mut b = RawBundle::unsigned(m, reference.model.clone());
-        b.sign(&release_key);
-        b.to_bytes()
-    };
+    let release = |n| super::demo_rollout::resigned(&reference, n, "simulate", &release_key);
     Ok(Releases {
-        root: Root::provision(&root_bytes, now)?,
-        model: manifest.model.clone(),
-        bundles: [release(1), release(2)],
+        root: millwright_shared::trust::Root::provision(&root_bytes, clock::now())?,
+        model: manifest.model,
+        bundles: [release(1)?, release(2)?],
     })
 }
 
@@ -450,7 +427,7 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
             None => ModelName::new("simulated")?,
         },
         zero: Instant::now(),
-        rollout: fleet.releases.as_ref().map(|r| RolloutPlan { root: r.root.clone() }),
+        root: fleet.releases.as_ref().map(|r| r.root.clone()),
     });
     let counters = Arc::new(Counters::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
@@ -846,7 +823,7 @@ impl UpdateSide {
     fn on_directive(
         &mut self,
         g: &Gateway,
-        rollout: &RolloutPlan,
+        root: &millwright_shared::trust::Root,
         counters: &Counters,
         (epoch, now_us): (&str, u64),
         payload: &[u8],
@@ -856,7 +833,7 @@ impl UpdateSide {
             return Vec::new();
         }
         let last = self.last.as_ref().map(|(seq, bytes)| (*seq, bytes.as_slice()));
-        match directive::verify(payload, &rollout.root, &g.device, last, 64 << 20, clock::now()) {
+        match directive::verify(payload, root, &g.device, last, 64 << 20, clock::now()) {
             Ok(Verdict::New(d)) => {
                 self.last = Some((d.seq, payload.to_vec()));
                 let (update, out) = update::Update::start(*d, g.fail, now_us);
@@ -993,7 +970,7 @@ async fn gateway(
     let started_ms = clock::now_ms();
     let mut ledger = Ledger::new(plan.records, plan.in_flight);
     let mut updates = UpdateSide::new();
-    let models = |serving: u64| match plan.rollout {
+    let models = |serving: u64| match plan.root {
         Some(_) => vec![wire::RunningModel {
             model: plan.model.clone(),
             release: Release(serving),
@@ -1002,7 +979,7 @@ async fn gateway(
         None => Vec::new(),
     };
     let mut subscriptions = vec![ack_topic.clone()];
-    if plan.rollout.is_some() {
+    if plan.root.is_some() {
         subscriptions.extend([desired_topic.clone(), chunk_topic.clone()]);
     }
     let (tx, mut rx) = mpsc::channel(64);
@@ -1058,7 +1035,7 @@ async fn gateway(
     let mut current = *phase.borrow();
     // A status is due (its timer, or a new release served); in a rollout run at once, so the
     // server knows what each gateway serves before the rollout is planned.
-    let mut force_status = plan.rollout.is_some();
+    let mut force_status = plan.root.is_some();
     loop {
         let sending = current == Phase::Sending;
         // The closed loop fills the window whenever it has room; the paced one sends on ticks.
@@ -1113,10 +1090,10 @@ async fn gateway(
                     Counters::add(&counters.acked_records, ledger.acked - before);
                 }
                 Some(MqttEvent::Message { topic, payload }) if topic == desired_topic => {
-                    let Some(rollout) = &plan.rollout else { continue };
+                    let Some(root) = &plan.root else { continue };
                     let serving = updates.serving;
                     let now = (epoch.as_str(), micros(&plan));
-                    for (topic, payload) in updates.on_directive(&g, rollout, &counters, now, &payload) {
+                    for (topic, payload) in updates.on_directive(&g, root, &counters, now, &payload) {
                         publish(topic, payload, false).await;
                     }
                     if updates.serving != serving {
