@@ -31,6 +31,8 @@ pub struct RawConfig {
     pub drift: RawFleetDrift,
     pub rollouts: Option<RawRollouts>,
     #[serde(default)]
+    pub retention: crate::retention::RawPolicy,
+    #[serde(default)]
     pub users: Vec<User>,
 }
 
@@ -247,6 +249,8 @@ pub struct Config {
     pub webhook: Option<String>,
     /// Model registry and rollouts, when a root and server key are configured.
     pub rollouts: Option<Rollouts>,
+    /// How long what gateways send is kept ([`crate::retention`]).
+    pub retention: crate::retention::Policy,
     pub users: Vec<User>,
 }
 
@@ -338,6 +342,7 @@ impl Config {
         };
         let rollouts =
             raw.rollouts.as_ref().map(|r| r.validate(&identity.server_key)).transpose()?;
+        let retention = raw.retention.validate().map_err(ConfigError::Invalid)?;
         for (i, u) in raw.users.iter().enumerate() {
             let hex64 = u.token_sha256.len() == 64 && hex::decode(&u.token_sha256).is_ok();
             if !hex64 {
@@ -354,6 +359,7 @@ impl Config {
         Ok(Config {
             identity,
             rollouts,
+            retention,
             users: raw.users,
             bundles: raw.models.bundles,
             trusted,

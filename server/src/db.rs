@@ -92,6 +92,49 @@ CREATE TABLE IF NOT EXISTS update_reports (
 ) WITHOUT ROWID;
 ";
 
+/// Schema changes after the tables above, applied once each and in order on open: the
+/// database's `PRAGMA user_version` says how many it has.
+const MIGRATIONS: [&str; 2] = [
+    // 1: counters per device and stream (what is stored, what retention removed, and up to
+    // which sequence number nothing is left), filled from the tables; hourly summaries of the
+    // predictions retention removed.
+    "CREATE TABLE stream_counts (
+        device      TEXT NOT NULL,
+        stream      TEXT NOT NULL,
+        records     INTEGER NOT NULL DEFAULT 0,
+        pruned      INTEGER NOT NULL DEFAULT 0,
+        pruned_upto INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (device, stream)
+    ) WITHOUT ROWID;
+    INSERT INTO stream_counts (device, stream, records)
+        SELECT device, 'pred', COUNT(*) FROM predictions GROUP BY device;
+    INSERT INTO stream_counts (device, stream, records)
+        SELECT device, 'alert', COUNT(*) FROM alerts GROUP BY device;
+    INSERT INTO stream_counts (device, stream, records)
+        SELECT device, 'drift', COUNT(*) FROM drift_reports GROUP BY device;
+    INSERT INTO stream_counts (device, stream, records)
+        SELECT device, 'update', COUNT(*) FROM update_reports GROUP BY device;
+    CREATE TABLE prediction_hours (
+        device      TEXT NOT NULL,
+        asset       TEXT NOT NULL,
+        model       TEXT NOT NULL,
+        release     INTEGER NOT NULL,
+        hour_ms     INTEGER NOT NULL,
+        records     INTEGER NOT NULL,
+        value_sum   REAL NOT NULL,
+        value_min   REAL NOT NULL,
+        value_max   REAL NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        last_cycle  INTEGER NOT NULL,
+        last_value  REAL NOT NULL,
+        received_ms INTEGER NOT NULL,
+        UNIQUE (device, asset, model, release, hour_ms)
+    );
+    CREATE INDEX prediction_hours_by_received ON prediction_hours (received_ms);",
+    // 2: the runs of drift per release, asset and feature, for the retraining check.
+    crate::drift_db::RUNS,
+];
+
 /// Columns added to `devices` after its first release; added on open when missing.
 const DEVICE_COLUMNS: [&str; 8] = [
     "site TEXT",
@@ -165,6 +208,9 @@ pub struct StreamCount {
     /// records they held: with exactly-once delivery, `records + dropped` is `last_seq`.
     pub gaps: u64,
     pub dropped: u64,
+    /// Records retention has removed ([`crate::retention`]): `records + dropped + pruned`
+    /// is `last_seq` with exactly-once delivery.
+    pub pruned: u64,
 }
 
 /// What storing a batch did.
@@ -264,6 +310,13 @@ impl Db {
                 conn.execute_batch(&format!("ALTER TABLE devices ADD COLUMN {column}"))?;
             }
         }
+        let mut conn = conn;
+        migrate(&mut conn)?;
+        // Transactions take the write lock when they begin: with a second writer beside this
+        // one (retention), a transaction that read first and wrote later could not upgrade
+        // once the other had committed (SQLITE_BUSY_SNAPSHOT, not waited for); this way it
+        // waits its turn (busy_timeout).
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         Ok(Db { conn })
     }
 
@@ -332,7 +385,17 @@ impl Db {
             params![d, stream],
             |r| r.get(0),
         )?;
-        let placement = crate::epochs::place(&known, &batch.epoch, stored_max.unwrap_or(0));
+        // Retention removes a stream from its oldest record on; below `pruned_upto` a record is
+        // stored before, and the stream's numbering goes on past it.
+        let pruned_upto: u64 = tx
+            .prepare_cached(
+                "SELECT pruned_upto FROM stream_counts WHERE device = ?1 AND stream = ?2",
+            )?
+            .query_row(params![d, stream], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let stored_max = stored_max.unwrap_or(0).max(pruned_upto);
+        let placement = crate::epochs::place(&known, &batch.epoch, stored_max);
         let base = placement.base;
         if placement.opens.is_some() {
             tx.execute(
@@ -355,6 +418,7 @@ impl Db {
                 rusqlite::Error::ToSqlConversionFailure("sequence number overflows".into())
             })
         };
+        let mut inserted = 0usize;
         {
             let mut pred = tx.prepare_cached(
                 "INSERT OR IGNORE INTO predictions
@@ -368,7 +432,10 @@ impl Db {
             )?;
             for r in &accepted {
                 let seq = stored_seq(r.seq)?;
-                match &r.body {
+                if seq <= pruned_upto && !matches!(r.body, RecordBody::Gap(_)) {
+                    continue;
+                }
+                inserted += match &r.body {
                     RecordBody::Prediction(p) => pred.execute(params![
                         d,
                         seq,
@@ -394,11 +461,10 @@ impl Db {
                         now_ms
                     ])?,
                     RecordBody::Drift(report) => {
-                        crate::drift_db::insert(tx, d, seq, r.at_ms, report, now_ms)?;
-                        1
+                        crate::drift_db::insert(tx, d, seq, r.at_ms, report, now_ms)?
                     }
-                    RecordBody::Gap(g) => tx
-                        .prepare_cached(
+                    RecordBody::Gap(g) => {
+                        tx.prepare_cached(
                             "INSERT OR IGNORE INTO gaps
                              (device, stream, seq, last_seq, dropped, reason, at_ms, received_ms,
                               summaries)
@@ -414,7 +480,10 @@ impl Db {
                             r.at_ms,
                             now_ms,
                             serde_json::to_string(&g.summaries).unwrap_or_else(|_| "[]".into()),
-                        ])?,
+                        ])?;
+                        // A gap is kept in its own table, not counted as a stored record.
+                        0
+                    }
                     RecordBody::Update(u) => tx
                         .prepare_cached(
                             "INSERT OR IGNORE INTO update_reports
@@ -437,6 +506,13 @@ impl Db {
                         ])?,
                 };
             }
+        }
+        if inserted > 0 {
+            tx.prepare_cached(
+                "INSERT INTO stream_counts (device, stream, records) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, stream) DO UPDATE SET records = records + excluded.records",
+            )?
+            .execute(params![d, stream, inserted])?;
         }
         // A gap record at `first` stands for its whole range.
         let last_of = |r: &&millwright_shared::wire::Record| match &r.body {
@@ -570,8 +646,10 @@ impl Db {
     fn device_rows(&self, only: Option<&str>) -> rusqlite::Result<Vec<DeviceRow>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT d.device, d.first_seen_ms, d.last_seen_ms, d.online, d.agent_version,
-                    (SELECT COUNT(*) FROM predictions p WHERE p.device = d.device),
-                    (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device),
+                    coalesce((SELECT c.records FROM stream_counts c
+                              WHERE c.device = d.device AND c.stream = 'pred'), 0),
+                    coalesce((SELECT c.records FROM stream_counts c
+                              WHERE c.device = d.device AND c.stream = 'alert'), 0),
                     d.site, d.tags, d.device_class, d.models, d.backlog_records, d.backlog_oldest_ms,
                     (SELECT COUNT(*) FROM alerts a WHERE a.device = d.device
                        AND a.to_level != 'ok'
@@ -734,21 +812,29 @@ impl Db {
     ) -> rusqlite::Result<std::collections::BTreeMap<&'static str, StreamCount>> {
         let mut out = std::collections::BTreeMap::new();
         for stream in millwright_shared::wire::Stream::ALL {
-            let (records, last_seq): (u64, Option<u64>) = self.conn.query_row(
-                &format!(
-                    "SELECT COUNT(*), MAX(seq) FROM {} WHERE device = ?1",
-                    stream_table(stream)
-                ),
+            let last_seq: Option<u64> = self.conn.query_row(
+                &format!("SELECT MAX(seq) FROM {} WHERE device = ?1", stream_table(stream)),
                 [device],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )?;
+            let (records, pruned, pruned_upto): (u64, u64, u64) = self
+                .conn
+                .prepare_cached(
+                    "SELECT records, pruned, pruned_upto FROM stream_counts
+                     WHERE device = ?1 AND stream = ?2",
+                )?
+                .query_row(params![device, stream.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?
+                .unwrap_or((0, 0, 0));
             let (gaps, dropped, gap_last): (u64, u64, Option<u64>) = self.conn.query_row(
                 "SELECT COUNT(*), coalesce(SUM(dropped), 0), MAX(last_seq) FROM gaps
                  WHERE device = ?1 AND stream = ?2",
                 params![device, stream.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            let last_seq = last_seq.max(gap_last);
+            let last_seq = last_seq.max(gap_last).max(Some(pruned_upto).filter(|&p| p > 0));
             let epochs = Self::epochs_in(&self.conn, device, stream.as_str())?;
             let current = epochs.iter().find(|e| e.current);
             out.insert(
@@ -761,20 +847,46 @@ impl Db {
                     epoch_base: current.map_or(0, |e| e.base),
                     gaps,
                     dropped,
+                    pruned,
                 },
             );
         }
         Ok(out)
     }
 
+    /// Records stored now per uplink stream, from the counters.
+    pub fn stored_per_stream(&self) -> rusqlite::Result<Vec<(&'static str, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT coalesce(SUM(records), 0) FROM stream_counts WHERE stream = ?1",
+        )?;
+        millwright_shared::wire::Stream::ALL
+            .into_iter()
+            .map(|s| Ok((s.as_str(), stmt.query_row([s.as_str()], |r| r.get(0))?)))
+            .collect()
+    }
+
     pub fn totals(&self) -> rusqlite::Result<(u64, u64, u64)> {
         self.conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM predictions),
-                    (SELECT COUNT(*) FROM alerts)",
+            "SELECT (SELECT COUNT(*) FROM devices),
+                    (SELECT coalesce(SUM(records), 0) FROM stream_counts WHERE stream = 'pred'),
+                    (SELECT coalesce(SUM(records), 0) FROM stream_counts WHERE stream = 'alert')",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
     }
+}
+
+/// Applies the [`MIGRATIONS`] the database has not had, each in a transaction of its own.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", n + 1)?;
+        tx.commit()?;
+        tracing::info!(version = n + 1, "database migrated");
+    }
+    Ok(())
 }
 
 /// A page of `select` in sequence order, `limit` (a parameter) rows long: its first rows, or

@@ -368,30 +368,59 @@ pub struct Evidence {
     pub sites: Vec<String>,
 }
 
-/// Features of one release whose drift persisted per `policy`. `recent` holds, per (device,
-/// asset), its newest reports (at least `persist_reports` of them where there are that many).
-pub fn persistent(recent: &[FeatureRow], policy: &Policy) -> Vec<Evidence> {
-    // (feature, device, asset) -> reports newest first
-    let mut runs: BTreeMap<(&str, &str, &str), Vec<&FeatureRow>> = BTreeMap::new();
-    for r in recent {
-        runs.entry((&r.feature.name, &r.device, &r.asset)).or_default().push(r);
-    }
-    let mut by_feature: BTreeMap<&str, (i64, BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
-    for ((feature, device, _), mut reports) in runs {
-        reports.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        let run: Vec<&&FeatureRow> = reports
-            .iter()
-            .take(policy.persist_reports)
-            .take_while(|r| r.feature.severity == Severity::Drift)
-            .collect();
-        if policy.persist_reports == 0 || run.len() < policy.persist_reports {
-            continue;
+/// One feature of one asset of one release: how many of its newest reports in a row say
+/// `drift`, and since when. Kept per stored report ([`Run::next`]), so the retraining check
+/// reads the runs that are long enough instead of the drift history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub device: String,
+    pub asset: String,
+    pub feature: String,
+    pub site: String,
+    /// Consecutive newest reports at `drift` (0 when the newest is not).
+    pub run: u64,
+    /// Start of the first report of the run.
+    pub since_ms: i64,
+    /// The newest report counted (a report older than it changes nothing).
+    pub last_seq: u64,
+}
+
+impl Run {
+    /// The run after `report`'s verdict on its feature, from the run before it (if any).
+    pub fn next(previous: Option<&Run>, report: &FeatureRow) -> Option<Run> {
+        if previous.is_some_and(|p| report.seq <= p.last_seq) {
+            return None;
         }
-        let since = run.iter().map(|r| r.from_ms).min().unwrap_or_default();
-        let entry = by_feature.entry(feature).or_insert((since, BTreeSet::new(), BTreeSet::new()));
-        entry.0 = entry.0.min(since);
-        entry.1.insert(device.to_owned());
-        entry.2.insert(run[0].site.clone());
+        let drift = report.feature.severity == Severity::Drift;
+        let (run, since_ms) = match previous {
+            Some(p) if drift && p.run > 0 => (p.run + 1, p.since_ms),
+            _ if drift => (1, report.from_ms),
+            _ => (0, report.from_ms),
+        };
+        Some(Run {
+            device: report.device.clone(),
+            asset: report.asset.clone(),
+            feature: report.feature.name.clone(),
+            site: report.site.clone(),
+            run,
+            since_ms,
+            last_seq: report.seq,
+        })
+    }
+}
+
+/// Features of one release whose drift persisted per `policy`: at `drift` in at least
+/// `persist_reports` newest reports in a row of an asset, on at least `min_devices` devices.
+pub fn persistent(runs: &[Run], policy: &Policy) -> Vec<Evidence> {
+    let long_enough =
+        |r: &&Run| policy.persist_reports > 0 && r.run >= policy.persist_reports as u64;
+    let mut by_feature: BTreeMap<&str, (i64, BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for r in runs.iter().filter(long_enough) {
+        let entry =
+            by_feature.entry(&r.feature).or_insert((r.since_ms, BTreeSet::new(), BTreeSet::new()));
+        entry.0 = entry.0.min(r.since_ms);
+        entry.1.insert(r.device.clone());
+        entry.2.insert(r.site.clone());
     }
     by_feature
         .into_iter()
@@ -460,12 +489,39 @@ mod tests {
             row("y1", 7, Drift, vec![1]),
             row("y1", 8, Warn, vec![1]),
         ];
-        let found = persistent(&rows, &Policy { persist_reports: 3, min_devices: 1 });
+        let runs = runs_after(&rows);
+        let found = persistent(&runs, &Policy { persist_reports: 3, min_devices: 1 });
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].devices, vec!["x1".to_owned()]);
-        assert_eq!(found[0].since_ms, 2000);
-        assert!(persistent(&rows, &Policy { persist_reports: 3, min_devices: 2 }).is_empty());
-        assert!(persistent(&rows, &Policy { persist_reports: 4, min_devices: 1 }).is_empty());
+        assert_eq!(found[0].since_ms, 2000, "the run starts with report 2");
+        assert!(persistent(&runs, &Policy { persist_reports: 3, min_devices: 2 }).is_empty());
+        assert!(persistent(&runs, &Policy { persist_reports: 4, min_devices: 1 }).is_empty());
+        // A report at ok ends the run; an old report arriving late changes nothing.
+        let mut more = rows.clone();
+        more.push(row("x1", 5, Ok, vec![1]));
+        more.push(row("x1", 3, Drift, vec![1]));
+        let runs = runs_after(&more);
+        assert!(persistent(&runs, &Policy { persist_reports: 1, min_devices: 1 }).is_empty());
+        assert_eq!(
+            runs.iter().map(|r| (r.device.as_str(), r.run)).collect::<Vec<_>>(),
+            [("x1", 0), ("y1", 0)]
+        );
+        // y1 drifts again: a new run from its report 9; x1 then again from 6.
+        more.extend([row("y1", 9, Drift, vec![1]), row("x1", 6, Drift, vec![1])]);
+        let found = persistent(&runs_after(&more), &Policy { persist_reports: 1, min_devices: 2 });
+        assert_eq!((found[0].devices.len(), found[0].since_ms), (2, 6000));
+    }
+
+    /// The runs after `rows` in arrival order, one per (device, asset, feature).
+    fn runs_after(rows: &[FeatureRow]) -> Vec<Run> {
+        let mut runs: BTreeMap<(String, String, String), Run> = BTreeMap::new();
+        for r in rows {
+            let key = (r.device.clone(), r.asset.clone(), r.feature.name.clone());
+            if let Some(next) = Run::next(runs.get(&key), r) {
+                runs.insert(key, next);
+            }
+        }
+        runs.into_values().collect()
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! with the feature's counts as JSON, and the retraining events raised from them.
 
 use crate::db::Db;
-use crate::drift::{Evidence, FeatureRow, RetrainingEvent};
+use crate::drift::{Evidence, FeatureRow, RetrainingEvent, Run};
 use millwright_shared::drift::{DriftReport, FeatureDrift};
 use rusqlite::{Connection, params};
 
@@ -48,6 +48,23 @@ CREATE TABLE IF NOT EXISTS retraining_features (
 ) WITHOUT ROWID;
 ";
 
+/// Per release, asset and feature, the run of newest reports at `drift` ([`Run`]); added by
+/// migration 2 (runs count from the first report stored after it).
+pub const RUNS: &str = "
+CREATE TABLE drift_runs (
+    model    TEXT NOT NULL,
+    release  INTEGER NOT NULL,
+    device   TEXT NOT NULL,
+    asset    TEXT NOT NULL,
+    feature  TEXT NOT NULL,
+    site     TEXT NOT NULL,
+    run      INTEGER NOT NULL,
+    since_ms INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (model, release, device, asset, feature)
+) WITHOUT ROWID;
+CREATE INDEX drift_runs_by_length ON drift_runs (model, release, run);";
+
 /// The site a report is filed under when the device names none.
 pub const NO_SITE: &str = "-";
 
@@ -71,7 +88,7 @@ pub fn insert(
     at_ms: i64,
     report: &DriftReport,
     now_ms: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<usize> {
     let inserted = tx
         .prepare_cached(
             "INSERT OR IGNORE INTO drift_reports
@@ -94,7 +111,7 @@ pub fn insert(
             now_ms
         ])?;
     if inserted == 0 {
-        return Ok(());
+        return Ok(0);
     }
     let mut feature = tx.prepare_cached(
         "INSERT OR IGNORE INTO drift_features (device, seq, feature, severity, body)
@@ -104,7 +121,70 @@ pub fn insert(
         let body = serde_json::to_string(f).unwrap_or_default();
         feature.execute(params![device, seq, f.name, f.severity.as_str(), body])?;
     }
+    advance_runs(tx, device, seq, report)?;
+    Ok(inserted)
+}
+
+/// Moves the report's asset's runs on by its verdicts ([`Run::next`]).
+fn advance_runs(
+    tx: &Connection,
+    device: &str,
+    seq: u64,
+    report: &DriftReport,
+) -> rusqlite::Result<()> {
+    let (model, release, asset) = (report.model.as_str(), report.release.0, report.asset.as_str());
+    let previous: std::collections::HashMap<String, Run> = tx
+        .prepare_cached(
+            "SELECT device, asset, feature, site, run, since_ms, last_seq FROM drift_runs
+             WHERE model = ?1 AND release = ?2 AND device = ?3 AND asset = ?4",
+        )?
+        .query_map(params![model, release, device, asset], run_row)?
+        .map(|r| r.map(|r| (r.feature.clone(), r)))
+        .collect::<rusqlite::Result<_>>()?;
+    let mut save = tx.prepare_cached(
+        "INSERT OR REPLACE INTO drift_runs
+         (model, release, device, asset, feature, site, run, since_ms, last_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for f in report.features.iter().chain(&report.output) {
+        let row = FeatureRow {
+            model: model.to_owned(),
+            release,
+            device: device.to_owned(),
+            site: report.site.clone().unwrap_or_else(|| NO_SITE.to_owned()),
+            asset: asset.to_owned(),
+            seq,
+            from_ms: report.from_ms,
+            to_ms: report.to_ms,
+            feature: f.clone(),
+        };
+        if let Some(run) = Run::next(previous.get(&f.name), &row) {
+            save.execute(params![
+                model,
+                release,
+                device,
+                asset,
+                run.feature,
+                run.site,
+                run.run,
+                run.since_ms,
+                run.last_seq
+            ])?;
+        }
+    }
     Ok(())
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+    Ok(Run {
+        device: r.get(0)?,
+        asset: r.get(1)?,
+        feature: r.get(2)?,
+        site: r.get(3)?,
+        run: r.get(4)?,
+        since_ms: r.get(5)?,
+        last_seq: r.get(6)?,
+    })
 }
 
 const SELECT: &str = "SELECT r.model, r.release, r.device, r.site, r.asset, r.seq, r.from_ms,
@@ -163,6 +243,24 @@ impl Db {
             feature_row,
         )?;
         rows.filter_map(Result::transpose).collect()
+    }
+
+    /// The runs of a release at least `min_run` reports long: what the retraining check
+    /// needs, however long the drift history.
+    pub fn drift_runs(
+        &self,
+        model: &str,
+        release: u64,
+        min_run: u64,
+    ) -> rusqlite::Result<Vec<Run>> {
+        self.conn
+            .prepare_cached(
+                "SELECT device, asset, feature, site, run, since_ms, last_seq FROM drift_runs
+                 WHERE model = ?1 AND release = ?2 AND run >= ?3
+                 ORDER BY device, asset, feature",
+            )?
+            .query_map(params![model, release, min_run], run_row)?
+            .collect()
     }
 
     /// (model, release) pairs with reports stored since `since_ms`.

@@ -2,11 +2,12 @@
 //!
 //! | route | returns |
 //! |---|---|
-//! | `GET /api/v1/health` | server version, broker connection, totals |
+//! | `GET /api/v1/health` | server version, broker connection, totals, what retention removed |
 //! | `GET /api/v1/devices` | every device with first/last seen, online, counts |
 //! | `GET /api/v1/devices/{device}` | one device |
 //! | `GET /api/v1/devices/{device}/latest` | newest prediction, alert and level per asset |
 //! | `GET /api/v1/devices/{device}/predictions?asset=&after_seq=&limit=&newest=` | predictions in sequence order: the first `limit` (1,000; at most 10,000), or the newest with `newest=true` |
+//! | `GET /api/v1/devices/{device}/predictions/hourly?asset=&from_ms=&limit=` | what retention kept of removed predictions: per asset, release and hour, the count, mean, min, max and last value |
 //! | `GET /api/v1/devices/{device}/alerts?after_seq=&limit=&newest=` | alerts in sequence order, the first or the newest |
 //! | `GET /api/v1/devices/{device}/gaps` | what the device dropped by policy: ranges, reason, time, per-asset summaries of dropped predictions |
 //! | `GET /api/v1/devices/{device}/updates` | update reports: phase, reason, health, rollout, directive, release |
@@ -106,6 +107,8 @@ pub struct ApiState {
     /// The last `/metrics` text and when it was made: scrapes more often than once a second
     /// get it again instead of new database queries.
     pub metrics_cache: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>,
+    /// What retention has removed ([`crate::retention_db`]).
+    pub retention: Arc<Mutex<crate::retention::Report>>,
 }
 
 /// Reader connections to the database: WAL lets any number of them read beside the writer,
@@ -174,6 +177,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}", get(device))
         .route("/api/v1/devices/{device}/latest", get(latest))
         .route("/api/v1/devices/{device}/predictions", get(predictions))
+        .route("/api/v1/devices/{device}/predictions/hourly", get(prediction_hours))
         .route("/api/v1/devices/{device}/alerts", get(alerts))
         .route("/api/v1/devices/{device}/updates", get(updates))
         .route("/api/v1/devices/{device}/streams", get(streams))
@@ -314,6 +318,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     let degraded = state.broker.degraded();
     let sign_in_required = !state.users.is_empty();
     let dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
+    let retention = state.retention.lock().map(|r| r.clone()).unwrap_or_default();
     query(&state, move |db| {
         let (devices, predictions, alerts) = db.totals()?;
         Ok(json!({
@@ -326,6 +331,7 @@ async fn health(State(state): State<ApiState>) -> Response {
             "predictions": predictions,
             "alerts": alerts,
             "sign_in_required": sign_in_required,
+            "retention": retention,
         }))
     })
     .await
@@ -374,6 +380,32 @@ async fn predictions(
     .await
 }
 
+/// Which hourly summaries a query wants.
+#[derive(Debug, Deserialize)]
+struct HourPage {
+    asset: Option<String>,
+    #[serde(default = "i64_min")]
+    from_ms: i64,
+    limit: Option<u64>,
+}
+
+fn i64_min() -> i64 {
+    i64::MIN
+}
+
+/// The hourly summaries of predictions retention has removed, in hour order.
+async fn prediction_hours(
+    State(state): State<ApiState>,
+    Path(device): Path<String>,
+    Query(page): Query<HourPage>,
+) -> Response {
+    let limit = page.limit.unwrap_or(1000).min(MAX_PAGE);
+    query(&state, move |db| {
+        db.prediction_hours(&device, page.asset.as_deref(), page.from_ms, limit)
+    })
+    .await
+}
+
 async fn alerts(
     State(state): State<ApiState>,
     Path(device): Path<String>,
@@ -408,6 +440,14 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             s.broker_stalls = state.broker.stalls.load(Ordering::Relaxed);
             s.publishes_dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
             s.bundle_bytes_sent = state.served.lock().map(|m| m.values().sum()).unwrap_or(0);
+            if let Ok(r) = state.retention.lock() {
+                s.retention_removed = vec![
+                    ("predictions", r.predictions),
+                    ("hourly", r.hourly),
+                    ("alerts", r.alerts),
+                    ("drift_reports", r.drift_reports),
+                ];
+            }
             if let Ok(r) = state.refusals.lock() {
                 s.refused = r.counts().iter().map(|(k, n)| ((*k).to_owned(), *n)).collect();
             }

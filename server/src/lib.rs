@@ -3,10 +3,11 @@
 //! Pure core: [`identity`] (the device registry and the gate every MQTT message passes),
 //! [`ingest`] (what an uplink message means and whether to accept it), [`drift`] (fleet drift:
 //! the server's judgement of reports, merged histograms, drifting assets, the retraining
-//! policy), [`epochs`] (where an outbox epoch's records are stored), [`rollout`] (the rollout engine), [`mosquitto`] (broker config and ACL from the
+//! policy), [`epochs`] (where an outbox epoch's records are stored), [`rollout`] (the rollout engine),
+//! [`retention`] (what is kept how long), [`mosquitto`] (broker config and ACL from the
 //! registry).
-//! Shell: [`db`] (SQLite), [`drift_db`], [`identity_db`], [`alerts_db`], [`rollout_db`] (its
-//! parts), [`broker`] (embedded rumqttd), [`http`] (axum JSON API), [`writer`] (the writer task's
+//! Shell: [`db`] (SQLite), [`drift_db`], [`identity_db`], [`alerts_db`], [`rollout_db`],
+//! [`retention_db`] (its parts), [`broker`] (embedded rumqttd), [`http`] (axum JSON API), [`writer`] (the writer task's
 //! protocol), [`rollouts`] (the rollout engine's shell), [`runtime`] (the MQTT ingest loop and
 //! wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright`
 //! command).
@@ -29,6 +30,8 @@ pub mod ingest;
 pub mod metrics;
 pub mod mosquitto;
 pub mod pki;
+pub mod retention;
+pub mod retention_db;
 pub mod rollout;
 pub mod rollout_db;
 pub mod rollouts;

@@ -1,6 +1,6 @@
 //! Prometheus `/metrics` for the server, read at scrape time from the database and the shared
 //! state (no counters to keep in step): devices online, records stored per stream, rollouts per
-//! state, bundle bytes sent, retraining events, broker connection.
+//! state, bundle bytes sent, retraining events, broker connection, what retention removed.
 
 use crate::db::Db;
 use prometheus_client::encoding::text::encode;
@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub sign_in_lockouts: u64,
     /// Messages waiting for their device's budget.
     pub queued: u64,
+    /// (kind, records retention removed since start)
+    pub retention_removed: Vec<(&'static str, u64)>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -118,6 +120,15 @@ pub fn render(s: &Snapshot) -> String {
     let queued = Gauge::<i64>::default();
     queued.set(s.queued as i64);
     registry.register("queued_messages", "Messages waiting for their device's budget", queued);
+    let removed = Family::<Labels, Counter>::default();
+    for (kind, n) in &s.retention_removed {
+        removed.get_or_create(&vec![("kind", (*kind).to_owned())]).inc_by(*n);
+    }
+    registry.register(
+        "retention_removed",
+        "Records retention removed since start, by kind (predictions are kept as hourly sums)",
+        removed,
+    );
     let mut out = String::new();
     if encode(&mut out, &registry).is_err() {
         out.clear();
@@ -150,12 +161,7 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
         dropped,
         devices_online: online,
         devices_offline: devices.len() as u64 - online,
-        records: vec![
-            ("pred", count("predictions")?),
-            ("alert", count("alerts")?),
-            ("drift", count("drift_reports")?),
-            ("update", count("update_reports")?),
-        ],
+        records: db.stored_per_stream()?,
         rollouts,
         bundle_bytes_sent: 0,
         retraining_events: count("retraining_events")?,
@@ -167,6 +173,7 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
         enrolled: 0,
         sign_in_lockouts: 0,
         queued: 0,
+        retention_removed: Vec::new(),
     })
 }
 
@@ -192,6 +199,7 @@ mod tests {
             enrolled: 20,
             sign_in_lockouts: 2,
             queued: 0,
+            retention_removed: vec![("predictions", 1130)],
         });
         for line in [
             "millwright_devices{online=\"true\"} 19",
@@ -208,6 +216,7 @@ mod tests {
             "millwright_refused_total{reason=\"bad_signature\"} 3",
             "millwright_enrolled_devices 20",
             "millwright_sign_in_lockouts_total 2",
+            "millwright_retention_removed_total{kind=\"predictions\"} 1130",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
         }

@@ -9,7 +9,6 @@
 use crate::config::{Broker, Config};
 use crate::db::{Db, Write, Written};
 use crate::drift::{self, Policy, Profiles, RetrainingEvent};
-use crate::drift_db::Filter;
 use crate::identity::{self, Admitted, Gate, SERVER_USER, SharedRegistry, Verdict};
 use crate::rollouts::Rollouts;
 use crate::writer::{Request, db_error, refuse};
@@ -142,6 +141,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let path = config.data_dir.join("server.sqlite");
     let mut db = Db::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let registry: SharedRegistry = Arc::new(RwLock::new(db.registry()?));
+    // Retention runs beside ingest on a connection of its own; it stops when this sender goes
+    // (when `run` returns).
+    let retention = Arc::new(Mutex::new(crate::retention::Report::default()));
+    let (_retention_stop, stop) = std::sync::mpsc::channel::<()>();
+    crate::retention_db::spawn(path.clone(), config.retention, retention.clone(), stop)
+        .context("cannot start the retention thread")?;
     // The ACL file follows the registry and this config from the start.
     refresh_acl(&db, &config.identity);
     let refusals = Arc::new(Mutex::new(Refusals::default()));
@@ -187,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         server_key: hex::encode(server_key.verifying_key().as_bytes()),
         https: http_tls.is_some(),
         metrics_cache: Default::default(),
+        retention,
     });
     let mut ingest = Ingest {
         policy: config.retraining,
@@ -780,10 +786,8 @@ async fn check_retraining(
 ) {
     let policy = ingest.policy;
     let raised = tokio::task::block_in_place(|| {
-        let filter =
-            Filter { model: Some(model.to_owned()), release: Some(release), ..Default::default() };
-        let recent = db.drift_latest(&filter, policy.persist_reports)?;
-        let evidence = drift::persistent(&recent, &policy);
+        let runs = db.drift_runs(model, release, policy.persist_reports as u64)?;
+        let evidence = drift::persistent(&runs, &policy);
         if evidence.is_empty() {
             return Ok(None);
         }

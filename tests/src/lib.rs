@@ -393,8 +393,16 @@ impl Server {
 
     /// Starts the server again with the same arguments, ports and data (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_with_env(&[])
+    }
+
+    /// [`Server::restart`] with extra environment variables (e.g. libfaketime's).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("millwright-server"));
         cmd.args(&self.args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         self.proc = Proc::spawn(&mut cmd, self.log.clone())?;
         self.wait_healthy()
     }
@@ -779,6 +787,16 @@ pub fn expected_predictions_of(data: &Path) -> anyhow::Result<Vec<ExpectedPredic
     result.clone().map_err(|e| anyhow::anyhow!("reference replay failed: {e}"))
 }
 
+/// libfaketime, for moving a daemon's wall clock (Debian's `faketime`; scripts/test installs it).
+pub fn libfaketime() -> PathBuf {
+    let lib = PathBuf::from(format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+        std::env::consts::ARCH
+    ));
+    assert!(lib.exists(), "{} is missing: install Debian's faketime", lib.display());
+    lib
+}
+
 /// Checks that every outbox stream of the agent (predictions, alerts, drift reports, update
 /// reports) arrived exactly once: for each, the server holds as many records as its highest
 /// sequence number (1..=n, so no gap and no duplicate) less what the agent announced it dropped
@@ -806,11 +824,12 @@ pub fn check_streams(
             let records = stored[stream]["records"].as_u64().unwrap_or(0);
             let highest = stored[stream]["last_seq"].as_u64().unwrap_or(0);
             let dropped = stored[stream]["dropped"].as_u64().unwrap_or(0);
+            let pruned = stored[stream]["pruned"].as_u64().unwrap_or(0);
             last += &format!(
-                "{stream}: agent {sent}, server {records} records + {dropped} dropped up to \
-                 {highest}; "
+                "{stream}: agent {sent}, server {records} records + {dropped} dropped + \
+                 {pruned} removed by retention up to {highest}; "
             );
-            ok &= records + dropped == highest && highest == sent;
+            ok &= records + dropped + pruned == highest && highest == sent;
             counted.push((stream.to_owned(), records));
         }
         ok

@@ -16,6 +16,7 @@ mod e2e {
     mod local_page;
     mod outbox_faults;
     mod reference_model;
+    mod retention;
     mod rollouts;
     mod simulate;
     mod tidy;

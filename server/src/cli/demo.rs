@@ -252,6 +252,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             chunk_size: Some(16 * 1024),
             ..Default::default()
         }),
+        retention: Default::default(),
         users: vec![
             user("demo-admin", Role::Admin, &tokens.admin),
             user("demo-operator", Role::Operator, &tokens.operator),

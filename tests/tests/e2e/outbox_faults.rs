@@ -271,16 +271,6 @@ fn a_gateway_whose_bundle_expired_while_offline_still_drains_its_outbox() {
     );
 }
 
-/// libfaketime, for stepping the agent's wall clock while it runs (Debian's `faketime`).
-fn libfaketime() -> std::path::PathBuf {
-    let lib = std::path::PathBuf::from(format!(
-        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
-        std::env::consts::ARCH
-    ));
-    assert!(lib.exists(), "{} is missing: install Debian's faketime", lib.display());
-    lib
-}
-
 #[test]
 fn a_late_batch_is_sent_again_on_time_when_the_wall_clock_steps_back_an_hour() {
     let _fleet = fleet_lock();

@@ -47,6 +47,7 @@ const PURE: &[&str] = &[
     "server/src/identity.rs",
     "server/src/mosquitto.rs",
     "server/src/epochs.rs",
+    "server/src/retention.rs",
     "server/src/cli/simulate/ledger.rs",
     "server/src/cli/simulate/update.rs",
 ];
