@@ -27,6 +27,12 @@
 //!
 //! `rollout: devices=<n> state=<completed|paused|...> wave=<w>/<waves> committed=<c>
 //! failed=<f> notified_s=<x> finished_s=<y>` and more `key=value`.
+//!
+//! With `--mosquitto` the gateways and the server meet on a Mosquitto (from `PATH` or
+//! `/usr/sbin`) that the simulator starts with the fleet's listener: TLS with client
+//! certificates, identities as user names, the registry's ACL
+//! ([`crate::mosquitto`]). Every gateway's broker-side socket is then in Mosquitto's process,
+//! not in this one beside the gateways' own: 10,000 gateways fit a limit of 20,000 open files.
 
 mod ledger;
 mod update;
@@ -111,6 +117,9 @@ pub struct SimulateArgs {
     /// The longest the rollout may take; the run fails past it.
     #[arg(long, default_value_t = 600, requires = "rollout")]
     rollout_timeout_secs: u64,
+    /// Gateways and server meet on a Mosquitto this starts, not on the embedded broker.
+    #[arg(long)]
+    mosquitto: bool,
 }
 
 /// What every gateway needs to know about the run.
@@ -193,7 +202,7 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
     if !(0.0..=1.0).contains(&args.fail_share) {
         return Err(anyhow::anyhow!("--fail-share must be a share from 0 to 1").into());
     }
-    raise_file_limit(args.devices)?;
+    raise_file_limit(args.devices, args.mosquitto)?;
     let temp;
     let dir = match &args.data_dir {
         Some(d) => {
@@ -214,9 +223,11 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
 
 /// Every gateway holds one socket, and the embedded broker three: the other end, and both
 /// ends of its relay to rumqttd. The soft limit is raised to what that needs, and the hard
-/// limit too where the process may (as root).
-fn raise_file_limit(devices: usize) -> anyhow::Result<()> {
-    let needed = devices as u64 * 4 + 512;
+/// limit too where the process may (as root). Mosquitto, started from here, inherits it and
+/// holds one socket per gateway in its own process.
+fn raise_file_limit(devices: usize, mosquitto: bool) -> anyhow::Result<()> {
+    let per_device = if mosquitto { 1 } else { 4 };
+    let needed = devices as u64 * per_device + 512;
     let (soft, hard) = rlimit::Resource::NOFILE.get().context("the open-file limit")?;
     if soft >= needed {
         return Ok(());
@@ -245,6 +256,10 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 /// server's registry, and the server's configuration with an admin token for the API.
 struct Fleet {
     config: ServerConfig,
+    /// Where the gateways connect, and the Mosquitto config to start when it is not the
+    /// server's embedded broker.
+    broker: SocketAddr,
+    mosquitto: Option<PathBuf>,
     gateways: Vec<Gateway>,
     server_key: VerifyingKey,
     api: ApiArgs,
@@ -332,10 +347,41 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
             ((i + 1) as f64 * args.fail_share).floor() > (i as f64 * args.fail_share).floor();
         gateways.push(Gateway { device, key, tls, site, fail });
     }
+    let (http, broker) = (free_port()?, free_port()?);
+    let mosquitto = match args.mosquitto {
+        false => None,
+        true => {
+            let acl = pki.join("mosquitto.acl");
+            std::fs::write(&acl, crate::mosquitto::acl(&db.enrollments()?, &[]))?;
+            let listener = crate::mosquitto::Listener {
+                bind: "127.0.0.1",
+                port: broker.port(),
+                ca: &ca_cert,
+                cert: &cert,
+                key: &key,
+                acl: &acl,
+            };
+            let conf = pki.join("mosquitto.conf");
+            // As root Mosquitto would switch to its own user, who cannot read the keys.
+            let head =
+                "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n";
+            std::fs::write(&conf, format!("{head}{}", crate::mosquitto::config(&listener)))?;
+            Some(conf)
+        }
+    };
     drop(db);
 
     let token = crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let (http, broker) = (free_port()?, free_port()?);
+    let mqtt = match &mosquitto {
+        None => {
+            RawMqtt { embedded_listen: Some(broker.to_string()), broker: None, client_id: None }
+        }
+        Some(_) => RawMqtt {
+            embedded_listen: None,
+            broker: Some(format!("mqtts://{broker}")),
+            client_id: None,
+        },
+    };
     let config = ServerConfig::from_raw(RawConfig {
         data_dir: Some(data_dir),
         http_listen: Some(http.to_string()),
@@ -347,7 +393,7 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
             key: Some(key),
             ..Default::default()
         }),
-        mqtt: RawMqtt { embedded_listen: Some(broker.to_string()), broker: None, client_id: None },
+        mqtt,
         models: Default::default(),
         drift: Default::default(),
         rollouts: releases.as_ref().map(|_| crate::config::RawRollouts {
@@ -357,6 +403,7 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
             delivery_bytes_per_sec: None,
             tick_ms: Some(250),
         }),
+        retention: Default::default(),
         users: vec![User {
             name: "simulate".into(),
             role: Role::Admin,
@@ -365,7 +412,15 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
     })?;
     let api =
         ApiArgs { server: format!("https://{http}"), token: Some(token), ca_cert: Some(ca_cert) };
-    Ok(Fleet { config, gateways, server_key: server_key.verifying_key(), api, releases })
+    Ok(Fleet {
+        config,
+        broker,
+        mosquitto,
+        gateways,
+        server_key: server_key.verifying_key(),
+        api,
+        releases,
+    })
 }
 
 /// A call of the (blocking) API client, on a blocking thread.
@@ -386,8 +441,10 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
     let begun = Instant::now();
     let fleet = tokio::task::block_in_place(|| make_fleet(args.devices, dir, args))?;
     let setup_s = begun.elapsed().as_secs_f64();
-    let crate::config::Broker::Embedded(mqtt) = fleet.config.broker else {
-        return Err(anyhow::anyhow!("the simulator's server has no embedded broker").into());
+    let mqtt = fleet.broker;
+    let mosquitto = match &fleet.mosquitto {
+        Some(conf) => Some(MosquittoProcess::start(conf, mqtt, dir)?),
+        None => None,
     };
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(crate::run(fleet.config, async move {
@@ -541,6 +598,10 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         .collect();
     let health = api_get(&fleet.api, "/api/v1/health").await.unwrap_or_default();
     let publishes_dropped = health["publishes_dropped"].as_u64().unwrap_or(0);
+    let broker = match &mosquitto {
+        Some(m) => format!("mosquitto broker_rss_mib={:.0}", memory_mib_of(m.pid(), "VmRSS:")),
+        None => "embedded".to_owned(),
+    };
     let _ = stop_tx.send(true);
     let _ = server.await;
 
@@ -568,7 +629,7 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
          ack_p99_ms={:.1} lost={lost} duplicated={duplicated} sent={sent} stored={kept} unacked={unacked} refused={refused} \
          repeated_acks={repeated} bad_acks={} reconnects={} statuses={} setup_s={setup_s:.1} \
          connect_s={connect_s:.1} drain_s={drain_s:.1} rss_mib={:.0} hwm_mib={:.0} \
-         publishes_dropped={publishes_dropped}",
+         publishes_dropped={publishes_dropped} broker={broker}",
         args.seconds,
         (batches1 - batches0) as f64 / window,
         (records1 - records0) as f64 / window,
@@ -729,12 +790,68 @@ async fn drive_rollout(
 
 /// This process's resident memory (server and simulator together), from /proc.
 fn memory_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_mib_of(std::process::id(), field)
+}
+
+/// A field of `/proc/<pid>/status` in MiB (0 when unreadable).
+fn memory_mib_of(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The Mosquitto a `--mosquitto` run meets on, stopped when this is dropped.
+struct MosquittoProcess {
+    child: std::process::Child,
+}
+
+impl MosquittoProcess {
+    fn start(conf: &Path, listen: SocketAddr, dir: &Path) -> anyhow::Result<MosquittoProcess> {
+        let exe = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("mosquitto"))
+            .find(|p| p.is_file())
+            .context(
+                "--mosquitto: no mosquitto in PATH or /usr/sbin (apt-get install mosquitto)",
+            )?;
+        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+        let child = std::process::Command::new(&exe)
+            .arg("-c")
+            .arg(conf)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let mut m = MosquittoProcess { child };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(listen).is_ok() {
+                return Ok(m);
+            }
+            if let Ok(Some(status)) = m.child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default();
+                anyhow::bail!("mosquitto exited ({status}):\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("mosquitto did not listen on {listen} in 10 s")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for MosquittoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn micros(plan: &Plan) -> u64 {

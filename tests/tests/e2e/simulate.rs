@@ -13,12 +13,28 @@ fn fields(line: &str) -> HashMap<&str, &str> {
 
 #[test]
 fn simulated_gateways_get_every_record_acked_and_the_server_stores_each_once() {
+    let line = forty_gateways_send_for_four_seconds(&[]);
+    assert_eq!(fields(&line)["broker"], "embedded", "{line}");
+}
+
+#[test]
+fn simulated_gateways_on_mosquitto_get_every_record_acked_and_stored_once() {
+    let line = forty_gateways_send_for_four_seconds(&["--mosquitto"]);
+    let f = fields(&line);
+    assert_eq!(f["broker"], "mosquitto", "{line}");
+    assert!(f["broker_rss_mib"].parse::<f64>().is_ok_and(|m| m > 0.0), "{line}");
+}
+
+/// Forty gateways send for four seconds; checks the result line and the server's database.
+fn forty_gateways_send_for_four_seconds(extra: &[&str]) -> String {
     let _fleet = fleet_lock();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("simulate");
     let out = Command::new(bin("millwright"))
         .args(["simulate", "--devices", "40", "--seconds", "4", "--in-flight", "2"])
-        .args(["--status-secs", "1", "--data-dir"])
+        .args(["--status-secs", "1"])
+        .args(extra)
+        .arg("--data-dir")
         .arg(&data)
         .output()
         .unwrap();
@@ -62,6 +78,7 @@ fn simulated_gateways_get_every_record_acked_and_the_server_stores_each_once() {
         })
         .unwrap();
     assert_eq!(statuses, 40, "every gateway's signed status was accepted");
+    line.to_owned()
 }
 
 /// `millwright simulate --rollout`: release 2 of the reference bundle to `devices` simulated
