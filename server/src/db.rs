@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS update_reports (
 
 /// Schema changes after the tables above, applied once each and in order on open: the
 /// database's `PRAGMA user_version` says how many it has.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // 1: counters per device and stream (what is stored, what retention removed, and up to
     // which sequence number nothing is left), filled from the tables; hourly summaries of the
     // predictions retention removed.
@@ -133,6 +133,8 @@ const MIGRATIONS: [&str; 2] = [
     CREATE INDEX prediction_hours_by_received ON prediction_hours (received_ms);",
     // 2: the runs of drift per release, asset and feature, for the retraining check.
     crate::drift_db::RUNS,
+    // 3: the newest report per asset and release, for the drifting assets.
+    crate::drift_db::LATEST,
 ];
 
 /// Columns added to `devices` after its first release; added on open when missing.

@@ -65,6 +65,21 @@ CREATE TABLE drift_runs (
 ) WITHOUT ROWID;
 CREATE INDEX drift_runs_by_length ON drift_runs (model, release, run);";
 
+/// Per (device, asset, model, release) its newest report; added by migration 3, filled from
+/// the reports stored before it.
+pub const LATEST: &str = "
+CREATE TABLE drift_latest (
+    device  TEXT NOT NULL,
+    asset   TEXT NOT NULL,
+    model   TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (device, asset, model, release)
+) WITHOUT ROWID;
+INSERT INTO drift_latest (device, asset, model, release, seq)
+    SELECT device, asset, model, release, MAX(seq) FROM drift_reports
+    GROUP BY device, asset, model, release;";
+
 /// The site a report is filed under when the device names none.
 pub const NO_SITE: &str = "-";
 
@@ -122,6 +137,17 @@ pub fn insert(
         feature.execute(params![device, seq, f.name, f.severity.as_str(), body])?;
     }
     advance_runs(tx, device, seq, report)?;
+    tx.prepare_cached(
+        "INSERT INTO drift_latest (device, asset, model, release, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (device, asset, model, release) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )?
+    .execute(params![
+        device,
+        report.asset.as_str(),
+        report.model.as_str(),
+        report.release.0,
+        seq
+    ])?;
     Ok(inserted)
 }
 
@@ -219,19 +245,12 @@ impl Db {
         self.query_features(&sql, filter)
     }
 
-    /// The feature rows of each (device, asset)'s newest `per_asset` reports.
-    pub fn drift_latest(
-        &self,
-        filter: &Filter,
-        per_asset: usize,
-    ) -> rusqlite::Result<Vec<FeatureRow>> {
+    /// The feature rows of each (device, asset)'s newest report of its release: one row per
+    /// asset read, however long the history.
+    pub fn drift_latest(&self, filter: &Filter) -> rusqlite::Result<Vec<FeatureRow>> {
         let sql = format!(
-            "WITH ranked AS (
-                SELECT device, seq, ROW_NUMBER() OVER
-                    (PARTITION BY device, asset, model, release ORDER BY seq DESC) AS k
-                FROM drift_reports)
-             {SELECT} JOIN ranked k ON k.device = r.device AND k.seq = r.seq
-             WHERE k.k <= {per_asset} AND {WHERE} ORDER BY r.device, r.seq"
+            "{SELECT} JOIN drift_latest k ON k.device = r.device AND k.seq = r.seq
+             WHERE {WHERE} ORDER BY r.device, r.seq"
         );
         self.query_features(&sql, filter)
     }

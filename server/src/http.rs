@@ -492,7 +492,7 @@ async fn fleet_drift(
 
 async fn drifting(State(state): State<ApiState>, Query(filter): Query<Filter>) -> Response {
     query(&state, move |db| {
-        let latest = db.drift_latest(&filter, 1)?;
+        let latest = db.drift_latest(&filter)?;
         let assets = drift::drifting(&latest);
         let mut sites: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
             Default::default();

@@ -545,13 +545,13 @@ mod tests {
         db.conn
             .execute_batch(
                 "DROP TABLE stream_counts; DROP TABLE prediction_hours; DROP TABLE drift_runs;
-                 PRAGMA user_version = 0;",
+                 DROP TABLE drift_latest; PRAGMA user_version = 0;",
             )
             .unwrap();
         drop(db);
         let db = Db::open(&path).unwrap();
         assert_eq!(db.streams("gw1").unwrap()["pred"].records, 4);
         let version: u32 = db.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, 2, "every migration applied once");
+        assert_eq!(version, 3, "every migration applied once");
     }
 }

@@ -370,7 +370,7 @@ fn print_summary(db_path: &Path) {
             count(crate::rollout::DeviceState::Failed)
         );
     }
-    if let Ok(latest) = db.drift_latest(&Default::default(), 1) {
+    if let Ok(latest) = db.drift_latest(&Default::default()) {
         let drifting = crate::drift::drifting(&latest);
         let drift: std::collections::BTreeSet<String> = drifting
             .iter()
