@@ -269,8 +269,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             _ = &mut shutdown => Event::Shutdown,
             _ = tick.tick() => Event::Tick,
             _ = due.tick(), if waiting => Event::Due,
-            Some(e) = rx.recv() => Event::Mqtt(e),
+            // Before the MQTT queue: an operator's request is rare, and a fleet that always
+            // has a message waiting (10,000 gateways) must not keep it out (it timed out).
             Some(r) = request_rx.recv() => Event::Request(Box::new(r)),
+            Some(e) = rx.recv() => Event::Mqtt(e),
         };
         if !matches!(event, Event::Mqtt(MqttEvent::Message { .. })) {
             // Whatever else is to be done sees every message before it stored and acted on.

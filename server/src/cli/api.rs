@@ -37,7 +37,7 @@ impl ApiArgs {
         format!("{}{path}", self.server.trim_end_matches('/'))
     }
 
-    fn agent(&self, timeout: Duration) -> anyhow::Result<ureq::Agent> {
+    pub(crate) fn agent(&self, timeout: Duration) -> anyhow::Result<ureq::Agent> {
         let mut agent = ureq::AgentBuilder::new().timeout(timeout);
         if let Some(ca) = &self.ca_cert {
             agent = agent.tls_config(millwright_io::tls::client_config(ca, None)?);
@@ -59,8 +59,12 @@ impl ApiArgs {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let request = self.agent(Duration::from_secs(10))?.get(&self.url(path));
-        Self::answer(self.authorized(request).call())
+        self.get_with(&self.agent(Duration::from_secs(10))?, path)
+    }
+
+    /// GET on a client kept between calls (its connection is reused, as a browser's is).
+    pub(crate) fn get_with(&self, agent: &ureq::Agent, path: &str) -> anyhow::Result<Value> {
+        Self::answer(self.authorized(agent.get(&self.url(path))).call())
     }
 
     fn post(&self, path: &str) -> anyhow::Result<ureq::Request> {

@@ -491,6 +491,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
     let connecting = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let n = fleet.gateways.len() as u64;
     let mut tasks = Vec::with_capacity(fleet.gateways.len());
+    // The gateway whose pages the API probe reads, as the dashboard's device view does.
+    let first_device = fleet.gateways.first().map(|g| g.device.to_string()).unwrap_or_default();
     for g in fleet.gateways {
         let (plan, counters, phase) = (plan.clone(), counters.clone(), phase_rx.clone());
         tasks.push(tokio::spawn(gateway(g, plan, counters, phase, connecting.clone())));
@@ -535,6 +537,7 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         let timeout = Duration::from_secs(args.rollout_timeout_secs);
         tokio::spawn(drive_rollout(api, releases, spec, n, timeout, progress_tx))
     });
+    let probe = ApiProbe::start(fleet.api.clone(), first_device.clone());
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.tick().await;
     let mut second = 0;
@@ -557,6 +560,7 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         None => None,
     };
     let window = sending_started.elapsed().as_secs_f64();
+    let api = probe.stop();
     let (batches1, records1) =
         (Counters::get(&counters.acked_batches), Counters::get(&counters.acked_records));
     let _ = phase_tx.send(Phase::Draining);
@@ -629,7 +633,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
          ack_p99_ms={:.1} lost={lost} duplicated={duplicated} sent={sent} stored={kept} unacked={unacked} refused={refused} \
          repeated_acks={repeated} bad_acks={} reconnects={} statuses={} setup_s={setup_s:.1} \
          connect_s={connect_s:.1} drain_s={drain_s:.1} rss_mib={:.0} hwm_mib={:.0} \
-         publishes_dropped={publishes_dropped} broker={broker}",
+         publishes_dropped={publishes_dropped} api_reads={} api_failed={} api_p50_ms={:.1} \
+         api_p99_ms={:.1} api_max_ms={:.1} broker={broker}",
         args.seconds,
         (batches1 - batches0) as f64 / window,
         (records1 - records0) as f64 / window,
@@ -640,6 +645,11 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         Counters::get(&counters.statuses),
         memory_mib("VmRSS:"),
         memory_mib("VmHWM:"),
+        api.latencies_ms.len(),
+        api.failed,
+        ledger::percentile(&api.latencies_ms, 0.5),
+        ledger::percentile(&api.latencies_ms, 0.99),
+        api.latencies_ms.last().copied().unwrap_or(0.0),
     );
     let mut problems = Vec::new();
     if let Some(r) = &rollout {
@@ -801,6 +811,62 @@ fn memory_mib_of(pid: u32, field: &str) -> f64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// What the fleet dashboard reads, on one kept connection, round after round (a round a
+/// second, three dashboards' worth of its 3 s poll) while the fleet sends.
+const DASHBOARD_READS: [&str; 7] = [
+    "/api/v1/health",
+    "/api/v1/devices",
+    "/api/v1/alerts?limit=500",
+    "/api/v1/rollouts",
+    "/api/v1/drift/drifting",
+    "/api/v1/devices/{device}/latest",
+    "/api/v1/devices/{device}/predictions?limit=10000&newest=true",
+];
+
+/// The dashboard's reads timed while the fleet sends.
+struct ApiProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<ApiTimes>,
+}
+
+/// Read latencies in ms, sorted, and reads that failed.
+#[derive(Default)]
+struct ApiTimes {
+    latencies_ms: Vec<f64>,
+    failed: u64,
+}
+
+impl ApiProbe {
+    fn start(api: ApiArgs, device: String) -> ApiProbe {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut times = ApiTimes::default();
+            let Ok(agent) = api.agent(Duration::from_secs(30)) else { return times };
+            while !flag.load(Ordering::Relaxed) {
+                let round = Instant::now();
+                for path in DASHBOARD_READS {
+                    let path = path.replace("{device}", &device);
+                    let t = Instant::now();
+                    match api.get_with(&agent, &path) {
+                        Ok(_) => times.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3),
+                        Err(_) => times.failed += 1,
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1).saturating_sub(round.elapsed()));
+            }
+            times.latencies_ms.sort_by(f64::total_cmp);
+            times
+        });
+        ApiProbe { stop, thread }
+    }
+
+    fn stop(self) -> ApiTimes {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 /// The Mosquitto a `--mosquitto` run meets on, stopped when this is dropped.

@@ -46,9 +46,15 @@ fn forty_gateways_send_for_four_seconds(extra: &[&str]) -> String {
     let f = fields(line);
     let num = |k: &str| f[k].parse::<f64>().unwrap_or_else(|_| panic!("{k} in {line}"));
     assert_eq!((f["devices"], f["seconds"]), ("40", "4"));
-    for zero in ["lost", "duplicated", "unacked", "refused", "bad_acks"] {
+    for zero in ["lost", "duplicated", "unacked", "refused", "bad_acks", "api_failed"] {
         assert_eq!(f[zero], "0", "{zero} in {line}");
     }
+    // The dashboard's reads, timed while the fleet sends: seven a round, a round a second.
+    assert!(num("api_reads") >= 7.0 * 3.0, "{line}");
+    assert!(
+        num("api_p99_ms") >= num("api_p50_ms") && num("api_max_ms") >= num("api_p99_ms"),
+        "{line}"
+    );
     // Ten records a batch; the two rates are rounded apiece as printed.
     let per_batch = num("records_per_s") / num("msgs_per_s");
     assert!(num("msgs_per_s") > 0.0 && (per_batch - 10.0).abs() < 0.01, "{line}");

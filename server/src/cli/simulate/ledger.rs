@@ -121,9 +121,9 @@ impl Ledger {
 }
 
 /// The value at quantile `q` (0..=1) of `sorted`, by nearest rank; 0 when empty.
-pub fn percentile(sorted: &[u32], q: f64) -> u32 {
+pub fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -189,7 +189,7 @@ mod tests {
         let v: Vec<u32> = (1..=100).collect();
         assert_eq!((percentile(&v, 0.5), percentile(&v, 0.99), percentile(&v, 1.0)), (50, 99, 100));
         assert_eq!(percentile(&[7], 0.01), 7);
-        assert_eq!(percentile(&[], 0.5), 0);
+        assert_eq!(percentile::<u32>(&[], 0.5), 0);
     }
 
     #[test]
