@@ -147,7 +147,8 @@ const DEVICE_SEGMENT: SegmentConfig =
 
 /// Memory segments per filter pattern: the server's wildcards carry the whole fleet's
 /// uplink (4 × 8 MiB: about ten seconds of 3,000 messages/s should the server stall), a
-/// gateway's chunk filter the burst of chunks it asked for (16 of 64 KiB fit one segment).
+/// gateway's chunk filter the burst of chunks it asked for (16 of 64 KiB fit one segment),
+/// and the trust root is one filter for all (2 × 1 MiB).
 fn segments() -> HashMap<String, SegmentConfig> {
     let fleet = SegmentConfig { max_segment_size: 8 << 20, max_segment_count: 4 };
     let chunks = SegmentConfig { max_segment_size: 1 << 20, max_segment_count: 2 };
@@ -155,7 +156,10 @@ fn segments() -> HashMap<String, SegmentConfig> {
         (topics::UPLINK_FILTER.to_owned(), fleet.clone()),
         (topics::STATUS_FILTER.to_owned(), fleet.clone()),
         (topics::FETCH_FILTER.to_owned(), chunks.clone()),
-        (topics::CHUNK_FILTER.to_owned(), chunks),
+        (topics::CHUNK_FILTER.to_owned(), chunks.clone()),
+        // One filter the whole fleet shares: a flood on it is read by every gateway (and
+        // counted there), not dropped before they could.
+        (topics::TRUST_ROOT.to_owned(), chunks),
     ])
 }
 
