@@ -12,13 +12,6 @@
 //! checked against the device registry. So unknown and revoked devices are refused at connect,
 //! and nobody can take over another party's client id. rumqttd has no topic ACLs: what a
 //! connected device may *say* is decided by the server's gate, not by the broker.
-//!
-//! rumqttd keeps what was published to a subscription in memory segments per filter, and
-//! frees a segment only when the filter has more than its count of them: with its defaults
-//! (10 × 100 MiB per filter) a server with 1,000 gateways grew past 1.3 GiB in minutes, and
-//! 4,000 to 4.8 GiB. [`segments`] sizes them for what each filter carries; a subscriber that
-//! falls further behind than its filter holds skips to the oldest kept message, which the
-//! protocol survives (an unacknowledged batch is sent again, a missing chunk asked for again).
 
 use crate::config::TlsFiles;
 use crate::identity::{SERVER_USER, SharedRegistry};
@@ -27,8 +20,7 @@ use ed25519_dalek::VerifyingKey;
 use millwright_shared::DeviceId;
 use millwright_shared::refusals::Refusals;
 use millwright_shared::signed;
-use millwright_shared::topics;
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -139,30 +131,6 @@ async fn relay(
     }
 }
 
-/// Each gateway's own filters (its acks, directives, the trust root) carry a few small
-/// messages at a time: at most 2 × 16 KiB each, so 10,000 gateways hold a few hundred MiB at
-/// the very most.
-const DEVICE_SEGMENT: SegmentConfig =
-    SegmentConfig { max_segment_size: 16 << 10, max_segment_count: 2 };
-
-/// Memory segments per filter pattern: the server's wildcards carry the whole fleet's
-/// uplink (4 × 8 MiB: about ten seconds of 3,000 messages/s should the server stall), a
-/// gateway's chunk filter the burst of chunks it asked for (16 of 64 KiB fit one segment),
-/// and the trust root is one filter for all (2 × 1 MiB).
-fn segments() -> HashMap<String, SegmentConfig> {
-    let fleet = SegmentConfig { max_segment_size: 8 << 20, max_segment_count: 4 };
-    let chunks = SegmentConfig { max_segment_size: 1 << 20, max_segment_count: 2 };
-    HashMap::from([
-        (topics::UPLINK_FILTER.to_owned(), fleet.clone()),
-        (topics::STATUS_FILTER.to_owned(), fleet.clone()),
-        (topics::FETCH_FILTER.to_owned(), chunks.clone()),
-        (topics::CHUNK_FILTER.to_owned(), chunks.clone()),
-        // One filter the whole fleet shares: a flood on it is read by every gateway (and
-        // counted there), not dropped before they could.
-        (topics::TRUST_ROOT.to_owned(), chunks),
-    ])
-}
-
 /// rumqttd in plain TCP on `listen`, on its own threads; returns once it accepts connections.
 fn start_rumqttd(listen: SocketAddr, logins: Logins) -> anyhow::Result<()> {
     let mut connections = ConnectionSettings {
@@ -189,9 +157,9 @@ fn start_rumqttd(listen: SocketAddr, logins: Logins) -> anyhow::Result<()> {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
-            max_segment_size: DEVICE_SEGMENT.max_segment_size,
-            max_segment_count: DEVICE_SEGMENT.max_segment_count,
-            custom_segment: Some(segments()),
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },

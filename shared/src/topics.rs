@@ -46,9 +46,6 @@ pub fn chunk(device: &DeviceId) -> String {
     format!("{ROOT}/{device}/chunk")
 }
 
-/// Every gateway's chunk topic (the embedded broker sizes its memory by it).
-pub const CHUNK_FILTER: &str = "millwright/v1/+/chunk";
-
 /// Where the server subscribes for chunk requests of every device.
 pub const FETCH_FILTER: &str = "millwright/v1/+/fetch";
 
