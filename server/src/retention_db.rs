@@ -4,8 +4,9 @@
 //! of them at most. Predictions are summed into `prediction_hours` in the same transaction
 //! that deletes them, and the stream's counters move with them.
 
-use crate::db::Db;
+use crate::db::{Db, stream_table};
 use crate::retention::{Cutoffs, Policy, Report, prefix_end};
+use millwright_shared::wire::Stream;
 use rusqlite::{TransactionBehavior, params};
 use serde::Serialize;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -18,32 +19,6 @@ pub const CHUNK: usize = 2_000;
 pub const PAUSE: Duration = Duration::from_millis(5);
 /// A server that starts runs its first pass this soon: one that was down catches up.
 const FIRST_PASS: Duration = Duration::from_secs(5);
-
-/// A stream table retention prunes, with what goes along with its rows.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Predictions,
-    Alerts,
-    Drift,
-}
-
-impl Kind {
-    fn stream(self) -> &'static str {
-        match self {
-            Kind::Predictions => "pred",
-            Kind::Alerts => "alert",
-            Kind::Drift => "drift",
-        }
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Kind::Predictions => "predictions",
-            Kind::Alerts => "alerts",
-            Kind::Drift => "drift_reports",
-        }
-    }
-}
 
 /// One hour of a release's predictions on one asset, after the raw rows are gone.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -90,11 +65,11 @@ ON CONFLICT (device, asset, model, release, hour_ms) DO UPDATE SET
     received_ms = max(received_ms, excluded.received_ms)";
 
 impl Db {
-    /// One transaction: removes the leading records of `device`'s `kind` received before
+    /// One transaction: removes the leading records of `device`'s `stream` received before
     /// `cutoff`, at most `chunk` of them; how many.
     fn prune_prefix(
         &mut self,
-        kind: Kind,
+        stream: Stream,
         device: &str,
         cutoff: i64,
         chunk: usize,
@@ -103,25 +78,25 @@ impl Db {
         let oldest: Vec<(u64, i64)> = tx
             .prepare_cached(&format!(
                 "SELECT seq, received_ms FROM {} WHERE device = ?1 ORDER BY seq LIMIT ?2",
-                kind.table()
+                stream_table(stream)
             ))?
             .query_map(params![device, chunk], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let Some(upto) = prefix_end(&oldest, cutoff) else { return Ok(0) };
-        match kind {
-            Kind::Predictions => {
+        match stream {
+            Stream::Predictions => {
                 tx.prepare_cached(ROLL_UP)?.execute(params![device, upto])?;
             }
-            Kind::Drift => {
+            Stream::Drift => {
                 tx.prepare_cached("DELETE FROM drift_features WHERE device = ?1 AND seq <= ?2")?
                     .execute(params![device, upto])?;
             }
-            Kind::Alerts => {}
+            Stream::Alerts | Stream::Updates => {}
         }
         let removed = tx
             .prepare_cached(&format!(
                 "DELETE FROM {} WHERE device = ?1 AND seq <= ?2",
-                kind.table()
+                stream_table(stream)
             ))?
             .execute(params![device, upto])?;
         tx.prepare_cached(
@@ -132,7 +107,7 @@ impl Db {
                 pruned = pruned + excluded.pruned,
                 pruned_upto = max(pruned_upto, excluded.pruned_upto)",
         )?
-        .execute(params![device, kind.stream(), removed, upto])?;
+        .execute(params![device, stream.as_str(), removed, upto])?;
         tx.commit()?;
         Ok(removed)
     }
@@ -147,13 +122,13 @@ impl Db {
             .execute(params![cutoff, chunk])
     }
 
-    /// Devices with records of `kind` stored.
-    fn devices_with(&self, kind: Kind) -> rusqlite::Result<Vec<String>> {
+    /// Devices with records of `stream` stored.
+    fn devices_with(&self, stream: Stream) -> rusqlite::Result<Vec<String>> {
         self.conn
             .prepare_cached(
                 "SELECT device FROM stream_counts WHERE stream = ?1 AND records > 0 ORDER BY device",
             )?
-            .query_map([kind.stream()], |r| r.get(0))?
+            .query_map([stream.as_str()], |r| r.get(0))?
             .collect()
     }
 
@@ -210,14 +185,14 @@ pub fn pass(
         n
     };
     let kinds = [
-        (Kind::Predictions, cutoffs.predictions),
-        (Kind::Alerts, cutoffs.alerts),
-        (Kind::Drift, cutoffs.drift),
+        (Stream::Predictions, cutoffs.predictions),
+        (Stream::Alerts, cutoffs.alerts),
+        (Stream::Drift, cutoffs.drift),
     ];
     let mut outcome = Ok(());
-    'kinds: for (kind, cutoff) in kinds {
+    'kinds: for (stream, cutoff) in kinds {
         let Some(cutoff) = cutoff else { continue };
-        let devices = match db.devices_with(kind) {
+        let devices = match db.devices_with(stream) {
             Ok(d) => d,
             Err(e) => {
                 outcome = Err(e);
@@ -226,17 +201,17 @@ pub fn pass(
         };
         for device in devices {
             loop {
-                let removed = match timed(&mut || db.prune_prefix(kind, &device, cutoff, CHUNK)) {
+                let removed = match timed(&mut || db.prune_prefix(stream, &device, cutoff, CHUNK)) {
                     Ok(n) => n,
                     Err(e) => {
                         outcome = Err(e);
                         break 'kinds;
                     }
                 };
-                match kind {
-                    Kind::Predictions => report.predictions += removed as u64,
-                    Kind::Alerts => report.alerts += removed as u64,
-                    Kind::Drift => report.drift_reports += removed as u64,
+                match stream {
+                    Stream::Predictions => report.predictions += removed as u64,
+                    Stream::Alerts => report.alerts += removed as u64,
+                    _ => report.drift_reports += removed as u64,
                 }
                 if removed == 0 {
                     break;
@@ -297,29 +272,25 @@ pub fn spawn(
                     continue;
                 }
             };
+            // This thread is the report's only writer: the pass adds to the totals so far.
             let now = millwright_io::clock::now_ms();
-            let mut this = Report::default();
-            let result = pass(&mut db, &policy.cutoffs(now), PAUSE, &mut this);
+            let mut totals = report.lock().map(|r| r.clone()).unwrap_or_default();
+            let before = totals.clone();
+            let result = pass(&mut db, &policy.cutoffs(now), PAUSE, &mut totals);
+            totals.last_pass_ms = Some(now);
             if let Ok(mut r) = report.lock() {
-                r.passes += 1;
-                r.last_pass_ms = Some(now);
-                r.last_pass_duration_ms = this.last_pass_duration_ms;
-                r.longest_transaction_ms = this.longest_transaction_ms;
-                r.predictions += this.predictions;
-                r.hourly += this.hourly;
-                r.alerts += this.alerts;
-                r.drift_reports += this.drift_reports;
-                r.error = this.error.clone();
+                *r = totals.clone();
             }
+            let removed = |r: &Report| r.predictions + r.hourly + r.alerts + r.drift_reports;
             match result {
-                Ok(()) if this.predictions + this.alerts + this.drift_reports + this.hourly > 0 => {
+                Ok(()) if removed(&totals) > removed(&before) => {
                     tracing::info!(
-                        predictions = this.predictions,
-                        hourly = this.hourly,
-                        alerts = this.alerts,
-                        drift_reports = this.drift_reports,
-                        took_ms = this.last_pass_duration_ms,
-                        longest_transaction_ms = this.longest_transaction_ms,
+                        predictions = totals.predictions - before.predictions,
+                        hourly = totals.hourly - before.hourly,
+                        alerts = totals.alerts - before.alerts,
+                        drift_reports = totals.drift_reports - before.drift_reports,
+                        took_ms = totals.last_pass_duration_ms,
+                        longest_transaction_ms = totals.longest_transaction_ms,
                         "retention pass removed old records"
                     );
                 }
@@ -336,7 +307,7 @@ mod tests {
     use crate::ingest::Accepted;
     use crate::retention::RawPolicy;
     use millwright_shared::drift::DriftReport;
-    use millwright_shared::wire::{Alert, Level, Prediction, Record, RecordBody, Stream};
+    use millwright_shared::wire::{Alert, Level, Prediction, Record, RecordBody};
     use millwright_shared::{AssetId, DeviceId, ModelName, Release};
 
     const DAY: i64 = 86_400_000;
