@@ -70,6 +70,7 @@ pub struct RawRollouts {
     pub directive_ttl_secs: Option<u64>,
     pub chunk_size: Option<u32>,
     pub delivery_bytes_per_sec: Option<u64>,
+    pub fleet_delivery_bytes_per_sec: Option<u64>,
     pub tick_ms: Option<u64>,
 }
 
@@ -156,12 +157,18 @@ pub struct Rollouts {
     pub directive_ttl: std::time::Duration,
     pub chunk_size: u32,
     pub delivery_bytes_per_sec: Option<u64>,
+    /// All chunks to all devices together, at most this many bytes per second (`None`:
+    /// unpaced); acks share the server's MQTT connection with them.
+    pub fleet_delivery_bytes_per_sec: Option<u64>,
     pub tick: std::time::Duration,
 }
 
 pub const DEFAULT_DIRECTIVE_TTL_SECS: u64 = 3600;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 pub const DEFAULT_TICK_MS: u64 = 1000;
+/// 8 MiB/s of chunks (~128 a second at the default chunk size): a wave of 800 gateways takes
+/// a 320 KiB bundle in ~30 s, and the server's link keeps room for the fleet's acks.
+pub const DEFAULT_FLEET_DELIVERY_BYTES_PER_SEC: u64 = 8 << 20;
 
 impl RawRollouts {
     fn validate(&self, server_key: &SigningKey) -> Result<Rollouts, ConfigError> {
@@ -193,6 +200,10 @@ impl RawRollouts {
             ),
             chunk_size,
             delivery_bytes_per_sec: self.delivery_bytes_per_sec.filter(|b| *b > 0),
+            fleet_delivery_bytes_per_sec: Some(
+                self.fleet_delivery_bytes_per_sec.unwrap_or(DEFAULT_FLEET_DELIVERY_BYTES_PER_SEC),
+            )
+            .filter(|b| *b > 0),
             tick: std::time::Duration::from_millis(self.tick_ms.unwrap_or(DEFAULT_TICK_MS).max(50)),
         })
     }

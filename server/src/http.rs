@@ -94,6 +94,8 @@ pub struct ApiState {
     pub requests: Option<tokio::sync::mpsc::Sender<crate::writer::Request>>,
     pub users: Arc<Vec<crate::config::User>>,
     pub served: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+    /// The chunk queue, when rollouts are configured.
+    pub delivery: Option<Arc<crate::rollouts::Delivery>>,
     /// Wrong tokens per client address.
     pub lockout: Arc<Mutex<Lockout<IpAddr>>>,
     /// Refused MQTT messages and connections (shared with the ingest loop and the broker).
@@ -319,6 +321,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     let sign_in_required = !state.users.is_empty();
     let dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
     let retention = state.retention.lock().map(|r| r.clone()).unwrap_or_default();
+    let delivery = state.delivery.as_ref().map(|d| d.stats()).unwrap_or_default();
     query(&state, move |db| {
         let (devices, predictions, alerts) = db.totals()?;
         Ok(json!({
@@ -332,6 +335,7 @@ async fn health(State(state): State<ApiState>) -> Response {
             "alerts": alerts,
             "sign_in_required": sign_in_required,
             "retention": retention,
+            "delivery": delivery,
         }))
     })
     .await
@@ -440,6 +444,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             s.broker_stalls = state.broker.stalls.load(Ordering::Relaxed);
             s.publishes_dropped = state.broker.publishes_dropped.load(Ordering::Relaxed);
             s.bundle_bytes_sent = state.served.lock().map(|m| m.values().sum()).unwrap_or(0);
+            s.chunks_queued = state.delivery.as_ref().map_or(0, |d| d.stats().queued);
             if let Ok(r) = state.retention.lock() {
                 s.retention_removed = vec![
                     ("predictions", r.predictions),

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod delivery;
 pub mod drift;
 pub mod drift_db;
 pub mod epochs;

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub queued: u64,
     /// (kind, records retention removed since start)
     pub retention_removed: Vec<(&'static str, u64)>,
+    /// Bundle chunks waiting to be sent.
+    pub chunks_queued: u64,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -71,6 +73,13 @@ pub fn render(s: &Snapshot) -> String {
     let bytes = Counter::<u64>::default();
     bytes.inc_by(s.bundle_bytes_sent);
     registry.register("bundle_bytes_sent", "Bundle chunk bytes sent to devices since start", bytes);
+    let chunks = Gauge::<i64>::default();
+    chunks.set(i64::try_from(s.chunks_queued).unwrap_or(i64::MAX));
+    registry.register(
+        "chunks_queued",
+        "Bundle chunks devices asked for, waiting to be sent",
+        chunks,
+    );
     let events = Counter::<u64>::default();
     events.inc_by(s.retraining_events);
     registry.register("retraining_events", "Retraining recommendations raised", events);
@@ -174,6 +183,7 @@ pub fn read(db: &Db) -> rusqlite::Result<Snapshot> {
         sign_in_lockouts: 0,
         queued: 0,
         retention_removed: Vec::new(),
+        chunks_queued: 0,
     })
 }
 
@@ -200,6 +210,7 @@ mod tests {
             sign_in_lockouts: 2,
             queued: 0,
             retention_removed: vec![("predictions", 1130)],
+            chunks_queued: 12,
         });
         for line in [
             "millwright_devices{online=\"true\"} 19",
@@ -217,6 +228,7 @@ mod tests {
             "millwright_enrolled_devices 20",
             "millwright_sign_in_lockouts_total 2",
             "millwright_retention_removed_total{kind=\"predictions\"} 1130",
+            "millwright_chunks_queued 12",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
         }

@@ -5,6 +5,7 @@
 
 use crate::config;
 use crate::db::Db;
+use crate::delivery::{self, Next};
 use crate::drift::Profiles;
 use crate::rollout::{self, Action, Command, DeviceState, Rollout, Spec};
 use crate::rollout_db::{ReleaseRow, StoredDirective};
@@ -34,8 +35,10 @@ pub struct Rollouts {
     profiles: Arc<RwLock<Profiles>>,
     /// Bytes of chunk data sent per device since start.
     pub served: Arc<Mutex<HashMap<String, u64>>>,
-    /// When each device's link is free again under `delivery_bytes_per_sec`.
-    pacing: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
+    /// Chunks asked for and not sent yet, drained by one task ([`Rollouts::on_fetch`] starts
+    /// it; it ends when this is dropped).
+    delivery: Arc<Delivery>,
+    drain: Option<tokio::sync::oneshot::Sender<()>>,
     plans: HashMap<String, (BundleRef, Arc<Vec<u8>>)>,
     /// Devices whose latest directive the MQTT client's queue could not take: published again
     /// on every tick until it does.
@@ -43,6 +46,21 @@ pub struct Rollouts {
     /// The active rollouts as last saved (loaded once): the engine works on these, so a
     /// report neither reads nor rewrites a whole rollout, only the devices it changed.
     active: Option<Vec<Rollout>>,
+}
+
+/// Who a queued chunk is for, and where its bytes are: the bundle and the chunk's first byte.
+type Slice = (DeviceId, Arc<Vec<u8>>, usize);
+
+/// The chunk queue and the drain task's alarm clock.
+pub struct Delivery {
+    queue: Mutex<delivery::Queue<Slice>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Delivery {
+    pub fn stats(&self) -> delivery::Stats {
+        self.queue.lock().map(|q| q.stats()).unwrap_or_default()
+    }
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -69,12 +87,18 @@ impl Rollouts {
         data_dir: &std::path::Path,
         profiles: Arc<RwLock<Profiles>>,
     ) -> Rollouts {
+        let (device_rate, fleet_rate) =
+            (config.delivery_bytes_per_sec, config.fleet_delivery_bytes_per_sec);
         Rollouts {
             config,
             registry_dir: data_dir.join("registry"),
             profiles,
             served: Arc::new(Mutex::new(HashMap::new())),
-            pacing: Arc::new(Mutex::new(HashMap::new())),
+            delivery: Arc::new(Delivery {
+                queue: Mutex::new(delivery::Queue::new(device_rate, fleet_rate)),
+                wake: tokio::sync::Notify::new(),
+            }),
+            drain: None,
             plans: HashMap::new(),
             unpublished: BTreeSet::new(),
             active: None,
@@ -109,6 +133,11 @@ impl Rollouts {
     /// The root document the server publishes (retained) for gateways.
     pub fn root_bytes(&self) -> &[u8] {
         &self.config.root_bytes
+    }
+
+    /// The chunk queue (its counts are in `/api/v1/health`).
+    pub fn delivery(&self) -> Arc<Delivery> {
+        self.delivery.clone()
     }
 
     pub fn root_expired(&self) -> bool {
@@ -632,8 +661,9 @@ impl Rollouts {
     }
 
     /// A chunk request (signed by the device): chunks of the bundle its current directive
-    /// names, and no other, at most [`MAX_CHUNKS_PER_REQUEST`] at a time, paced by
-    /// `delivery_bytes_per_sec`, each chunk signed for the device. A request without such a
+    /// names, and no other, at most [`MAX_CHUNKS_PER_REQUEST`] at a time, queued for the
+    /// drain task ([`delivery::Queue`]: paced per device and for the fleet, a chunk still
+    /// queued not queued again), which signs each for the device as it goes. A request without such a
     /// directive is refused with the reason (for counting).
     pub fn on_fetch(
         &mut self,
@@ -666,51 +696,86 @@ impl Rollouts {
         };
         let (plan, bytes) = self.plan_of(&row).map_err(|e| ("internal", e.message))?;
         let count = request.count.min(MAX_CHUNKS_PER_REQUEST);
-        let chunks: Vec<(u32, Vec<u8>)> = (request.first..request.first.saturating_add(count))
-            .filter_map(|index| {
-                let len = plan.chunk_len(index)? as usize;
-                let start = index as usize * plan.chunk_size as usize;
-                Some((index, bytes[start..start + len].to_vec()))
-            })
-            .collect();
-        let (client, device, served) = (client.clone(), device.clone(), self.served.clone());
-        let (rate, pacing) = (self.config.delivery_bytes_per_sec, self.pacing.clone());
-        let key = self.config.server_key.clone();
-        let sha256 = request.sha256;
-        tokio::spawn(async move {
-            for (index, data) in chunks {
-                let len = data.len() as u64;
-                if let Some(rate) = rate {
-                    // Reserve the device's link for this chunk, then wait for the slot.
-                    let slot = {
-                        let now = tokio::time::Instant::now();
-                        let mut pacing = pacing.lock().unwrap_or_else(|e| e.into_inner());
-                        let free = pacing.entry(device.to_string()).or_insert(now);
-                        let start = (*free).max(now);
-                        *free = start + Duration::from_secs_f64(len as f64 / rate as f64);
-                        start
-                    };
-                    tokio::time::sleep_until(slot).await;
-                }
-                let chunk = Chunk {
-                    v: WIRE_VERSION,
-                    sha256: sha256.clone(),
+        {
+            let mut queue = self.delivery.queue.lock().unwrap_or_else(|e| e.into_inner());
+            for index in request.first..request.first.saturating_add(count) {
+                let Some(len) = plan.chunk_len(index) else { continue };
+                queue.request(delivery::Item {
+                    device: device.to_string(),
+                    sha256: request.sha256.clone(),
                     index,
-                    data: base64::engine::general_purpose::STANDARD.encode(&data),
-                };
-                let frame = signed::seal(&key, Purpose::Chunk, &device, &wire::encode(&chunk));
-                if client
-                    .publish(topics::chunk(&device), QoS::AtLeastOnce, false, frame)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                if let Ok(mut s) = served.lock() {
-                    *s.entry(device.to_string()).or_default() += len;
-                }
+                    len: u64::from(len),
+                    payload: (
+                        device.clone(),
+                        bytes.clone(),
+                        index as usize * plan.chunk_size as usize,
+                    ),
+                });
             }
-        });
+        }
+        if self.drain.is_none() {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            self.drain = Some(stop);
+            let (delivery, served) = (self.delivery.clone(), self.served.clone());
+            let key = self.config.server_key.clone();
+            tokio::spawn(drain(delivery, client.clone(), key, served, stopped));
+        }
+        self.delivery.wake.notify_one();
         Ok(())
+    }
+}
+
+/// Sends the queued chunks as [`delivery::Queue`] hands them out, each signed for its device,
+/// until `stop` goes. A publish waits for room in the client's queue; it fails only once the
+/// client is gone.
+async fn drain(
+    delivery: Arc<Delivery>,
+    client: AsyncClient,
+    key: ed25519_dalek::SigningKey,
+    served: Arc<Mutex<HashMap<String, u64>>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let now_us = start.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        let next = delivery.queue.lock().unwrap_or_else(|e| e.into_inner()).next(now_us);
+        let item = match next {
+            Next::Send(item) => item,
+            Next::Wait(at) => {
+                let at = start + Duration::from_micros(at);
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = delivery.wake.notified() => {}
+                }
+                continue;
+            }
+            Next::Idle => {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = delivery.wake.notified() => {}
+                }
+                continue;
+            }
+        };
+        let (device, bytes, first) = &item.payload;
+        let Some(data) =
+            usize::try_from(item.len).ok().and_then(|len| bytes.get(*first..first + len))
+        else {
+            continue;
+        };
+        let chunk = Chunk {
+            v: WIRE_VERSION,
+            sha256: item.sha256.clone(),
+            index: item.index,
+            data: base64::engine::general_purpose::STANDARD.encode(data),
+        };
+        let frame = signed::seal(&key, Purpose::Chunk, device, &wire::encode(&chunk));
+        if client.publish(topics::chunk(device), QoS::AtLeastOnce, false, frame).await.is_err() {
+            return;
+        }
+        if let Ok(mut s) = served.lock() {
+            *s.entry(item.device).or_default() += item.len;
+        }
     }
 }

@@ -185,6 +185,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         requests: Some(request_tx),
         users: Arc::new(config.users.clone()),
         served: rollouts.as_ref().map(|r| r.served.clone()).unwrap_or_default(),
+        delivery: rollouts.as_ref().map(Rollouts::delivery),
         lockout: Arc::new(Mutex::new(millwright_shared::lockout::Lockout::new(Default::default()))),
         refusals: refusals.clone(),
         queued: queued.clone(),

@@ -401,6 +401,7 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
             directive_ttl_secs: None,
             chunk_size: None,
             delivery_bytes_per_sec: None,
+            fleet_delivery_bytes_per_sec: None,
             tick_ms: Some(250),
         }),
         retention: Default::default(),
@@ -602,6 +603,10 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         .collect();
     let health = api_get(&fleet.api, "/api/v1/health").await.unwrap_or_default();
     let publishes_dropped = health["publishes_dropped"].as_u64().unwrap_or(0);
+    let (chunks_sent, chunk_repeats) = (
+        health["delivery"]["sent"].as_u64().unwrap_or(0),
+        health["delivery"]["repeats"].as_u64().unwrap_or(0),
+    );
     let broker = match &mosquitto {
         Some(m) => format!("mosquitto broker_rss_mib={:.0}", memory_mib_of(m.pid(), "VmRSS:")),
         None => "embedded".to_owned(),
@@ -655,7 +660,8 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
     if let Some(r) = &rollout {
         println!(
             "rollout: devices={n} state={} wave={}/{} committed={} failed={} notified_s={:.1} \
-             finished_s={:.1} reports={} chunks={} bad_chunks={} bad_directives={}",
+             finished_s={:.1} reports={} chunks={} bad_chunks={} bad_directives={} \
+             chunks_sent={chunks_sent} chunk_repeats={chunk_repeats}",
             r.state,
             r.wave + 1,
             r.waves,

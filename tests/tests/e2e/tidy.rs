@@ -48,6 +48,7 @@ const PURE: &[&str] = &[
     "server/src/mosquitto.rs",
     "server/src/epochs.rs",
     "server/src/retention.rs",
+    "server/src/delivery.rs",
     "server/src/cli/simulate/ledger.rs",
     "server/src/cli/simulate/update.rs",
 ];
