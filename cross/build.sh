@@ -43,7 +43,7 @@ for target in "${targets[@]}"; do
   if [[ " ${server_targets[*]} " == *" $target "* ]]; then
     echo "=== $target: millwright-server, millwright ($profile)"
     env "${TARGET_ENV[@]}" cargo zigbuild --locked --quiet --profile "$profile" --target "$target" \
-      -p millwright-server "${TARGET_ARGS[@]}"
+      -p millwright-server -p millwright-cli "${TARGET_ARGS[@]}"
     bins+=(millwright-server millwright)
   fi
   for bin in "${bins[@]}"; do

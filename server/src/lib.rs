@@ -1,22 +1,20 @@
-//! Millwright fleet server and the central team's CLI.
+//! Millwright fleet server (the central team's CLI, `millwright`, is the `millwright-cli` crate).
 //!
 //! Pure core: [`identity`] (the device registry and the gate every MQTT message passes),
 //! [`ingest`] (what an uplink message means and whether to accept it), [`drift`] (fleet drift:
 //! the server's judgement of reports, merged histograms, drifting assets, the retraining
 //! policy), [`epochs`] (where an outbox epoch's records are stored), [`rollout`] (the rollout engine),
-//! [`retention`] (what is kept how long), [`mosquitto`] (broker config and ACL from the
+//! [`retention`] (what is kept how long), [`delivery`] (the chunk queue), [`mosquitto`] (broker config and ACL from the
 //! registry).
 //! Shell: [`db`] (SQLite), [`drift_db`], [`identity_db`], [`alerts_db`], [`rollout_db`],
 //! [`retention_db`] (its parts), [`broker`] (embedded rumqttd), [`http`] (axum JSON API), [`writer`] (the writer task's
 //! protocol), [`rollouts`] (the rollout engine's shell), [`runtime`] (the MQTT ingest loop and
-//! wiring), [`config`], [`daemon`] (the `millwright-server` command), [`cli`] (the `millwright`
-//! command).
+//! wiring), [`config`], [`daemon`] (the `millwright-server` command).
 
 pub mod alerts_db;
 pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
-pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;

@@ -1,5 +1,5 @@
 //! The e2e build of the cli binary: the same entry point, built with the test binary.
 
 fn main() -> std::process::ExitCode {
-    millwright_server::cli::main()
+    millwright_cli::main()
 }

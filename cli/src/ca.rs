@@ -1,10 +1,10 @@
 //! `millwright ca create|server-cert`: the fleet's certificate authority and the certificates
-//! of servers and brokers (see [`crate::pki`]).
+//! of servers and brokers (see [`millwright_server::pki`]).
 
 use super::Failure;
 use super::bundle::write;
-use crate::pki::{self, Ca, Leaf, Usage};
 use anyhow::Context as _;
+use millwright_server::pki::{self, Ca, Leaf, Usage};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 

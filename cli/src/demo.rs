@@ -5,16 +5,16 @@
 //! the data folder, printed once).
 
 use super::Failure;
-use crate::config::{
-    Config as ServerConfig, RawConfig as RawServer, RawIdentity, RawModels, RawMqtt, RawRollouts,
-    Role, User,
-};
-use crate::db::Db;
-use crate::pki::{Leaf, Usage};
 use anyhow::Context as _;
 use millwright_agent::config::{
     RawAsset, RawConfig, RawDrift, RawIdentity as AgentIdentity, RawSource, RawTrust, RawUplink,
 };
+use millwright_server::config::{
+    Config as ServerConfig, RawConfig as RawServer, RawIdentity, RawModels, RawMqtt, RawRollouts,
+    Role, User,
+};
+use millwright_server::db::Db;
+use millwright_server::pki::{Leaf, Usage};
 use millwright_shared::DeviceId;
 use millwright_shared::enrollment as files;
 use std::path::{Path, PathBuf};
@@ -149,12 +149,12 @@ fn secure_fleet(
     let pki = pki_dir(&args.data_dir);
     std::fs::create_dir_all(&pki)?;
     let now = millwright_io::clock::now();
-    let ca = crate::pki::create_ca("Millwright demo fleet CA", now, 30)?;
+    let ca = millwright_server::pki::create_ca("Millwright demo fleet CA", now, 30)?;
     let ca_cert = pki.join(super::ca::CA_CERT);
     super::bundle::write(&pki.join(super::ca::CA_KEY), ca.key_pem.as_bytes(), true)?;
     super::bundle::write(&ca_cert, ca.cert_pem.as_bytes(), false)?;
-    let issuer = crate::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
-    let mut server = Leaf::new(crate::identity::SERVER_USER, Usage::Server, now, 30);
+    let issuer = millwright_server::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
+    let mut server = Leaf::new(millwright_server::identity::SERVER_USER, Usage::Server, now, 30);
     server.dns.push("localhost".into());
     server.ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
     for addr in [&args.http, &args.mqtt] {
@@ -193,7 +193,8 @@ fn secure_fleet(
         db.enroll(&enrollment, "demo", millwright_io::clock::now_ms())?;
         identities.push(dir);
     }
-    let token = || crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"));
+    let token =
+        || millwright_server::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"));
     let tokens = Tokens { admin: token()?, operator: token()?, viewer: token()? };
     for (role, t) in
         [("admin", &tokens.admin), ("operator", &tokens.operator), ("viewer", &tokens.viewer)]
@@ -227,7 +228,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     let user = |name: &str, role, token: &str| User {
         name: name.into(),
         role,
-        token_sha256: crate::auth::token_hash(token),
+        token_sha256: millwright_server::auth::token_hash(token),
     };
     let server = ServerConfig::from_raw(RawServer {
         data_dir: Some(server_data),
@@ -270,7 +271,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
             let _ = rx.wait_for(|s| *s).await;
         };
         let db_path = server.data_dir.join("server.sqlite");
-        let server_task = tokio::spawn(crate::run(server, stopped(stop_rx.clone())));
+        let server_task = tokio::spawn(millwright_server::run(server, stopped(stop_rx.clone())));
         // Agents start once the server (and its broker) is up.
         while !db_path.exists() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -356,8 +357,9 @@ fn print_summary(db_path: &Path) {
     let Ok(db) = Db::open_reader(db_path) else { return };
     let Ok(devices) = db.devices() else { return };
     for r in db.rollouts().unwrap_or_default() {
-        let count =
-            |s: crate::rollout::DeviceState| r.devices.iter().filter(|d| d.state == s).count();
+        let count = |s: millwright_server::rollout::DeviceState| {
+            r.devices.iter().filter(|d| d.state == s).count()
+        };
         println!(
             "rollout {} → release {}: {:?}, wave {}/{}, {} of {} committed, {} failed",
             r.id,
@@ -365,13 +367,13 @@ fn print_summary(db_path: &Path) {
             r.state,
             r.wave + 1,
             r.waves.len(),
-            count(crate::rollout::DeviceState::Committed),
+            count(millwright_server::rollout::DeviceState::Committed),
             r.devices.len(),
-            count(crate::rollout::DeviceState::Failed)
+            count(millwright_server::rollout::DeviceState::Failed)
         );
     }
     if let Ok(latest) = db.drift_latest(&Default::default()) {
-        let drifting = crate::drift::drifting(&latest);
+        let drifting = millwright_server::drift::drifting(&latest);
         let drift: std::collections::BTreeSet<String> = drifting
             .iter()
             .filter(|d| d.severity == millwright_shared::drift::Severity::Drift)

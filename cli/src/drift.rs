@@ -2,7 +2,7 @@
 
 use super::Failure;
 use super::api::ApiArgs;
-use crate::drift::{Drifting, GroupBy};
+use millwright_server::drift::{Drifting, GroupBy};
 use serde_json::Value;
 use std::fmt::Write as _;
 

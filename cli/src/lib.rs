@@ -142,7 +142,9 @@ pub fn main() -> ExitCode {
         // Its own server's errors only: thousands of gateways connecting and leaving are not
         // news, and the broker logs every one of them.
         Command::Simulate(_) => "error,rumqttd=off",
-        _ => "warn,millwright_agent=info,millwright_server=info,rumqttd::router::routing=off",
+        _ => {
+            "warn,millwright_agent=info,millwright_server=info,millwright_cli=info,rumqttd::router::routing=off"
+        }
     });
     let result = match cli.command {
         Command::Keygen { out_dir, name } => bundle::keygen(&out_dir, &name),

@@ -8,9 +8,9 @@
 use super::api::ApiArgs;
 use super::bundle::write;
 use super::{EX_DATAERR, Failure};
-use crate::pki::{Ca, Leaf, Usage};
 use anyhow::Context as _;
 use ed25519_dalek::{SigningKey, VerifyingKey};
+use millwright_server::pki::{Ca, Leaf, Usage};
 use millwright_shared::DeviceId;
 use millwright_shared::enrollment::{self as files, Enrollment, IDENTITY_KIND, IdentityFile};
 use millwright_shared::keys::{KeyId, PublicKeyFile, SecretKeyFile};
@@ -151,7 +151,7 @@ pub fn run(command: DeviceCommand) -> Result<(), Failure> {
             let identity = api.get("/api/v1/identity")?;
             let server_key = identity["server_key"]
                 .as_str()
-                .and_then(crate::identity_db::parse_key)
+                .and_then(millwright_server::identity_db::parse_key)
                 .context("the server's /api/v1/identity names no server key")?;
             let ca_pem = std::fs::read_to_string(&ca_cert)
                 .with_context(|| format!("cannot read {}", ca_cert.display()))?;

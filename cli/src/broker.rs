@@ -1,11 +1,11 @@
 //! `millwright broker mosquitto-config`: a Mosquitto listener and ACL file from the server's
-//! device registry (see [`crate::mosquitto`]). The server keeps the ACL current itself when
+//! device registry (see [`millwright_server::mosquitto`]). The server keeps the ACL current itself when
 //! `[identity] mosquitto_acl` names the same file.
 
 use super::Failure;
 use super::api::ApiArgs;
 use super::bundle::write;
-use crate::identity_db::EnrolledRow;
+use millwright_server::identity_db::EnrolledRow;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Subcommand)]
@@ -52,7 +52,7 @@ pub fn run(command: BrokerCommand) -> Result<(), Failure> {
     std::fs::create_dir_all(&out_dir)?;
     let acl_path = std::path::absolute(out_dir.join("millwright.acl"))?;
     let absolute = |p: &PathBuf| std::path::absolute(p);
-    let listener = crate::mosquitto::Listener {
+    let listener = millwright_server::mosquitto::Listener {
         bind: &bind,
         port,
         ca: &absolute(&ca_file)?,
@@ -60,9 +60,9 @@ pub fn run(command: BrokerCommand) -> Result<(), Failure> {
         key: &absolute(&key)?,
         acl: &acl_path,
     };
-    write(&acl_path, crate::mosquitto::acl(&rows, &device_reads).as_bytes(), false)?;
+    write(&acl_path, millwright_server::mosquitto::acl(&rows, &device_reads).as_bytes(), false)?;
     let conf = out_dir.join("millwright.conf");
-    write(&conf, crate::mosquitto::config(&listener).as_bytes(), false)?;
+    write(&conf, millwright_server::mosquitto::config(&listener).as_bytes(), false)?;
     let enrolled = rows.iter().filter(|r| r.revoked_ms.is_none()).count();
     println!(
         "{} and {} ({enrolled} enrolled devices); run mosquitto -c {}",

@@ -2,7 +2,7 @@
 //! SHA-256.
 
 use super::Failure;
-use crate::config::Role;
+use millwright_server::config::Role;
 use std::io::Write as _;
 use std::path::PathBuf;
 
@@ -32,13 +32,14 @@ pub fn users_entry(name: &str, role: Role, token: &str) -> String {
     format!(
         "\n[[users]]\nname = {name:?}\nrole = {:?}\ntoken_sha256 = {:?}\n",
         role.unwrap_or_default(),
-        crate::auth::token_hash(token)
+        millwright_server::auth::token_hash(token)
     )
 }
 
 pub fn run(command: UserCommand) -> Result<(), Failure> {
     let UserCommand::Add { name, role, config } = command;
-    let token = crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token =
+        millwright_server::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let entry = users_entry(&name, role, &token);
     match &config {
         Some(path) => {

@@ -1,5 +1,5 @@
 //! `millwright`: the central team's command line (keys, bundles, scoring, the demo).
 
 fn main() -> std::process::ExitCode {
-    millwright_server::cli::main()
+    millwright_cli::main()
 }

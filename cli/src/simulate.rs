@@ -31,7 +31,7 @@
 //! With `--mosquitto` the gateways and the server meet on a Mosquitto (from `PATH` or
 //! `/usr/sbin`) that the simulator starts with the fleet's listener: TLS with client
 //! certificates, identities as user names, the registry's ACL
-//! ([`crate::mosquitto`]). Every gateway's broker-side socket is then in Mosquitto's process,
+//! ([`millwright_server::mosquitto`]). Every gateway's broker-side socket is then in Mosquitto's process,
 //! not in this one beside the gateways' own: 10,000 gateways fit a limit of 20,000 open files.
 
 mod ledger;
@@ -39,15 +39,17 @@ mod update;
 
 use super::Failure;
 use super::api::ApiArgs;
-use crate::config::{Config as ServerConfig, RawConfig, RawIdentity, RawMqtt, Role, User};
-use crate::db::Db;
-use crate::pki::{Leaf, Usage};
 use anyhow::Context as _;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use indicatif::{ProgressBar, ProgressStyle};
 use ledger::{Books, Ledger};
 use millwright_io::clock;
 use millwright_io::mqtt::{self, Connect, MqttEvent, Transport};
+use millwright_server::config::{
+    Config as ServerConfig, RawConfig, RawIdentity, RawMqtt, Role, User,
+};
+use millwright_server::db::Db;
+use millwright_server::pki::{Leaf, Usage};
 use millwright_shared::enrollment::Enrollment;
 use millwright_shared::keys::SecretKeyFile;
 use millwright_shared::signed::{self, Purpose};
@@ -299,11 +301,11 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
     let devices = pki.join("devices");
     std::fs::create_dir_all(&devices)?;
     let now = clock::now();
-    let ca = crate::pki::create_ca("Millwright simulated fleet CA", now, 2)?;
+    let ca = millwright_server::pki::create_ca("Millwright simulated fleet CA", now, 2)?;
     let ca_cert = pki.join(super::ca::CA_CERT);
     std::fs::write(&ca_cert, &ca.cert_pem)?;
-    let issuer = crate::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
-    let mut leaf = Leaf::new(crate::identity::SERVER_USER, Usage::Server, now, 2);
+    let issuer = millwright_server::pki::Ca::load(&ca.cert_pem, &ca.key_pem)?;
+    let mut leaf = Leaf::new(millwright_server::identity::SERVER_USER, Usage::Server, now, 2);
     leaf.ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
     let server = issuer.issue(&leaf)?;
     let (cert, key) = (pki.join("server.crt.pem"), pki.join("server.key.pem"));
@@ -352,8 +354,8 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
         false => None,
         true => {
             let acl = pki.join("mosquitto.acl");
-            std::fs::write(&acl, crate::mosquitto::acl(&db.enrollments()?, &[]))?;
-            let listener = crate::mosquitto::Listener {
+            std::fs::write(&acl, millwright_server::mosquitto::acl(&db.enrollments()?, &[]))?;
+            let listener = millwright_server::mosquitto::Listener {
                 bind: "127.0.0.1",
                 port: broker.port(),
                 ca: &ca_cert,
@@ -365,13 +367,17 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
             // As root Mosquitto would switch to its own user, who cannot read the keys.
             let head =
                 "user root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n";
-            std::fs::write(&conf, format!("{head}{}", crate::mosquitto::config(&listener)))?;
+            std::fs::write(
+                &conf,
+                format!("{head}{}", millwright_server::mosquitto::config(&listener)),
+            )?;
             Some(conf)
         }
     };
     drop(db);
 
-    let token = crate::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token =
+        millwright_server::auth::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let mqtt = match &mosquitto {
         None => {
             RawMqtt { embedded_listen: Some(broker.to_string()), broker: None, client_id: None }
@@ -396,7 +402,7 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
         mqtt,
         models: Default::default(),
         drift: Default::default(),
-        rollouts: releases.as_ref().map(|_| crate::config::RawRollouts {
+        rollouts: releases.as_ref().map(|_| millwright_server::config::RawRollouts {
             root: root_path.clone(),
             directive_ttl_secs: None,
             chunk_size: None,
@@ -408,7 +414,7 @@ fn make_fleet(count: usize, dir: &Path, args: &SimulateArgs) -> anyhow::Result<F
         users: vec![User {
             name: "simulate".into(),
             role: Role::Admin,
-            token_sha256: crate::auth::token_hash(&token),
+            token_sha256: millwright_server::auth::token_hash(&token),
         }],
     })?;
     let api =
@@ -448,7 +454,7 @@ async fn simulate(args: &SimulateArgs, dir: &Path) -> Result<(), Failure> {
         None => None,
     };
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(crate::run(fleet.config, async move {
+    let server = tokio::spawn(millwright_server::run(fleet.config, async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
