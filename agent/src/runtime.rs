@@ -335,6 +335,7 @@ fn connect_options(
         .chain(inputs)
         .collect(),
         queue: mqtt::DEFAULT_QUEUE,
+        inflight: mqtt::DEFAULT_INFLIGHT,
     })
 }
 

@@ -1195,6 +1195,7 @@ async fn gateway(
             stall_after: mqtt::DEFAULT_STALL_AFTER,
             subscriptions,
             queue: mqtt::DEFAULT_QUEUE,
+            inflight: mqtt::DEFAULT_INFLIGHT,
         },
         tx,
     );

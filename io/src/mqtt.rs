@@ -82,7 +82,14 @@ pub struct Connect {
     /// Publishes the client holds for the connection before `try_publish` refuses more
     /// ([`DEFAULT_QUEUE`] for a gateway).
     pub queue: usize,
+    /// QoS 1 publishes sent and not yet acknowledged by the broker at most ([`DEFAULT_INFLIGHT`]
+    /// for a gateway); past it the client sends nothing until a PUBACK comes, so it bounds
+    /// what one connection can send per round trip.
+    pub inflight: u16,
 }
+
+/// rumqttc's default window: plenty for a gateway's few batches in flight.
+pub const DEFAULT_INFLIGHT: u16 = 100;
 
 /// A gateway's request queue: a few batches, statuses and chunk requests at a time.
 pub const DEFAULT_QUEUE: usize = 256;
@@ -93,6 +100,7 @@ pub fn start(connect: Connect, events: mpsc::Sender<MqttEvent>) -> AsyncClient {
     options.set_keep_alive(connect.keep_alive);
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    options.set_inflight(connect.inflight.max(1));
     if let Transport::Tls(config) = connect.transport {
         options
             .set_transport(rumqttc::Transport::tls_with_config(TlsConfiguration::Rustls(config)));

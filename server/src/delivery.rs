@@ -53,6 +53,8 @@ pub struct Queue<P> {
     fleet_free: u64,
     /// When each device's link is free again (only under a device rate).
     device_free: HashMap<String, u64>,
+    /// Devices that asked for a chunk or were sent one since [`Queue::take_waiting`].
+    touched: HashSet<String>,
     stats: Stats,
 }
 
@@ -70,6 +72,7 @@ impl<P> Queue<P> {
             queued: HashSet::new(),
             fleet_free: 0,
             device_free: HashMap::new(),
+            touched: HashSet::new(),
             stats: Stats::default(),
         }
     }
@@ -77,6 +80,9 @@ impl<P> Queue<P> {
     /// Queues a chunk unless the same one is still queued for the device; true if queued.
     pub fn request(&mut self, item: Item<P>) -> bool {
         let key = (item.device.clone(), item.sha256.clone(), item.index);
+        if !self.touched.contains(&item.device) {
+            self.touched.insert(item.device.clone());
+        }
         if !self.queued.insert(key) {
             self.stats.repeats += 1;
             return false;
@@ -124,7 +130,19 @@ impl<P> Queue<P> {
             }
         }
         self.stats.sent += 1;
+        if !self.touched.contains(&item.device) {
+            self.touched.insert(item.device.clone());
+        }
         Next::Send(item)
+    }
+
+    /// The devices whose downloads waited on the server since the last call: each asked for a
+    /// chunk, was sent one, or still has one queued. Their delay is the server's, not theirs
+    /// (the rollout engine's timeout does not count it: [`crate::rollout::on_waiting`]).
+    pub fn take_waiting(&mut self) -> HashSet<String> {
+        let mut waiting = std::mem::take(&mut self.touched);
+        waiting.extend(self.order.iter().map(|i| i.device.clone()));
+        waiting
     }
 }
 
@@ -207,5 +225,21 @@ mod tests {
         assert_eq!(sent(q.next(100_000)), ("b".into(), 0));
         assert_eq!(q.next(200_000), Next::Wait(1_000_000));
         assert_eq!(sent(q.next(1_000_000)), ("a".into(), 1));
+    }
+
+    #[test]
+    fn a_device_waits_on_the_server_while_its_chunk_is_queued_and_once_it_is_sent() {
+        let mut q = Queue::new(None, Some(10));
+        q.request(item("a", 0, 10));
+        q.request(item("b", 0, 10));
+        let waiting = q.take_waiting();
+        assert_eq!(waiting.len(), 2, "both asked: {waiting:?}");
+        assert_eq!(sent(q.next(0)), ("a".into(), 0));
+        // a was sent one since, b's is still queued; nobody else asked.
+        let waiting = q.take_waiting();
+        assert!(waiting.contains("a") && waiting.contains("b"), "{waiting:?}");
+        assert_eq!(sent(q.next(1_000_000)), ("b".into(), 0));
+        assert_eq!(q.take_waiting().len(), 1, "b was sent one");
+        assert!(q.take_waiting().is_empty(), "nothing asked, sent or queued since");
     }
 }

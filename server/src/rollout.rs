@@ -595,6 +595,26 @@ fn step_running(r: &mut Rollout, now_ms: i64) -> Vec<Action> {
     actions
 }
 
+/// The server held, or just sent, a chunk each of `waiting` asked for: their downloads wait on
+/// the server (a wave's bundles leave at the fleet's delivery pace), not on them, so their
+/// timeouts count from now. A device's progress is moved only once half its timeout has gone,
+/// so a long queue costs one save per device per half timeout, not one per tick.
+pub fn on_waiting(r: &mut Rollout, waiting: &std::collections::HashSet<String>, now_ms: i64) {
+    let half_ms = 500 * i64::try_from(r.spec.device_timeout_secs).unwrap_or(i64::MAX / 1000);
+    for (i, d) in r.devices.iter_mut().enumerate() {
+        let downloading = matches!(d.state, DeviceState::Notified | DeviceState::Reverting)
+            && matches!(d.phase, None | Some(UpdatePhase::Received));
+        let since = d.progress_ms.or(d.notified_ms);
+        if downloading
+            && since.is_some_and(|t| now_ms - t >= half_ms)
+            && waiting.contains(&d.device)
+        {
+            d.progress_ms = Some(now_ms);
+            r.changed.insert(i);
+        }
+    }
+}
+
 /// A device's update report. Only reports for the directive this rollout sent count.
 pub fn on_report(r: &mut Rollout, device: &str, report: &UpdateReport, now_ms: i64) -> Vec<Action> {
     let gates = r.spec.activation.gates.clone();
@@ -952,6 +972,42 @@ pub(crate) mod tests {
         }
         step(&mut late, 100_001);
         assert_eq!(late.state, State::Paused, "{:?}", late.devices[0].reason);
+    }
+
+    #[test]
+    fn a_download_waiting_on_the_servers_queue_does_not_time_out_and_a_silent_one_does() {
+        // 100 s timeout; both canaries report the download started at 0; the server's queue
+        // holds chunks for gw-00 the whole time, gw-01 asked for nothing.
+        let mut s = spec(OnFailure::Pause);
+        s.canary = Canary::Count(2);
+        let mut r = plan("r1".into(), s, &inventory(4), "ops".into(), 0).unwrap();
+        let mut seq = 0;
+        let first = step(&mut r, 0);
+        apply(&mut r, &first, &mut seq);
+        let [queued, silent] = ["gw-00", "gw-01"];
+        for device in [queued, silent] {
+            let rep = report_of(&r, device, UpdatePhase::Received);
+            on_report(&mut r, device, &rep, 0);
+        }
+        let waiting: std::collections::HashSet<String> = [queued.to_string()].into();
+        r.changed.clear();
+        on_waiting(&mut r, &waiting, 40_000);
+        assert!(r.changed.is_empty(), "within half the timeout nothing moves or is saved");
+        for at in [60_000, 90_000, 120_000, 150_000] {
+            on_waiting(&mut r, &waiting, at);
+            step(&mut r, at + 1);
+        }
+        let run = |r: &Rollout, d: &str| r.devices.iter().find(|x| x.device == d).cloned().unwrap();
+        assert_eq!(run(&r, queued).state, DeviceState::Notified, "{:?}", run(&r, queued).reason);
+        assert_eq!(run(&r, queued).progress_ms, Some(120_000), "moved at 60 s and at 120 s");
+        assert_eq!(
+            run(&r, silent).reason.as_deref(),
+            Some("no progress within 100 s of received"),
+            "the one the server was not serving timed out"
+        );
+        // Once the chunks are through, the timeout runs again from the last wait.
+        step(&mut r, 220_001);
+        assert_eq!(run(&r, queued).state, DeviceState::Failed);
     }
 
     #[test]

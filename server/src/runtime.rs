@@ -251,6 +251,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .map(str::to_owned)
             .collect(),
             queue: SERVER_QUEUE,
+            inflight: SERVER_INFLIGHT,
         },
         tx,
     );
@@ -514,6 +515,10 @@ async fn watch_retained(
 /// given up, each resent by its gateway 15 s later).
 const SERVER_QUEUE: usize = 8192;
 
+/// The server's window of unacknowledged QoS 1 publishes (acks, directives, chunks) on its one
+/// connection.
+const SERVER_INFLIGHT: u16 = 1000;
+
 /// The most writes one group commit holds, and the longest the first of them waits for it.
 const GROUP_MAX: usize = 256;
 const GROUP_WAIT: Duration = Duration::from_millis(50);
@@ -615,6 +620,9 @@ async fn flush(
             }
             (_, Ok(_)) => tracing::error!("a group commit answered out of order"),
         }
+    }
+    if let Some(r) = rollouts {
+        tokio::task::block_in_place(|| r.save_reported(db, now_ms()));
     }
 }
 
