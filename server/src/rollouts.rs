@@ -408,7 +408,16 @@ impl Rollouts {
             }
             let actions = rollout::on_report(r, device, report, now_ms);
             self.execute(db, client, r, actions, now_ms);
-            self.unsaved.insert(r.id.clone());
+            if r.state.is_active() {
+                self.unsaved.insert(r.id.clone());
+            } else {
+                // It leaves `active` below, so [`Rollouts::save_reported`] would not see it:
+                // its end is saved now (once a rollout).
+                self.unsaved.remove(&r.id);
+                if let Err(e) = db.save_rollout(r, now_ms) {
+                    tracing::error!(id = %r.id, "cannot save the rollout: {e}");
+                }
+            }
         }
         self.put_active(active);
     }
