@@ -805,7 +805,14 @@ async fn drive_rollout(
             });
         }
         if started.elapsed() > timeout {
-            anyhow::bail!("rollout {id} still {state} after {} s", timeout.as_secs());
+            anyhow::bail!(
+                "rollout {id} still {state} after {} s: wave {}/{waves}, {} committed, {} failed, {} waiting on their update",
+                timeout.as_secs(),
+                r["wave"].as_u64().unwrap_or(0) + 1,
+                count(&r, "committed"),
+                count(&r, "failed"),
+                count(&r, "notified")
+            );
         }
     }
 }
