@@ -17,6 +17,9 @@ pub enum RolloutCommand {
         /// Follow it with a progress bar until it ends.
         #[arg(long)]
         follow: bool,
+        /// Give up following after this long ("90s", "10m", "2h"; a day by default).
+        #[arg(long, requires = "follow", value_parser = seconds, default_value = "24h")]
+        follow_for: u64,
     },
     /// No new wave starts until resumed.
     Pause(ActArgs),
@@ -105,8 +108,12 @@ pub struct StartArgs {
     max_latency_ratio: f64,
     #[arg(long, default_value = "")]
     reason: String,
+    /// Follow it with a progress bar until it ends.
     #[arg(long)]
     follow: bool,
+    /// Give up following after this long ("90s", "10m", "2h"; a day by default).
+    #[arg(long, requires = "follow", value_parser = seconds, default_value = "24h")]
+    follow_for: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,8 +232,9 @@ fn secs(r: &Value, key: &str) -> Option<f64> {
     Some((r[key].as_i64()? - r["created_ms"].as_i64()?) as f64 / 1000.0)
 }
 
-/// Polls the rollout with a progress bar until it ends; fails unless it completed.
-fn follow(api: &ApiArgs, id: &str) -> Result<(), Failure> {
+/// Polls the rollout with a progress bar until it ends, for at most `limit`; fails unless it
+/// completed.
+fn follow(api: &ApiArgs, id: &str, limit: Duration) -> Result<(), Failure> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} committed · {msg}")
@@ -265,10 +273,15 @@ fn follow(api: &ApiArgs, id: &str) -> Result<(), Failure> {
                 Err(Failure { code: 1, error: anyhow::anyhow!("rollout {id} ended {state}") })
             };
         }
-        if started.elapsed() > Duration::from_secs(24 * 3600) {
+        if started.elapsed() > limit {
+            bar.finish_and_clear();
             return Err(Failure {
                 code: 1,
-                error: anyhow::anyhow!("gave up following after a day"),
+                error: anyhow::anyhow!(
+                    "gave up following after {} s: {}",
+                    limit.as_secs(),
+                    summary(&r)
+                ),
             });
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -285,10 +298,16 @@ pub fn run(args: RolloutArgs) -> Result<(), Failure> {
                 .map_err(|e| Failure { code: EX_DATAERR, error: e })?;
             let id = r["id"].as_str().unwrap_or_default().to_owned();
             println!("started {}", summary(&r));
-            return if start.follow { follow(api, &id) } else { Ok(()) };
+            return if start.follow {
+                follow(api, &id, Duration::from_secs(start.follow_for))
+            } else {
+                Ok(())
+            };
         }
-        RolloutCommand::Status { id: Some(id), follow: true } => return follow(api, id),
-        RolloutCommand::Status { id: Some(id), follow: false } => {
+        RolloutCommand::Status { id: Some(id), follow: true, follow_for } => {
+            return follow(api, id, Duration::from_secs(*follow_for));
+        }
+        RolloutCommand::Status { id: Some(id), follow: false, .. } => {
             let r = api.get(&format!("/api/v1/rollouts/{id}"))?;
             println!("{}", summary(&r));
             for d in r["devices"].as_array().into_iter().flatten() {

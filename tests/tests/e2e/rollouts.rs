@@ -55,6 +55,10 @@ fn start_args(release: u64) -> Vec<String> {
         "--reason",
         "e2e",
         "--follow",
+        // A rollout that never ends fails the test here, with the CLI's summary of it, instead
+        // of hanging the suite (as at c0dbf50, where a revert's end was never saved).
+        "--follow-for",
+        "5m",
     ]
     .iter()
     .map(|s| s.to_string())
