@@ -14,12 +14,8 @@ pub enum RolloutCommand {
     /// One rollout (or all of them without an id).
     Status {
         id: Option<String>,
-        /// Follow it with a progress bar until it ends.
-        #[arg(long)]
-        follow: bool,
-        /// Give up following after this long ("90s", "10m", "2h"; a day by default).
-        #[arg(long, requires = "follow", value_parser = seconds, default_value = "24h")]
-        follow_for: u64,
+        #[command(flatten)]
+        follow: FollowArgs,
     },
     /// No new wave starts until resumed.
     Pause(ActArgs),
@@ -108,12 +104,26 @@ pub struct StartArgs {
     max_latency_ratio: f64,
     #[arg(long, default_value = "")]
     reason: String,
+    #[command(flatten)]
+    follow: FollowArgs,
+}
+
+/// `--follow [--follow-for D]`, for `start` and `status`.
+#[derive(Debug, clap::Args)]
+pub struct FollowArgs {
     /// Follow it with a progress bar until it ends.
     #[arg(long)]
     follow: bool,
     /// Give up following after this long ("90s", "10m", "2h"; a day by default).
     #[arg(long, requires = "follow", value_parser = seconds, default_value = "24h")]
     follow_for: u64,
+}
+
+impl FollowArgs {
+    /// How long to follow, if at all.
+    fn limit(&self) -> Option<Duration> {
+        self.follow.then(|| Duration::from_secs(self.follow_for))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -298,16 +308,12 @@ pub fn run(args: RolloutArgs) -> Result<(), Failure> {
                 .map_err(|e| Failure { code: EX_DATAERR, error: e })?;
             let id = r["id"].as_str().unwrap_or_default().to_owned();
             println!("started {}", summary(&r));
-            return if start.follow {
-                follow(api, &id, Duration::from_secs(start.follow_for))
-            } else {
-                Ok(())
-            };
+            return start.follow.limit().map_or(Ok(()), |limit| follow(api, &id, limit));
         }
-        RolloutCommand::Status { id: Some(id), follow: true, follow_for } => {
-            return follow(api, id, Duration::from_secs(*follow_for));
+        RolloutCommand::Status { id: Some(id), follow: f } if let Some(limit) = f.limit() => {
+            return follow(api, id, limit);
         }
-        RolloutCommand::Status { id: Some(id), follow: false, .. } => {
+        RolloutCommand::Status { id: Some(id), .. } => {
             let r = api.get(&format!("/api/v1/rollouts/{id}"))?;
             println!("{}", summary(&r));
             for d in r["devices"].as_array().into_iter().flatten() {

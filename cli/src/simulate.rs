@@ -781,12 +781,14 @@ async fn drive_rollout(
         let r = api_call(&api, move |a| a.get(&path)).await?;
         let state = r["state"].as_str().unwrap_or("?").to_owned();
         let waves = r["waves"].as_array().map_or(0, Vec::len);
-        let _ = progress.send(format!(
-            " · rollout {state}, wave {}/{waves}, {} committed, {} failed",
+        let line = format!(
+            "wave {}/{waves}, {} committed, {} failed, {} waiting on their update",
             r["wave"].as_u64().unwrap_or(0) + 1,
             count(&r, "committed"),
-            count(&r, "failed")
-        ));
+            count(&r, "failed"),
+            count(&r, "notified")
+        );
+        let _ = progress.send(format!(" · rollout {state}, {line}"));
         if state != "running" && state != "reverting" {
             let created = r["created_ms"].as_i64().unwrap_or(0);
             let since = |key: &str| r[key].as_i64().map(|t| (t - created) as f64 / 1000.0);
@@ -805,14 +807,7 @@ async fn drive_rollout(
             });
         }
         if started.elapsed() > timeout {
-            anyhow::bail!(
-                "rollout {id} still {state} after {} s: wave {}/{waves}, {} committed, {} failed, {} waiting on their update",
-                timeout.as_secs(),
-                r["wave"].as_u64().unwrap_or(0) + 1,
-                count(&r, "committed"),
-                count(&r, "failed"),
-                count(&r, "notified")
-            );
+            anyhow::bail!("rollout {id} still {state} after {} s: {line}", timeout.as_secs());
         }
     }
 }

@@ -413,7 +413,6 @@ impl Rollouts {
             } else {
                 // It leaves `active` below, so [`Rollouts::save_reported`] would not see it:
                 // its end is saved now (once a rollout).
-                self.unsaved.remove(&r.id);
                 if let Err(e) = db.save_rollout(r, now_ms) {
                     tracing::error!(id = %r.id, "cannot save the rollout: {e}");
                 }
