@@ -4,12 +4,14 @@
 
 use crate::identity::Identity;
 use crate::quota::Quota;
+use crate::sources::registers::{Order, Register, Table, ValueType};
 use crate::uplink;
 use millwright_shared::drift::{DriftSettings, Metric};
 use millwright_shared::keys::{PublicKeyFile, TrustedKeys};
 use millwright_shared::trust::Root;
 use millwright_shared::{AssetId, DeviceId};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +29,12 @@ pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_FLUSH_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 30;
 pub const DEFAULT_CYCLES_PER_SECOND: f64 = 1.0;
+pub const DEFAULT_MODBUS_PORT: u16 = 502;
+pub const DEFAULT_MODBUS_UNIT_ID: u8 = 1;
+pub const DEFAULT_MODBUS_POLL_MS: u64 = 1000;
+pub const DEFAULT_MODBUS_TIMEOUT_MS: u64 = 1000;
+/// Polling faster than this is refused: a PLC's scan cycle is rarely shorter.
+pub const MIN_MODBUS_POLL_MS: u64 = 10;
 pub const DEFAULT_DRIFT_INTERVAL_SECS: u64 = 3600;
 pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_FETCH_WINDOW: u32 = 4;
@@ -238,8 +246,37 @@ pub struct RawAsset {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawSource {
-    Cmapss { path: PathBuf, unit: u32, cycles_per_second: Option<f64> },
-    Mqtt { topic: String },
+    Cmapss {
+        path: PathBuf,
+        unit: u32,
+        cycles_per_second: Option<f64>,
+    },
+    Mqtt {
+        topic: String,
+    },
+    Modbus {
+        address: String,
+        unit_id: Option<u8>,
+        poll_ms: Option<u64>,
+        timeout_ms: Option<u64>,
+        /// Feature name → where its value is.
+        registers: BTreeMap<String, RawRegister>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegister {
+    pub table: Option<Table>,
+    pub address: u16,
+    #[serde(rename = "type")]
+    pub value_type: ValueType,
+    pub word_order: Option<Order>,
+    pub byte_order: Option<Order>,
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    /// The unit the scaled value is in; checked against the model's, when both say.
+    pub unit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +352,70 @@ pub enum Source {
     Cmapss { path: PathBuf, unit: u32, cycles_per_second: f64 },
     /// JSON readings on a topic of the uplink broker.
     Mqtt { topic: String },
+    /// A PLC polled over Modbus TCP.
+    Modbus(ModbusConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModbusConfig {
+    /// `host:port`.
+    pub address: String,
+    pub unit_id: u8,
+    pub poll: Duration,
+    pub timeout: Duration,
+    /// Feature name → its register and, if given, its unit.
+    pub registers: BTreeMap<String, (Register, Option<String>)>,
+}
+
+fn modbus_config(
+    id: &AssetId,
+    address: String,
+    unit_id: Option<u8>,
+    poll_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    registers: BTreeMap<String, RawRegister>,
+) -> Result<ModbusConfig, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(format!("asset {id}: {m}"));
+    let address = match address.rsplit_once(':') {
+        _ if address.parse::<SocketAddr>().is_ok() => address,
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            port.parse::<u16>()
+                .map_err(|_| invalid(format!("Modbus address {address:?}: bad port")))?;
+            address
+        }
+        None if !address.is_empty() => format!("{address}:{DEFAULT_MODBUS_PORT}"),
+        _ => return Err(invalid(format!("Modbus address {address:?} is not host:port"))),
+    };
+    let poll_ms = poll_ms.unwrap_or(DEFAULT_MODBUS_POLL_MS);
+    if poll_ms < MIN_MODBUS_POLL_MS {
+        return Err(invalid(format!("poll_ms must be at least {MIN_MODBUS_POLL_MS}")));
+    }
+    if registers.is_empty() {
+        return Err(invalid("a Modbus source needs at least one register".into()));
+    }
+    let registers = registers
+        .into_iter()
+        .map(|(feature, r)| {
+            let register = Register {
+                table: r.table.unwrap_or(Table::Holding),
+                address: r.address,
+                value_type: r.value_type,
+                word_order: r.word_order.unwrap_or_default(),
+                byte_order: r.byte_order.unwrap_or_default(),
+                scale: r.scale.unwrap_or(1.0),
+                offset: r.offset.unwrap_or(0.0),
+            };
+            register.check().map_err(|e| invalid(format!("register {feature:?}: {e}")))?;
+            Ok((feature, (register, r.unit)))
+        })
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(ModbusConfig {
+        address,
+        unit_id: unit_id.unwrap_or(DEFAULT_MODBUS_UNIT_ID),
+        poll: Duration::from_millis(poll_ms),
+        timeout: Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_MODBUS_TIMEOUT_MS).max(1)),
+        registers,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -509,6 +610,11 @@ impl Config {
                     }
                     Source::Mqtt { topic }
                 }
+                RawSource::Modbus { address, unit_id, poll_ms, timeout_ms, registers } => {
+                    Source::Modbus(modbus_config(
+                        &id, address, unit_id, poll_ms, timeout_ms, registers,
+                    )?)
+                }
             };
             assets.push(AssetConfig {
                 id,
@@ -591,8 +697,80 @@ mod tests {
     fn the_example_config_documents_valid_options() {
         let raw: RawConfig =
             toml::from_str(include_str!("../millwright-agent.example.toml")).unwrap();
-        assert_eq!(raw.assets.len(), 2);
+        assert_eq!(raw.assets.len(), 3);
         assert!(matches!(raw.assets[1].source, RawSource::Mqtt { .. }));
+        let RawSource::Modbus { address, unit_id, poll_ms, timeout_ms, registers } =
+            toml::from_str::<RawConfig>(include_str!("../millwright-agent.example.toml"))
+                .unwrap()
+                .assets
+                .remove(2)
+                .source
+        else {
+            panic!("the third example asset is not Modbus")
+        };
+        let id = AssetId::new("engine-3").unwrap();
+        let m = modbus_config(&id, address, unit_id, poll_ms, timeout_ms, registers).unwrap();
+        assert_eq!(m.registers.len(), 14);
+        let (s3, _) = m.registers["s3"];
+        assert_eq!(
+            (s3.table, s3.word_order, s3.value_type),
+            (Table::Holding, Order::Little, ValueType::F32)
+        );
+        assert_eq!(m.registers["s2"].1.as_deref(), Some("degR"));
+    }
+
+    fn modbus(source: &str) -> Result<ModbusConfig, ConfigError> {
+        let text = format!(
+            "id = 'p1'\nasset_type = 't'\nbundle = 'b.mwb'\n[source]\nkind = 'modbus'\n{source}"
+        );
+        let raw: RawAsset =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let RawSource::Modbus { address, unit_id, poll_ms, timeout_ms, registers } = raw.source
+        else {
+            panic!("not a Modbus source")
+        };
+        let id = AssetId::new(raw.id).unwrap();
+        modbus_config(&id, address, unit_id, poll_ms, timeout_ms, registers)
+    }
+
+    #[test]
+    fn a_modbus_source_takes_defaults_and_names_what_is_wrong_with_it() {
+        let m = modbus("address = 'plc-7'\n[source.registers]\ns2 = { address = 0, type = 'f32' }")
+            .unwrap();
+        assert_eq!((m.address.as_str(), m.unit_id), ("plc-7:502", DEFAULT_MODBUS_UNIT_ID));
+        assert_eq!(m.poll, Duration::from_millis(DEFAULT_MODBUS_POLL_MS));
+        let (s2, unit) = m.registers["s2"].clone();
+        assert_eq!(
+            (s2.table, s2.byte_order, s2.scale, s2.offset, unit),
+            (Table::Holding, Order::Big, 1.0, 0.0, None)
+        );
+        assert_eq!(
+            modbus(
+                "address = '[::1]:1502'\n[source.registers]\ns2 = { address = 0, type = 'u16' }"
+            )
+            .unwrap()
+            .address,
+            "[::1]:1502"
+        );
+        let err = |source: &str| modbus(source).unwrap_err().to_string();
+        let e = err("address = 'plc:x'\n[source.registers]\ns2 = { address = 0, type = 'u16' }");
+        assert!(e.contains("asset p1") && e.contains("bad port"), "{e}");
+        let e = err(
+            "address = 'plc'\npoll_ms = 1\n[source.registers]\ns2 = { address = 0, type = 'u16' }",
+        );
+        assert!(e.contains("poll_ms must be at least 10"), "{e}");
+        let e = err("address = 'plc'\n[source.registers]");
+        assert!(e.contains("at least one register"), "{e}");
+        let e = err(
+            "address = 'plc'\n[source.registers]\ns2 = { table = 'coil', address = 0, type = 'f32' }",
+        );
+        assert!(e.contains("register \"s2\"") && e.contains("bool"), "{e}");
+        let e = err("address = 'plc'\n[source.registers]\ns2 = { address = 0, type = 'f16' }");
+        assert!(e.contains("f16"), "{e}");
+        let e = err(
+            "address = 'plc'\n[source.registers]\ns2 = { address = 0, type = 'u16', endian = 'big' }",
+        );
+        assert!(e.contains("endian"), "{e}");
     }
 
     #[test]

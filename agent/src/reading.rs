@@ -1,7 +1,10 @@
-//! Sensor readings arriving as JSON on a local MQTT topic:
+//! Readings, whatever source they come from: one sample per monitored feature, each a value or
+//! why there is none. A prediction needs every model feature present and finite; drift
+//! monitoring also counts the readings that lack one.
+//!
+//! Readings arriving as JSON on a local MQTT topic are parsed here:
 //! `{"cycle": 42, "values": {"s2": 642.1, "s3": 1589.7, ...}}`. `cycle` is optional (the agent
-//! then counts on from the last one). A prediction needs every model feature present and
-//! finite; drift monitoring also counts the readings that lack one.
+//! then counts on from the last one).
 
 use serde_json::Value;
 
@@ -12,6 +15,32 @@ pub enum Sample {
     Missing,
     NotANumber,
     NonFinite,
+    /// The source could not read it (a PLC that timed out, refused or is unreachable).
+    Unavailable(Fault),
+}
+
+/// Why a source has no value for a feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    #[error("the request timed out")]
+    Timeout,
+    #[error("the device answered with an exception")]
+    Exception,
+    #[error("the device is not connected")]
+    Disconnected,
+    #[error("the device's answer did not fit the request")]
+    BadResponse,
+}
+
+impl Fault {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Fault::Timeout => "input_timeout",
+            Fault::Exception => "input_exception",
+            Fault::Disconnected => "input_disconnected",
+            Fault::BadResponse => "input_bad_response",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +65,8 @@ pub enum ReadingError {
     NotANumber(String),
     #[error("feature {0:?} is NaN or infinite")]
     NonFinite(String),
+    #[error("feature {0:?} is unavailable: {1}")]
+    Unavailable(String, Fault),
 }
 
 impl ReadingError {
@@ -47,6 +78,7 @@ impl ReadingError {
             ReadingError::Missing(_) => "missing_feature",
             ReadingError::NotANumber(_) => "not_a_number",
             ReadingError::NonFinite(_) => "non_finite",
+            ReadingError::Unavailable(_, fault) => fault.kind(),
         }
     }
 }
@@ -96,6 +128,9 @@ impl Reading {
                     Some(Sample::Value(v)) => Ok(*v),
                     Some(Sample::NonFinite) => Err(ReadingError::NonFinite(name())),
                     Some(Sample::NotANumber) => Err(ReadingError::NotANumber(name())),
+                    Some(Sample::Unavailable(fault)) => {
+                        Err(ReadingError::Unavailable(name(), *fault))
+                    }
                     Some(Sample::Missing) | None => Err(ReadingError::Missing(name())),
                 }
             })
@@ -110,7 +145,7 @@ impl Reading {
             .map(|s| match s {
                 Sample::Value(v) => Some(*v),
                 Sample::NonFinite => Some(f32::NAN),
-                Sample::Missing | Sample::NotANumber => None,
+                Sample::Missing | Sample::NotANumber | Sample::Unavailable(_) => None,
             })
             .collect()
     }

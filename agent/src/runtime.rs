@@ -7,12 +7,16 @@
 mod update;
 
 use crate::asset::{self, AssetState, Cursor, Outcome};
-use crate::config::{Config, Source};
+use crate::config::{Config, ModbusConfig, Source};
 use crate::inference::Model;
 use crate::local_http::{self, LocalRequest, Snapshot};
 use crate::metrics::LatencyHistogram;
 use crate::mqtt::{self, MqttEvent};
-use crate::sources::{self, CmapssReplay, SourceEvent};
+use crate::reading::Reading;
+use crate::sources::cmapss::CmapssReplay;
+use crate::sources::modbus::{ModbusDevice, ModbusPoll};
+use crate::sources::registers::Map;
+use crate::sources::{self, SourceEvent};
 use crate::status::{
     self, AssetStatus, Counters, FeatureStatus, History, OpenAlert, Point, Status,
 };
@@ -64,6 +68,8 @@ struct Asset {
     /// Position of each model input in `features`.
     inputs: Vec<usize>,
     input_topic: Option<String>,
+    /// The kind of the last refused reading, until one is complete again (logged on change).
+    refusing: Option<&'static str>,
     drift: Option<DriftMonitor>,
     /// Start of the current drift interval.
     drift_from_ms: i64,
@@ -201,7 +207,7 @@ fn load_models(
         }
         let input_topic = match &a.source {
             Source::Mqtt { topic } => Some(topic.clone()),
-            Source::Cmapss { .. } => None,
+            Source::Cmapss { .. } | Source::Modbus(_) => None,
         };
         let (features, inputs) = asset::monitored_features(manifest);
         let cursor = cursors.get(&a.id).copied();
@@ -219,6 +225,7 @@ fn load_models(
             features,
             inputs,
             input_topic,
+            refusing: None,
             drift: None,
             drift_from_ms: 0,
             drift_status: BTreeMap::new(),
@@ -435,7 +442,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     for (path, replays) in replays {
-        sources::spawn_cmapss(path, replays, source_tx.clone());
+        sources::cmapss::spawn(path, replays, source_tx.clone());
+    }
+    // One connection per PLC, shared by the assets that read from it.
+    let mut plcs: BTreeMap<String, Vec<ModbusPoll>> = BTreeMap::new();
+    for (index, asset) in assets.iter().enumerate() {
+        let Some(a) = config.assets.iter().find(|a| &a.id == asset.state.id()) else { continue };
+        if let Source::Modbus(m) = &a.source {
+            let poll = modbus_poll(index, asset, m, models[asset.model].manifest());
+            plcs.entry(m.address.clone()).or_default().push(poll);
+        }
+    }
+    for (address, polls) in plcs {
+        sources::modbus::spawn(ModbusDevice { address, polls }, source_tx.clone());
     }
     drop(source_tx);
 
@@ -525,10 +544,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 impl Agent {
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Source(SourceEvent::Reading { asset, cycle, values }) => {
-                let row = self.assets[asset].inputs.iter().map(|&i| values[i]).collect();
-                self.on_reading(asset, cycle, values.into_iter().map(Some).collect(), Some(row))
-            }
+            Event::Source(SourceEvent::Reading { asset, reading }) => self.on_input(asset, reading),
             Event::Source(SourceEvent::Done { asset }) => {
                 tracing::info!(asset = %self.assets[asset].state.id(), "replay finished");
             }
@@ -830,27 +846,31 @@ impl Agent {
         else {
             return;
         };
-        let asset = &self.assets[index];
-        let parsed = reading::parse(payload, asset.features.iter().map(String::as_str));
-        let (reading, row) = match parsed {
-            Ok(r) => {
-                let row = r.values(&asset.inputs, &asset.features);
-                (Some(r), row)
+        let asset = &mut self.assets[index];
+        match reading::parse(payload, asset.features.iter().map(String::as_str)) {
+            Ok(reading) => self.on_input(index, reading),
+            Err(e) => refused(&mut self.counters, asset, &e),
+        }
+    }
+
+    /// A reading from any source. One the model cannot take (a feature missing, unavailable or
+    /// not finite) is counted by kind, logged when the kind changes, and still counts for drift
+    /// and data quality.
+    fn on_input(&mut self, index: usize, reading: Reading) {
+        let asset = &mut self.assets[index];
+        let row = match reading.values(&asset.inputs, &asset.features) {
+            Ok(row) => {
+                if let Some(kind) = asset.refusing.take() {
+                    tracing::info!(asset = %asset.state.id(), "readings are complete again after {kind}");
+                }
+                Some(row)
             }
-            Err(e) => (None, Err(e)),
-        };
-        let row = match row {
-            Ok(row) => Some(row),
             Err(e) => {
-                *self.counters.readings_rejected.entry(e.kind().to_owned()).or_default() += 1;
-                tracing::warn!(asset = %asset.state.id(), topic, kind = e.kind(), "rejected reading: {e}");
+                refused(&mut self.counters, asset, &e);
                 None
             }
         };
-        // A reading refused for the model still counts for drift and data quality.
-        if let Some(reading) = reading {
-            self.on_reading(index, reading.cycle, reading.for_drift(), row);
-        }
+        self.on_reading(index, reading.cycle, reading.for_drift(), row);
     }
 
     /// An ack: signed by a server key for this device, naming this outbox's epoch. Only the
@@ -1229,6 +1249,53 @@ impl Agent {
             acked = self.counters.records_acked,
             "agent stopped; unacknowledged records stay in the outbox"
         );
+    }
+}
+
+/// Counts a reading the model cannot take by its kind; logs it when the asset's kind changes.
+fn refused(counters: &mut Counters, asset: &mut Asset, e: &reading::ReadingError) {
+    *counters.readings_rejected.entry(e.kind().to_owned()).or_default() += 1;
+    if asset.refusing.replace(e.kind()) != Some(e.kind()) {
+        tracing::warn!(asset = %asset.state.id(), kind = e.kind(), "rejected reading: {e}");
+    }
+}
+
+/// The asset's PLC poll: a register per monitored feature (the model's inputs and what its drift
+/// profile watches). A feature without one, or whose register's unit is not the model's, is
+/// never read (it is missing in every reading); a register for a feature the bundle does not
+/// monitor is not read either. Each is logged.
+fn modbus_poll(index: usize, asset: &Asset, m: &ModbusConfig, manifest: &Manifest) -> ModbusPoll {
+    let id = asset.state.id();
+    let registers = asset
+        .features
+        .iter()
+        .map(|feature| {
+            let want = manifest.input.features.iter().find(|f| &f.name == feature);
+            let Some((register, unit)) = m.registers.get(feature) else {
+                match want {
+                    Some(_) => tracing::error!(asset = %id, feature, "no Modbus register for this model input: the model cannot predict"),
+                    None => tracing::warn!(asset = %id, feature, "no Modbus register for this feature the drift profile watches: drift reports flag it missing"),
+                }
+                return None;
+            };
+            if let (Some(unit), Some(want)) = (unit, want)
+                && *unit != want.unit
+            {
+                tracing::error!(asset = %id, feature, "the register's unit is {unit:?}, the model's {:?}: it is not read", want.unit);
+                return None;
+            }
+            Some(*register)
+        })
+        .collect();
+    for name in m.registers.keys().filter(|n| !asset.features.contains(n)) {
+        tracing::warn!(asset = %id, feature = name, "the model does not monitor this feature: its register is not read");
+    }
+    ModbusPoll {
+        asset: index,
+        unit_id: m.unit_id,
+        every: m.poll,
+        timeout: m.timeout,
+        map: Map::new(registers),
     }
 }
 

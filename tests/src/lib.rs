@@ -19,6 +19,7 @@ pub use millwright_shared as shared;
 
 pub mod browser;
 pub mod pki;
+pub mod plc;
 pub mod proxy;
 pub mod rogue;
 pub mod trust;
@@ -49,9 +50,19 @@ pub fn fleet_lock() -> MutexGuard<'static, ()> {
 /// Path of one of the daemons or the CLI (`millwright-agent`, `millwright-server`,
 /// `millwright`), as built by cargo for this test run beside the test binary.
 pub fn bin(name: &str) -> PathBuf {
+    // `MILLWRIGHT_BIN_MILLWRIGHT_AGENT=…` runs another build instead (a benchmark of the edge
+    // binary).
+    let var = format!("MILLWRIGHT_BIN_{}", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/e2e-<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/e2e-<hash> (a test) or target/<profile>/bench-<name> (a benchmark)
+    // -> target/<profile>/e2e-<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(format!("e2e-{name}"));
     assert!(path.exists(), "{} is missing: cargo builds it before the e2e tests", path.display());
     path
@@ -587,6 +598,8 @@ pub struct AgentSpec {
     pub updates: Option<String>,
     /// Extra lines of the agent's `[uplink]` table, e.g. `flush_max_records = 100`.
     pub uplink: String,
+    /// Extra `[[assets]]` tables, as TOML (e.g. [`plc::modbus_asset`]).
+    pub extra_assets: String,
 }
 
 impl AgentSpec {
@@ -608,6 +621,7 @@ impl AgentSpec {
             top: String::new(),
             updates: None,
             uplink: String::new(),
+            extra_assets: String::new(),
         }
     }
 }
@@ -693,6 +707,7 @@ impl Agent {
                 bundle
             );
         }
+        toml += &spec.extra_assets;
         let config = dir.join("agent.toml");
         std::fs::write(&config, toml)?;
         let proc = Self::spawn(&dir, &config, env)?;

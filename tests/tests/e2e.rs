@@ -14,6 +14,7 @@ mod e2e {
     mod half_open;
     mod http_attacks;
     mod local_page;
+    mod modbus;
     mod outbox_faults;
     mod reference_model;
     mod retention;

@@ -34,6 +34,7 @@ const PURE: &[&str] = &[
     "agent/src/asset.rs",
     "agent/src/cmapss.rs",
     "agent/src/reading.rs",
+    "agent/src/sources/registers.rs",
     "agent/src/uplink.rs",
     "agent/src/quota.rs",
     "agent/src/activation.rs",
