@@ -275,6 +275,8 @@ pub struct RawRegister {
     pub byte_order: Option<Order>,
     pub scale: Option<f64>,
     pub offset: Option<f64>,
+    /// For a bool packed in a register: which bit (0-15).
+    pub bit: Option<u8>,
     /// The unit the scaled value is in; checked against the model's, when both say.
     pub unit: Option<String>,
 }
@@ -404,6 +406,7 @@ fn modbus_config(
                 byte_order: r.byte_order.unwrap_or_default(),
                 scale: r.scale.unwrap_or(1.0),
                 offset: r.offset.unwrap_or(0.0),
+                bit: r.bit,
             };
             register.check().map_err(|e| invalid(format!("register {feature:?}: {e}")))?;
             Ok((feature, (register, r.unit)))

@@ -347,6 +347,7 @@ mod tests {
             latest: Some(Point { at_ms: clock::now_ms(), cycle: 3, value: 42.0 }),
             alert: None,
             drift: BTreeMap::new(),
+            input: None,
         };
         let status = Status { device: "gw-1".into(), assets: vec![asset], ..Status::default() };
         let points = vec![

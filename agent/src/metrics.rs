@@ -324,6 +324,7 @@ mod tests {
                 },
             )]
             .into(),
+            input: None,
         });
         let text = render(&status, 6_000);
         for want in [

@@ -272,6 +272,15 @@ fn assets(out: &mut String, s: &Status, history: &BTreeMap<String, Vec<Point>>, 
             }
             None => out.push_str("<div class=\"muted\">No prediction yet.</div>"),
         }
+        if let Some(p) = &a.input {
+            let _ = write!(
+                out,
+                "<div class=\"input-problem\" data-kind=\"{kind}\"><b class=\"badge warning\">INPUT</b> \
+                 readings refused since {} ago ({kind}): no predictions</div>",
+                human_age(now_ms - p.since_ms),
+                kind = escape(&p.kind)
+            );
+        }
         let points = history.get(&a.asset).map(Vec::as_slice).unwrap_or_default();
         if let Some(svg) = chart(points, a.warning, a.alarm, now_ms) {
             out.push_str(&svg);
@@ -388,7 +397,7 @@ pub fn script() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{AssetStatus, FeatureStatus, OpenAlert};
+    use crate::status::{AssetStatus, FeatureStatus, InputProblem, OpenAlert};
     use millwright_shared::drift::Quality;
 
     fn points(values: &[f32]) -> Vec<Point> {
@@ -434,6 +443,7 @@ mod tests {
                     },
                 )]
                 .into(),
+                input: Some(InputProblem { kind: "input_timeout".into(), since_ms: 3_000 }),
             }],
             ..Status::default()
         }
@@ -453,7 +463,7 @@ mod tests {
     }
 
     #[test]
-    fn the_page_shows_uplink_down_the_alert_form_and_drift_flags_escaped() {
+    fn the_page_shows_uplink_down_the_alert_form_an_input_problem_and_drift_flags_escaped() {
         let history = [("unit-1".to_owned(), points(&[30.0, 18.25]))].into();
         let html = render(&status(), &history, 10_000);
         for want in [
@@ -467,6 +477,7 @@ mod tests {
             "name=\"pin\"",
             "out_of_range",
             "<td>2.25</td>",
+            "readings refused since 7 s ago (input_timeout): no predictions",
             "Drift: 1 feature(s) need a look.",
             "<polyline",
         ] {

@@ -18,7 +18,7 @@ use crate::sources::modbus::{ModbusDevice, ModbusPoll};
 use crate::sources::registers::Map;
 use crate::sources::{self, SourceEvent};
 use crate::status::{
-    self, AssetStatus, Counters, FeatureStatus, History, OpenAlert, Point, Status,
+    self, AssetStatus, Counters, FeatureStatus, History, InputProblem, OpenAlert, Point, Status,
 };
 use crate::store::{NewRecord, Store};
 use crate::update_machine::{Machine, Settings as MachineSettings};
@@ -68,8 +68,9 @@ struct Asset {
     /// Position of each model input in `features`.
     inputs: Vec<usize>,
     input_topic: Option<String>,
-    /// The kind of the last refused reading, until one is complete again (logged on change).
-    refusing: Option<&'static str>,
+    /// Since when readings are refused, and the last one's kind, until one is complete again
+    /// (logged on change; shown in the status and on the page).
+    refusing: Option<InputProblem>,
     drift: Option<DriftMonitor>,
     /// Start of the current drift interval.
     drift_from_ms: i64,
@@ -860,8 +861,8 @@ impl Agent {
         let asset = &mut self.assets[index];
         let row = match reading.values(&asset.inputs, &asset.features) {
             Ok(row) => {
-                if let Some(kind) = asset.refusing.take() {
-                    tracing::info!(asset = %asset.state.id(), "readings are complete again after {kind}");
+                if let Some(problem) = asset.refusing.take() {
+                    tracing::info!(asset = %asset.state.id(), "readings are complete again after {}", problem.kind);
                 }
                 Some(row)
             }
@@ -1162,6 +1163,7 @@ impl Agent {
                     latest: a.history.last(),
                     alert: a.alert.clone(),
                     drift: a.drift_status.clone(),
+                    input: a.refusing.clone(),
                 }
             })
             .collect();
@@ -1255,7 +1257,7 @@ impl Agent {
 /// Counts a reading the model cannot take by its kind; logs it when the asset's kind changes.
 fn refused(counters: &mut Counters, asset: &mut Asset, e: &reading::ReadingError) {
     *counters.readings_rejected.entry(e.kind().to_owned()).or_default() += 1;
-    if asset.refusing.replace(e.kind()) != Some(e.kind()) {
+    if status::input_problem(&mut asset.refusing, e.kind(), clock::now_ms()) {
         tracing::warn!(asset = %asset.state.id(), kind = e.kind(), "rejected reading: {e}");
     }
 }

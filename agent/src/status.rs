@@ -137,6 +137,34 @@ pub struct AssetStatus {
     /// Per monitored feature, the last drift verdict (empty before the first report).
     #[serde(default)]
     pub drift: BTreeMap<String, FeatureStatus>,
+    /// The model gets no complete readings: why the last was refused, and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputProblem>,
+}
+
+/// An asset whose readings the model cannot take (a PLC unreachable, a feature missing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputProblem {
+    /// The last refused reading's kind (`input_disconnected`, `missing_feature`, ...).
+    pub kind: String,
+    /// When readings started being refused.
+    pub since_ms: i64,
+}
+
+/// A reading of `kind` was refused at `now_ms`: the problem starts, or goes on with the latest
+/// kind. True when the kind is new (worth a log line).
+pub fn input_problem(problem: &mut Option<InputProblem>, kind: &str, now_ms: i64) -> bool {
+    match problem {
+        Some(p) if p.kind == kind => false,
+        Some(p) => {
+            p.kind = kind.to_owned();
+            true
+        }
+        None => {
+            *problem = Some(InputProblem { kind: kind.to_owned(), since_ms: now_ms });
+            true
+        }
+    }
 }
 
 /// A feature's last drift verdict, its scores and data-quality flags.
@@ -325,6 +353,13 @@ impl Status {
                 format!("{:.1} {} at cycle {}", p.value, a.units, p.cycle)
             });
             out += &format!("asset {} {}: {latest}\n", a.asset, a.level.as_str().to_uppercase());
+            if let Some(p) = &a.input {
+                out += &format!(
+                    "  input refused since {} ago ({}): no predictions\n",
+                    human_age(now_ms - p.since_ms),
+                    p.kind
+                );
+            }
             if let Some(alert) = &a.alert {
                 let ack = match alert.acknowledged_at_ms {
                     Some(t) => format!("acknowledged {} ago", human_age(now_ms - t)),
@@ -430,6 +465,15 @@ mod tests {
     }
 
     #[test]
+    fn an_input_problem_keeps_its_start_across_kinds_and_says_when_the_kind_is_new() {
+        let mut problem = None;
+        assert!(input_problem(&mut problem, "input_disconnected", 1_000));
+        assert!(!input_problem(&mut problem, "input_disconnected", 2_000));
+        assert!(input_problem(&mut problem, "input_timeout", 3_000));
+        assert_eq!(problem, Some(InputProblem { kind: "input_timeout".into(), since_ms: 1_000 }));
+    }
+
+    #[test]
     fn the_summary_shows_uplink_backlog_models_alerts_and_flagged_drift() {
         let mut status = Status {
             device: "gw-1".into(),
@@ -475,6 +519,7 @@ mod tests {
                 ),
             ]
             .into(),
+            input: Some(InputProblem { kind: "input_disconnected".into(), since_ms: 5_000 }),
         });
         let text = status.summary(12_000);
         for want in [
@@ -483,6 +528,7 @@ mod tests {
             "outbox 42 records (alert 2, pred 40), oldest 8 s old; buffer 2.0 KiB",
             "update none in progress",
             "asset unit-1 ALARM: 12.2 cycles at cycle 190",
+            "  input refused since 7 s ago (input_disconnected): no predictions\n",
             "alert alarm since 4 s ago, NOT acknowledged",
             "drift s2 drift [stuck]\n",
         ] {

@@ -5,7 +5,8 @@
 //! the features unavailable for that poll and the connection is made again (a late answer
 //! must not be taken for the next request's); an exception answer leaves it up. While the PLC
 //! is unreachable every poll still sends a reading, all unavailable, and connecting is tried
-//! again with a backoff that doubles from [`FIRST_BACKOFF`] up to [`MAX_BACKOFF`].
+//! again with a backoff that doubles from [`FIRST_BACKOFF`] up to [`MAX_BACKOFF`] and starts
+//! over once a poll is answered.
 
 use super::SourceEvent;
 use super::registers::{Answer, Map, Request, Table};
@@ -81,10 +82,10 @@ async fn run(d: ModbusDevice, events: mpsc::Sender<SourceEvent>) {
             }
             None => vec![Answer::Failed(Fault::Disconnected); p.map.requests().len()],
         };
-        if let (Some(fault), Some(_)) = (answers.iter().find_map(breaks), link.context.as_ref()) {
-            tracing::warn!(address = %d.address, "Modbus connection dropped: {fault}; connecting again");
-            link.context = None;
-            link.retry_at = Instant::now();
+        match (answers.iter().find_map(breaks), link.context.is_some()) {
+            (Some(fault), true) => link.dropped(&d.address, fault),
+            (None, true) => link.backoff = FIRST_BACKOFF,
+            (_, false) => {}
         }
         let reading = Reading { cycle: None, samples: p.map.reading(&answers) };
         if events.send(SourceEvent::Reading { asset: p.asset, reading }).await.is_err() {
@@ -105,7 +106,7 @@ impl Link {
         let error = match timeout(limit, attempt).await {
             Ok(Ok(ctx)) => {
                 tracing::info!(address, "Modbus device connected");
-                (self.context, self.backoff, self.logged) = (Some(ctx), FIRST_BACKOFF, false);
+                (self.context, self.logged) = (Some(ctx), false);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -115,6 +116,19 @@ impl Link {
             tracing::warn!(address, "cannot connect to the Modbus device: {error}; trying again");
             self.logged = true;
         }
+        self.wait();
+    }
+
+    /// A poll broke the connection: it is made again after the backoff, which a poll that
+    /// gets answers resets (a PLC that accepts connections but never answers is not
+    /// reconnected to on every poll).
+    fn dropped(&mut self, address: &str, fault: Fault) {
+        tracing::warn!(address, "Modbus connection dropped: {fault}; connecting again");
+        self.context = None;
+        self.wait();
+    }
+
+    fn wait(&mut self) {
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }

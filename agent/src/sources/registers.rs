@@ -45,7 +45,8 @@ pub enum ValueType {
     I32,
     F32,
     F64,
-    /// A coil or discrete input, or a register read as "not zero": 1.0 or 0.0.
+    /// A coil or discrete input, a register read as "not zero", or one bit of a register
+    /// ([`Register::bit`]): 1.0 or 0.0.
     Bool,
 }
 
@@ -78,6 +79,9 @@ pub struct Register {
     pub byte_order: Order,
     pub scale: f64,
     pub offset: f64,
+    /// For a bool in a register: the bit (0 the least significant) that holds it, as PLCs
+    /// pack status bits into one word.
+    pub bit: Option<u8>,
 }
 
 impl Register {
@@ -91,6 +95,11 @@ impl Register {
                 "address {} is too high for a {:?}",
                 self.address, self.value_type
             ));
+        }
+        if let Some(bit) = self.bit
+            && (self.value_type != ValueType::Bool || self.table.is_bits() || bit > 15)
+        {
+            return Err(format!("bit {bit}: a bit is 0 to 15 of a register read as bool"));
         }
         if !self.scale.is_finite() || self.scale == 0.0 || !self.offset.is_finite() {
             return Err("scale must be a finite number other than 0, offset a finite number".into());
@@ -118,7 +127,10 @@ impl Register {
             ValueType::I32 => f64::from(raw as u32 as i32),
             ValueType::F32 => f64::from(f32::from_bits(raw as u32)),
             ValueType::F64 => f64::from_bits(raw),
-            ValueType::Bool => f64::from(u8::from(raw != 0)),
+            ValueType::Bool => match self.bit {
+                Some(bit) => f64::from(u8::from(raw >> bit & 1 == 1)),
+                None => f64::from(u8::from(raw != 0)),
+            },
         };
         let value = (x * self.scale + self.offset) as f32;
         if value.is_finite() { Sample::Value(value) } else { Sample::NonFinite }
@@ -233,6 +245,7 @@ mod tests {
             byte_order: Order::Big,
             scale: 1.0,
             offset: 0.0,
+            bit: None,
         }
     }
 
@@ -298,6 +311,10 @@ mod tests {
             Register { scale: 0.01, offset: -1.0, ..reg(Table::Holding, 0, ValueType::U32) };
         assert_eq!(one(scaled, vec![0x0003, 0xa4d6]), Sample::Value(2387.06));
         assert_eq!(one(reg(Table::Holding, 0, ValueType::Bool), vec![7]), Sample::Value(1.0));
+        let bit = |n| Register { bit: Some(n), ..reg(Table::Holding, 0, ValueType::Bool) };
+        assert_eq!(one(bit(3), vec![0b1000]), Sample::Value(1.0));
+        assert_eq!(one(bit(2), vec![0b1000]), Sample::Value(0.0));
+        assert_eq!(one(bit(15), vec![0x8000]), Sample::Value(1.0));
     }
 
     #[test]
@@ -339,6 +356,11 @@ mod tests {
         assert!(past_the_end.contains("too high"), "{past_the_end}");
         assert!(reg(Table::Holding, 65534, ValueType::F32).check().is_ok());
         assert!(reg(Table::Holding, 65535, ValueType::U16).check().is_ok());
+        let bit = |n, t, v| Register { bit: Some(n), ..reg(t, 0, v) };
+        assert!(bit(16, Table::Holding, ValueType::Bool).check().unwrap_err().contains("0 to 15"));
+        assert!(bit(1, Table::Holding, ValueType::U16).check().is_err());
+        assert!(bit(1, Table::Coil, ValueType::Bool).check().is_err());
+        assert!(bit(15, Table::Input, ValueType::Bool).check().is_ok());
         let zero = Register { scale: 0.0, ..reg(Table::Holding, 0, ValueType::U16) };
         assert!(zero.check().unwrap_err().contains("scale"));
     }

@@ -31,6 +31,13 @@ fn note_flags(agent: &Agent, asset: &str, feature: &str, seen: &mut BTreeSet<Str
     }
 }
 
+/// `asset`'s input problem in the agent's status: its kind, if there is one.
+fn input_problem(agent: &Agent, asset: &str) -> Option<String> {
+    let status = agent.status()?;
+    let a = status["assets"].as_array()?.iter().find(|a| a["asset"] == asset)?.clone();
+    a["input"]["kind"].as_str().map(str::to_owned)
+}
+
 fn predictions_of(server: &Server, device: &str, asset: &str) -> Vec<StoredPrediction> {
     let all = server.predictions(device).unwrap_or_default();
     all.into_iter().filter(|p| p.asset == asset).collect()
@@ -128,6 +135,11 @@ fn each_modbus_fault_is_counted_by_kind_and_the_gateway_and_its_other_asset_run_
     let down = wait_until(Duration::from_secs(30), || rejected(&agent, "input_disconnected") >= 3);
     assert!(down, "an absent PLC is not counted: {}", rejections(&agent));
     assert!(agent.proc.log_text().contains("cannot connect to the Modbus device"));
+    let shown = wait_until(Duration::from_secs(10), || {
+        input_problem(&agent, "press-7").as_deref() == Some("input_disconnected")
+    });
+    assert!(shown, "the status does not say the PLC is unreachable: {:?}", agent.status());
+    assert_eq!(input_problem(&agent, "unit-2"), None, "the replayed asset has no input problem");
 
     // Up, with a NaN in row 40, an exception before row 60 and a 2 s stall at row 80 (the
     // agent's timeout is 300 ms).
@@ -138,7 +150,7 @@ fn each_modbus_fault_is_counted_by_kind_and_the_gateway_and_its_other_asset_run_
     let mut flags = BTreeSet::new();
     let past = wait_until(Duration::from_secs(60), || {
         note_flags(&agent, "press-7", "s2", &mut flags);
-        plc.rows_shown().len() > 110
+        plc.rows_shown().len() > 90
     });
     assert!(past, "the PLC is not being read: {}\n{}", plc.proc.log_text(), agent.proc.log_text());
     let counted = wait_until(Duration::from_secs(10), || {
@@ -168,6 +180,9 @@ fn each_modbus_fault_is_counted_by_kind_and_the_gateway_and_its_other_asset_run_
         predictions_of(&server, device, "press-7").len() > during + 10
     });
     assert!(resumed, "no predictions after the PLC came back\n{}", agent.proc.log_text());
+    let cleared =
+        wait_until(Duration::from_secs(10), || input_problem(&agent, "press-7").is_none());
+    assert!(cleared, "the input problem outlasts the PLC's return: {:?}", agent.status());
 
     // The replayed asset beside it lost nothing and was not held up.
     let expected: Vec<ExpectedPrediction> = expected_predictions_of(&data)
