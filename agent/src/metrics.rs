@@ -227,6 +227,24 @@ pub fn render(status: &Status, now_ms: i64) -> String {
             level_value(a.level)
         );
     }
+    header(
+        &mut out,
+        "millwright_input_refused_seconds",
+        "gauge",
+        "How long the asset's readings have been refused (0: they are complete), by the last kind.",
+    );
+    for a in &status.assets {
+        let (kind, secs) = match &a.input {
+            Some(p) => (p.kind.as_str(), (now_ms - p.since_ms).max(0) as f64 / 1000.0),
+            None => ("", 0.0),
+        };
+        let _ = writeln!(
+            out,
+            "millwright_input_refused_seconds{{asset=\"{}\",kind=\"{}\"}} {secs}",
+            label(&a.asset),
+            label(kind)
+        );
+    }
     header(&mut out, "millwright_prediction", "gauge", "The latest model output per asset.");
     for a in &status.assets {
         if let Some(p) = a.latest {
@@ -277,7 +295,7 @@ pub fn render(status: &Status, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{AssetStatus, FeatureStatus, Point};
+    use crate::status::{AssetStatus, FeatureStatus, InputProblem, Point};
 
     #[test]
     fn latencies_land_in_the_first_bucket_that_holds_them() {
@@ -324,7 +342,7 @@ mod tests {
                 },
             )]
             .into(),
-            input: None,
+            input: Some(InputProblem { kind: "input_timeout".into(), since_ms: 2_500 }),
         });
         let text = render(&status, 6_000);
         for want in [
@@ -339,6 +357,7 @@ mod tests {
             "millwright_readings_rejected_total{kind=\"non_finite\"} 2\n",
             "millwright_asset_level{asset=\"unit-\\\"1\\\"\"} 1\n",
             "millwright_prediction{asset=\"unit-\\\"1\\\"\"} 42.5\n",
+            "millwright_input_refused_seconds{asset=\"unit-\\\"1\\\"\",kind=\"input_timeout\"} 3.5\n",
             "millwright_drift_shift{asset=\"unit-\\\"1\\\"\",feature=\"s2\"} 2.5\n",
             "millwright_drift_psi{asset=\"unit-\\\"1\\\"\",feature=\"s2\"} 0.125\n",
             "millwright_drift_severity{asset=\"unit-\\\"1\\\"\",feature=\"s2\"} 1\n",

@@ -70,8 +70,6 @@ async fn run(d: ModbusDevice, events: mpsc::Sender<SourceEvent>) {
             .unwrap_or((0, Instant::now()));
         tokio::time::sleep_until(at).await;
         let p = &d.polls[i];
-        // A poll that runs late is not made up for: the next one is an interval after it.
-        due[i] = (at + p.every).max(Instant::now());
         if link.context.is_none() && Instant::now() >= link.retry_at {
             link.connect(&d.address, connect_timeout).await;
         }
@@ -91,6 +89,10 @@ async fn run(d: ModbusDevice, events: mpsc::Sender<SourceEvent>) {
         if events.send(SourceEvent::Reading { asset: p.asset, reading }).await.is_err() {
             return;
         }
+        // A poll that ran late (a slow PLC, a connection attempt) is not made up for: the
+        // next one is an interval after it ended.
+        let now = Instant::now();
+        due[i] = if at + p.every > now { at + p.every } else { now + p.every };
     }
 }
 
